@@ -17,7 +17,9 @@ import json
 import os
 import pickle
 import re
+import time
 import warnings
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
@@ -120,6 +122,9 @@ def load_hotpotqa(path):
         if not ctx:
             raise DataError(f"{path}: record {i + 1} has no 'context'; use the distractor setting file "
                             "(hotpot_dev_distractor_v1.json), which carries the Wikipedia paragraphs")
+        if not r.get("question") or "answer" not in r:
+            raise DataError(f"{path}: record {i + 1} needs 'question' and 'answer' (the test split has no answers); "
+                            "use the train or dev distractor file")
         if isinstance(ctx, dict):  # Hugging Face layout
             ctx = list(zip(ctx["title"], ctx["sentences"]))
         for title, sentences in ctx:
@@ -199,6 +204,7 @@ class Retriever:
             raise DataError("the corpus is empty; load documents first (see retrieve.load_vital_articles)")
         self.docs, self.stopwords = docs, stopwords
         self.cache = {}  # (query tokens, k) -> list of docs
+        self.seconds = 0.0  # time spent in search(), for the per-phase timings of a training step
         h = hashlib.sha256(f"{TOKENIZER_VERSION}|stopwords={stopwords}|".encode())
         for d in docs:
             h.update(d["title"].encode() + b"\x00" + d["text"].encode() + b"\x01")
@@ -232,14 +238,22 @@ class Retriever:
     def _build_postings(self):
         # term -> (doc indices, BM25 term weight without idf): the part of the formula that does not
         # depend on the query, tf * (k1 + 1) / (tf + k1 * (1 - b + b * |d| / avgdl)).
-        bm, postings = self.bm25, {}
+        # Built with numpy over all (doc, term) pairs at once: a Python loop over them took most of a reload.
+        bm = self.bm25
         norm = bm.k1 * (1 - bm.b + bm.b * np.asarray(bm.doc_len, dtype=np.float64) / bm.avgdl)  # [N]
-        for i, freqs in enumerate(bm.doc_freqs):
-            for term, tf in freqs.items():
-                postings.setdefault(term, ([], []))
-                postings[term][0].append(i)
-                postings[term][1].append(tf * (bm.k1 + 1) / (tf + norm[i]))
-        self.postings = {t: (np.array(ix), np.array(w)) for t, (ix, w) in postings.items()}
+        vocab = list(bm.idf)  # every term of the corpus
+        term_id = {t: j for j, t in enumerate(vocab)}
+        sizes = np.fromiter(map(len, bm.doc_freqs), dtype=np.int64, count=len(bm.doc_freqs))  # terms per doc
+        n = int(sizes.sum())
+        terms = np.fromiter(map(term_id.__getitem__, chain.from_iterable(bm.doc_freqs)), dtype=np.int64, count=n)
+        tf = np.fromiter(chain.from_iterable(f.values() for f in bm.doc_freqs), dtype=np.float64, count=n)
+        doc = np.repeat(np.arange(len(sizes)), sizes)
+        order = np.argsort(terms, kind="stable")  # grouped by term, doc indices ascending within a term
+        doc, w = doc[order], (tf * (bm.k1 + 1) / (tf + norm[doc]))[order]
+        counts = np.bincount(terms, minlength=len(vocab))
+        ends = np.cumsum(counts)
+        starts = ends - counts
+        self.postings = {t: (doc[a:e], w[a:e]) for t, a, e in zip(vocab, starts.tolist(), ends.tolist())}
 
     def scores(self, query):
         """BM25 score of every document for one query string. # [N]"""
@@ -253,14 +267,22 @@ class Retriever:
     def search(self, queries, k=3):
         """Top-k documents for each query of a batch, best first. Only documents that share a term with the
         query are returned, so an empty or whitespace query returns []. Repeated queries hit a cache."""
-        results = []
+        t, results = time.perf_counter(), []
         for q in queries:
             key = (tuple(tokenize(q, self.stopwords)), k)
             if key not in self.cache:
                 s = self.scores(q)
-                top = np.argsort(-s, kind="stable")[:k]  # stable: ties keep corpus order, reproducibly
-                self.cache[key] = [self.docs[i] for i in top if s[i] > 0]
+                # candidates: the documents that share a term (not s > 0: in a small corpus a shared term's
+                # idf can be 0 or negative), in corpus order, so that the stable sort breaks ties reproducibly
+                hit = np.zeros(len(self.docs), dtype=bool)
+                for term in key[0]:
+                    if term in self.postings:
+                        hit[self.postings[term][0]] = True
+                cand = np.flatnonzero(hit)
+                top = cand[np.argsort(-s[cand], kind="stable")[:k]]
+                self.cache[key] = [self.docs[i] for i in top]
             results.append(self.cache[key])
+        self.seconds += time.perf_counter() - t
         return results
 
     def random_documents(self, k, rng, exclude=()):

