@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+import rewards
 from retrieve import format_docs
-from rewards import extract_answer
 
 # Roles of positions in a trajectory: what put the token there.
 PAD, PROMPT, POLICY, OBS = 0, 1, 2, 3
@@ -179,15 +179,21 @@ def _append(r, ids, role):
 
 
 def generate_rollouts(model, tok, questions, groups, retriever, *, max_turns=4, topk=3, max_turn_tokens=256,
-                      max_response_tokens=1024, temperature=1.0, generator=None, obs_cache=None):
+                      max_response_tokens=1024, temperature=1.0, generator=None, turn_fn=None):
     """Run the search agent on each question (one rollout per entry; repeat a question G times for a group).
 
     Each turn: batched generation for every unfinished rollout; a `<search> q </search>` turn gets the top-k
     documents as an `<information>` block (one retrieval call for all queries of the turn); an `<answer>`
     turn ends the episode; anything else gets INVALID_ACTION. After max_turns searches, one last turn is
     answer-only (a search there is not executed). max_response_tokens caps all tokens after the prompt;
-    a rollout that reaches it is truncated (no answer, reward 0)."""
-    eos_ids = stop_ids(tok, model)
+    a rollout that reaches it is truncated (no answer, reward 0).
+
+    turn_fn(active, seqs, budget, stops) -> (new ids, stop reasons) replaces the model (see scripted_turns),
+    so that tests and demos run scripted texts through exactly this bookkeeping."""
+    if turn_fn is None:
+        eos_ids = stop_ids(tok, model)
+        turn_fn = lambda active, seqs, budget, stops: generate_turn(model, tok, seqs, budget, stops, eos_ids,
+                                                                    temperature, generator)
     rollouts = []
     for q, g in zip(questions, groups):
         p = prompt_ids(tok, q["question"])
@@ -202,14 +208,13 @@ def generate_rollouts(model, tok, questions, groups, retriever, *, max_turns=4, 
         answer_only = turn == max_turns
         stops = ["</answer>"] if answer_only else ["</search>", "</answer>"]
         budget = [min(max_turn_tokens, max_response_tokens - (len(rollouts[i].ids) - prompt_len[i])) for i in active]
-        gens, why = generate_turn(model, tok, [rollouts[i].ids for i in active], budget, stops, eos_ids,
-                                  temperature, generator)
+        gens, why = turn_fn(active, [rollouts[i].ids for i in active], budget, stops)
         pending = []  # (rollout index, query) to retrieve for, all in one call
         for i, gen, w, room in zip(active, gens, why, budget):
             r = rollouts[i]
             start, _ = _append(r, gen, POLICY)
             text = tok.decode(gen)
-            answer = extract_answer(text)
+            answer = rewards.extract_answer(text)
             if w == "</answer>" or answer is not None:
                 r.answer, done[i] = answer, True
             elif w == "</search>" and "<search>" in text:
@@ -235,6 +240,35 @@ def generate_rollouts(model, tok, questions, groups, retriever, *, max_turns=4, 
             if not done[i] and len(rollouts[i].ids) - prompt_len[i] >= max_response_tokens:
                 rollouts[i].truncated, rollouts[i].answer, done[i] = True, None, True
     return rollouts
+
+
+def scripted_turns(tok, scripts):
+    """A turn_fn that plays fixed texts: scripts[i] is the list of turn texts of rollout i. Each text is
+    tokenized and cut after the first stop string exactly as the engine would stop; the stop reason is that
+    string, "length" when the budget cuts it, else "eos".
+
+    >>> rs = generate_rollouts(None, tok, [q], [0], retriever, turn_fn=scripted_turns(tok, [[
+    ...     "<search> capital of France </search>", "<answer> Paris </answer>"]]))
+    """
+    turn_no = [0] * len(scripts)
+
+    def turn_fn(active, seqs, budget, stops):
+        gens, why = [], []
+        for i, room in zip(active, budget):
+            text = scripts[i][min(turn_no[i], len(scripts[i]) - 1)]
+            turn_no[i] += 1
+            ids, w = tok.encode(text, add_special_tokens=False), "eos"
+            for k in range(1, len(ids) + 1):  # the token that completes a stop string ends the turn
+                hit = [s for s in stops if s in tok.decode(ids[:k])]
+                if hit:
+                    ids, w = ids[:k], hit[0]
+                    break
+            if len(ids) > room:
+                ids, w = ids[:room], "length"
+            gens.append(ids)
+            why.append(w)
+        return gens, why
+    return turn_fn
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -336,3 +370,30 @@ def grpo_loss(logp, logp_old, logp_ref, A, mask, clip_eps=0.2, beta_kl=0.0, agg=
         stats = {"kl": float((kl * mask).sum() / n), "clip_frac": float((clipped * mask).sum() / n),
                  "n_tokens": float(mask.sum())}
     return loss, stats
+
+
+# ----------------------------------------------------------------------------------------------------
+# IG-Search: the information gain of a search step goes onto that step's query tokens (METHOD §4.3)
+
+def ig_gate(x, delta=0.05, rho=0.5, clip=2.0):
+    """g(): clip to [-clip, clip], then a dead zone |x| < delta -> 0, positives as they are, negatives * rho.
+
+    >>> [ig_gate(x) for x in (0.03, 0.4, -0.4, -5.0)]
+    [0.0, 0.4, -0.2, -1.0]
+    """
+    x = max(-clip, min(clip, x))
+    if abs(x) < delta:
+        return 0.0
+    return x if x > 0 else rho * x
+
+
+def add_query_bonus(A, rollouts, ig, alpha=0.5, delta=0.05, rho=0.5, clip=2.0):
+    """A[i, k] += alpha * g(IG_{i,t}) for k in the query span of step t (`<search> ... </search>`, tags
+    included). Additive, so the query tokens get a gradient even when the group advantage Â_i is 0.
+    ig[i] lists the IG of rollout i's search steps. Returns a new [B, T] tensor."""
+    A = A.clone()
+    for b, r in enumerate(rollouts):
+        for step, gain in zip(r.searches, ig[b]):
+            s, e = step["query_span"]
+            A[b, s:e] += alpha * ig_gate(gain, delta, rho, clip)
+    return A

@@ -262,7 +262,11 @@ def train_step(model, ref_model, opt, tok, retriever, questions, cfg, generator,
     em, f1 = score_outcome(rollouts)
     R, extra = list(em), {}
     if cfg.reward == "igsearch":
-        ig, extra = rewards.igsearch_information_gain(model, tok, rollouts, retriever, cfg, rng)
+        score_fn = lambda ctx, gold: rewards.gold_scores(model, ctx, gold, cfg.ig_head_tokens, cfg.ig_head_weight,
+                                                         cfg.ig_max_context, cfg.micro_batch)
+        ig, details = rewards.igsearch_information_gain(score_fn, tok, rollouts, retriever, cfg.ig_samples,
+                                                        cfg.ig_baseline, rng)
+        extra = ig_metrics(details)
     elif cfg.reward == "inforeasoner":
         ir_model = ref_model if ref_model is not None else model
         ig, extra = rewards.inforeasoner_information_gain(ir_model, tok, rollouts, cfg, generator)
@@ -292,6 +296,18 @@ def train_step(model, ref_model, opt, tok, retriever, questions, cfg, generator,
         **stats, **extra, **{f"time_{k}": round(v, 3) for k, v in times.items()},
     }
     return metrics, rollouts, A
+
+
+def ig_metrics(details):
+    """IG-Search's step statistics for the JSONL line (zeros when no rollout searched)."""
+    if not details:
+        return {"ig_mean": 0.0, "ig_std": 0.0, "ig_min": 0.0, "ig_max": 0.0, "ig_frac_positive": 0.0,
+                "ig_real": 0.0, "ig_baseline": 0.0, "ig_steps": 0}
+    ig = np.array([d["ig"] for d in details])
+    return {"ig_mean": float(ig.mean()), "ig_std": float(ig.std()), "ig_min": float(ig.min()),
+            "ig_max": float(ig.max()), "ig_frac_positive": float((ig > 0).mean()),
+            "ig_real": float(np.mean([d["real"] for d in details])),
+            "ig_baseline": float(np.mean([d["baseline"] for d in details])), "ig_steps": len(details)}
 
 
 def update_policy(model, ref_model, opt, batch, A, cfg):
