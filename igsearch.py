@@ -87,6 +87,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="the small preset: " + json.dumps(PRESETS["tiny"]))
+    p.add_argument("--demo", action="store_true", help="the IG-Search credit-assignment demo (CPU, seconds)")
     for f in dataclasses.fields(Config):
         kind = type(f.default)
         p.add_argument("--" + f.name.replace("_", "-"), type=kind, default=None, help=f"(default {f.default!r})")
@@ -97,7 +98,7 @@ def parse_args(argv=None):
     explicit = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if getattr(args, f.name) is not None}
     cfg = dataclasses.replace(cfg, **explicit)
     check_config(cfg)
-    return cfg
+    return cfg, args
 
 
 def check_config(cfg):
@@ -244,19 +245,21 @@ def rollout_kwargs(cfg, temperature, generator):
 # ----------------------------------------------------------------------------------------------------
 # One training step
 
-def train_step(model, ref_model, opt, tok, retriever, questions, cfg, generator, rng):
-    """Rollouts -> rewards -> per-token advantages A [B, T] -> PPO-clip update. Returns (metrics, rollouts, A)."""
-    times = {}
-    G = cfg.group_size
-    batch_q = [q for q in questions for _ in range(G)]
-    groups = [i for i in range(len(questions)) for _ in range(G)]
-
-    t = time.perf_counter()
-    retriever.seconds = 0.0
-    rollouts = grpo.generate_rollouts(model, tok, batch_q, groups, retriever,
-                                      **rollout_kwargs(cfg, cfg.temperature, generator))
-    times["retrieval"] = retriever.seconds
-    times["rollout"] = time.perf_counter() - t - times["retrieval"]
+def train_step(model, ref_model, opt, tok, retriever, questions, cfg, generator, rng, rollouts=None):
+    """Rollouts -> rewards -> per-token advantages A [B, T] -> PPO-clip update. Returns (metrics, rollouts, A).
+    `rollouts` skips sampling and learns from those (the step benchmark gives every variant the same ones)."""
+    times = {"retrieval": 0.0, "rollout": 0.0}
+    if rollouts is None:
+        G = cfg.group_size
+        batch_q = [q for q in questions for _ in range(G)]
+        groups = [i for i in range(len(questions)) for _ in range(G)]  # a group = one question of this batch
+        t = time.perf_counter()
+        retriever.seconds = 0.0
+        rollouts = grpo.generate_rollouts(model, tok, batch_q, groups, retriever,
+                                          **rollout_kwargs(cfg, cfg.temperature, generator))
+        times["retrieval"] = retriever.seconds
+        times["rollout"] = time.perf_counter() - t - times["retrieval"]
+    groups = [r.group for r in rollouts]
 
     t = time.perf_counter()
     em, f1 = score_outcome(rollouts)
@@ -368,6 +371,72 @@ def print_table(rows, columns):
 # ----------------------------------------------------------------------------------------------------
 # Training
 
+# ----------------------------------------------------------------------------------------------------
+# The credit-assignment demo (python igsearch.py --demo)
+
+DEMO_DOCS = [
+    {"id": "d0", "title": "Marie Curie", "text": "Marie Curie discovered polonium and radium with Pierre Curie."},
+    {"id": "d1", "title": "Famous scientists", "text": "Famous scientists include Newton, Darwin and Einstein."},
+    {"id": "d2", "title": "Isaac Newton", "text": "Isaac Newton was one of the famous scientists of England."},
+    {"id": "d3", "title": "Charles Darwin", "text": "Charles Darwin was a famous naturalist and scientist."},
+]
+DEMO_QUERIES = ["who discovered polonium", "famous scientists"]  # the first retrieves the answer's document
+
+
+def credit_assignment_demo(reward="igsearch", steps=30, group_size=8, lr=10.0, seed=0, tok=None, cache_dir=None):
+    """Every rollout answers wrong (EM = 0 for all), so outcome-only GRPO has Â = 0 and nothing to learn from.
+    A toy policy picks one of two queries: π(query) = softmax(θ), θ = [0, 0]. The rollouts run through the
+    real bookkeeping, BM25, IG (METHOD §4.2) and A [B, T] (§4.3); the scorer rates the gold answer -3 unless
+    the gold document is in the context (then 0). Returns P(good query) after each step.
+
+    The query's log-prob sits on the first token of its span; every other policy token has a constant
+    log-prob, so the gradient reaches θ only through the query span, as in the real loss."""
+    tok = tok or qwen_tokenizer()
+    retriever = retrieve.Retriever(DEMO_DOCS, cache_dir=cache_dir)
+    cfg = Config(reward=reward, group_size=group_size, ig_baseline="corpus")
+    question = {"id": "demo", "question": "Who discovered polonium?", "golden_answers": ["Marie Curie"]}
+    score_fn = lambda contexts, golds: torch.tensor([0.0 if DEMO_DOCS[0]["text"] in tok.decode(c) else -3.0
+                                                     for c in contexts])
+
+    theta = torch.zeros(2, requires_grad=True)
+    opt = torch.optim.SGD([theta], lr=lr)
+    gen, rng, curve = torch.Generator().manual_seed(seed), random.Random(seed), []
+    for _ in range(steps):
+        actions = torch.multinomial(torch.softmax(theta.detach(), -1), group_size, replacement=True, generator=gen)
+        scripts = [[f"<search> {DEMO_QUERIES[a]} </search>", "<answer> Pierre Curie </answer>"] for a in actions.tolist()]
+        rollouts = grpo.generate_rollouts(None, tok, [question] * group_size, [0] * group_size, retriever,
+                                          max_turns=1, turn_fn=grpo.scripted_turns(tok, scripts))
+        em, _ = score_outcome(rollouts)                                            # all 0
+        adv = grpo.group_advantages(em, [0] * group_size)                          # all 0
+        batch = grpo.collate(rollouts, tok.pad_token_id)
+        A = grpo.token_advantages(adv, batch.roles)                                # [B, T], all 0
+        if reward == "igsearch":
+            ig, _ = rewards.igsearch_information_gain(score_fn, tok, rollouts, retriever, cfg.ig_samples,
+                                                      cfg.ig_baseline, rng)
+            A = grpo.add_query_bonus(A, rollouts, ig, cfg.ig_alpha, cfg.ig_delta, cfg.ig_rho, cfg.ig_clip)
+        logp_action = torch.log_softmax(theta, -1)[actions]                       # [B]
+        first = torch.zeros(batch.ids.shape, dtype=torch.bool)
+        for b, r in enumerate(rollouts):
+            first[b, r.searches[0]["query_span"][0]] = True
+        logp = torch.zeros(batch.ids.shape).masked_scatter(first, logp_action)   # [B, T]
+        loss, _ = grpo.grpo_loss(logp, logp.detach(), None, A, batch.policy_mask, cfg.clip_eps, 0.0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        curve.append(float(torch.softmax(theta.detach(), -1)[0]))
+    return curve
+
+
+def demo():
+    tok = qwen_tokenizer()
+    ig = credit_assignment_demo("igsearch", tok=tok)
+    out = credit_assignment_demo("outcome", tok=tok)
+    print("Credit assignment when every rollout fails (EM = 0 for all): P(the query that finds the answer)")
+    print(f"{'step':>4}  {'igsearch':>8}  {'outcome':>8}")
+    for k, (a, b) in enumerate(zip(ig, out), 1):
+        print(f"{k:>4}  {a:8.3f}  {b:8.3f}")
+
+
 def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed)
@@ -419,8 +488,11 @@ def train(cfg):
 
 def main(argv=None):
     try:
-        cfg = parse_args(argv)
-        train(cfg)
+        cfg, args = parse_args(argv)
+        if args.demo:
+            demo()
+        else:
+            train(cfg)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

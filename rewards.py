@@ -169,3 +169,322 @@ def igsearch_information_gain(score_fn, tok, rollouts, retriever, n_samples=3, b
         ig[i].append(real[k] - float(rand[k]))
         details.append({"rollout": i, "step": t, "real": real[k], "baseline": float(rand[k]), "ig": ig[i][-1]})
     return ig, details
+
+
+# ----------------------------------------------------------------------------------------------------
+# InfoReasoner: semantic information gain (METHOD §5)
+#
+#   belief   K brief answers to (question, evidence), each weighted by the softmax of its mean token
+#            log-prob                                                                         §5.1
+#   classes  answers of equal meaning grouped; p(c*) = the weight of the answers equal to a gold  §5.2
+#   IG       from the belief without evidence (B) and with the evidence of steps 1..t (C_t)    §5.3
+#
+#   ig, extra = inforeasoner_information_gain(ref_model, tok, rollouts, cfg, generator)
+#   R_i = EM_i + λ · ig[i]          (igsearch.train_step)                                     §5.4
+
+import math  # noqa: E402  (this section's own imports, kept beside it)
+from dataclasses import dataclass  # noqa: E402
+
+from retrieve import DataError, format_docs  # noqa: E402
+
+IR_INSTRUCTION = ("Answer the question as briefly as possible: give only the answer, in a few words, "
+                  "with no explanation.")
+IR_EPS = 1e-3       # METHOD §5.3: smoothing of p(c*) for the log estimator [our choice]
+IR_GEN_ROWS = 256   # rows per generate_turn call: bounds the KV cache (the samples depend on it, as on the seed)
+
+
+def brief_answer_text(question, evidence=""):
+    """METHOD §5.1: the plain brief-answer prompt; the Context line is left out when there is no evidence.
+
+    >>> print(brief_answer_text("Capital of France?", "Doc 1(Title: Paris) Paris is the capital."))
+    Answer the question as briefly as possible: give only the answer, in a few words, with no explanation.
+    <BLANKLINE>
+    Context: Doc 1(Title: Paris) Paris is the capital.
+    <BLANKLINE>
+    Question: Capital of France?
+    Answer:
+    """
+    context = f"Context: {evidence.strip()}\n\n" if evidence.strip() else ""
+    return f"{IR_INSTRUCTION}\n\n{context}Question: {question.strip()}\nAnswer:"
+
+
+def brief_answer_prompt(tok, question, evidence=""):
+    """Token ids of the brief-answer prompt, through the chat template when the tokenizer has one.
+
+    Qwen3's template is asked for no thinking block (other templates ignore the flag): the answer must be
+    the first line, and a sample that opened with "<think>\\n" would stop at its first newline."""
+    text = brief_answer_text(question, evidence)
+    if tok.chat_template:
+        messages = [{"role": "user", "content": text}]
+        return list(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                            return_dict=False, enable_thinking=False))
+    return tok.encode(text, add_special_tokens=True)  # a base model continues "Answer:" directly
+
+
+def weigh_samples(texts, mean_logps):
+    """METHOD §5.1: ℓ_i = softmax_i(mean token log-prob of r_i), over the non-empty samples only.
+
+    An empty sample (nothing before the newline, or nothing left by normalization, e.g. "The") is dropped
+    rather than given a low weight: it names no answer, and as an empty string it would be "contained" in
+    every answer (§5.2). When every sample is empty the belief is empty: p(c*) = 0, H_sem = 0.
+    >>> answers, weights = weigh_samples(["Paris", "", "Lyon", "the"], [-2.0, -0.1, -2.0 + math.log(3), -0.1])
+    >>> answers, [round(w, 6) for w in weights]
+    (['Paris', 'Lyon'], [0.25, 0.75])
+    """
+    kept = [(t, lp) for t, lp in zip(texts, mean_logps) if normalize_answer(t)]
+    if not kept:
+        return [], []
+    top = max(lp for _, lp in kept)  # subtract the max: exp never overflows
+    z = [math.exp(lp - top) for _, lp in kept]
+    return [t for t, _ in kept], [x / sum(z) for x in z]
+
+
+def default_equivalent(a, b):
+    """METHOD §5.2 [our choice, offline]: the normalized answers are equal, or one is a whole-word span of
+    the other. Normalization is EM's (§2): case folds but accents stay, so "Zürich" ~ "ZÜRICH" while
+    "Zürich" and "zurich" differ, exactly as EM scores them.
+
+    >>> default_equivalent("The Beatles", "beatles"), default_equivalent("Paris, France", "Paris")
+    (True, True)
+    >>> default_equivalent("Par", "Paris"), default_equivalent("Zürich", "zurich"), default_equivalent("", "x")
+    (False, False, False)
+    """
+    a, b = normalize_answer(a), normalize_answer(b)
+    if not a or not b:
+        return False
+    return f" {a} " in f" {b} " or f" {b} " in f" {a} "
+
+
+def semantic_classes(answers, equivalent=default_equivalent):
+    """METHOD §5.2: the class id of each answer, greedy in sample order. An answer joins the first class
+    whose *first* member it is equivalent to, else it opens a new class (as in the semantic-entropy
+    reference code). Not a transitive closure: "Paris" ~ "Paris France" ~ "France" leaves "France" apart.
+
+    >>> semantic_classes(["Paris", "Paris, France", "France", "paris"])
+    [0, 0, 1, 0]
+    """
+    firsts, ids = [], []
+    for a in answers:
+        c = next((c for c, f in enumerate(firsts) if equivalent(a, f)), None)
+        if c is None:
+            c = len(firsts)
+            firsts.append(a)
+        ids.append(c)
+    return ids
+
+
+@dataclass
+class Belief:
+    """What K weighted samples say for one (question, evidence): the gold class's mass p(c*), the semantic
+    entropy H_sem, and the number of classes (the gold class counted even when no sample is in it)."""
+    p_gold: float
+    entropy: float
+    n_classes: int
+
+
+def belief(answers, weights, golds, equivalent=default_equivalent):
+    """METHOD §5.2: p(c*|E) = Σ_{i∈c*} ℓ_i and H_sem(E) = -Σ_c p(c) log p(c), c* = the samples equivalent
+    to any gold alias. p(c*) is summed per sample, so it never depends on the greedy clustering.
+
+    >>> b = belief(["Paris", "paris france", "Lyon"], [0.5, 0.25, 0.25], ["Paris"])
+    >>> b.p_gold, round(b.entropy, 4), b.n_classes      # H = -(0.75 log 0.75 + 0.25 log 0.25)
+    (0.75, 0.5623, 2)
+    """
+    in_gold = [any(equivalent(a, g) for g in golds) for a in answers]
+    p_gold = sum(w for w, y in zip(weights, in_gold) if y)
+    ids = semantic_classes(answers, equivalent)
+    mass = [0.0] * (max(ids) + 1 if ids else 0)
+    for c, w in zip(ids, weights):
+        mass[c] += w
+    entropy = -sum(p * math.log(p) for p in mass if p > 0)
+    return Belief(p_gold=p_gold, entropy=entropy, n_classes=len(mass) + (not any(in_gold)))
+
+
+def smoothed_p_gold(b, eps=IR_EPS):
+    """METHOD §5.3: p̃(c*) = (p(c*) + ε) / (1 + ε·n_classes): log p̃ stays finite when no sample is right, and
+    the smoothed classes still sum to 1 (hence the gold class is counted even when empty).
+
+    >>> round(smoothed_p_gold(Belief(p_gold=0.0, entropy=0.0, n_classes=2)), 9)   # ε / (1 + 2ε)
+    0.000998004
+    """
+    return (b.p_gold + eps) / (1 + eps * b.n_classes)
+
+
+def information_gain(before, steps, estimator="prob", eps=IR_EPS):
+    """METHOD §5.3: the IG of one rollout from its belief without evidence (B = before) and after each search
+    step (steps = [C_1, ..., C_T], C_t = the evidence of steps 1..t). `prob` reads only C_T, all the
+    evidence. No step -> 0 (§5.4).
+
+    >>> B, C1, C2 = Belief(0.25, 1.0, 2), Belief(0.5, 0.75, 2), Belief(0.75, 0.25, 2)
+    >>> information_gain(B, [C1, C2], "prob"), information_gain(B, [C1, C2], "entropy")
+    (0.5, 0.5)
+    """
+    if not steps:
+        return 0.0
+    if estimator == "prob":      # METHOD §5.3: p(c*|all evidence) - p(c*|none), in [-1, 1]
+        return steps[-1].p_gold - before.p_gold
+    if estimator == "log":       # METHOD §5.3: (1/T) Σ_t [log p̃(c*|C_t) - log p̃(c*|B)]
+        base = math.log(smoothed_p_gold(before, eps))
+        return sum(math.log(smoothed_p_gold(c, eps)) - base for c in steps) / len(steps)
+    if estimator == "entropy":   # METHOD §5.3: (1/T) Σ_t [H_sem(B) - H_sem(C_t)]
+        return sum(before.entropy - c.entropy for c in steps) / len(steps)
+    raise ValueError(f"unknown InfoReasoner estimator {estimator!r}; use prob, log or entropy")
+
+
+# --nli-model: equivalence by bidirectional entailment (METHOD §5.2)
+
+def nli_equivalent(entail, question):
+    """METHOD §5.2: a ~ b when each entails the other with p > 0.5, each text prefixed by the question (a
+    bare answer is too short for NLI). entail(premise, hypothesis) -> P(entailment), e.g. load_nli(name).
+
+    >>> fake = lambda p, h: 0.9 if set(h.split()) <= set(p.split()) else 0.1   # more words entail fewer
+    >>> eq = nli_equivalent(fake, "Capital of France?")
+    >>> eq("Paris", "Paris"), eq("the city of Paris", "Paris")     # one way only: not equivalent
+    (True, False)
+    """
+    def equivalent(a, b):
+        pa, pb = f"{question.strip()} {a.strip()}", f"{question.strip()} {b.strip()}"
+        return entail(pa, pb) > 0.5 and entail(pb, pa) > 0.5
+    return equivalent
+
+
+def entailment_index(id2label):
+    """The class index of "entailment" in an NLI classifier's labels.
+
+    >>> entailment_index({0: "CONTRADICTION", 1: "NEUTRAL", 2: "ENTAILMENT"})
+    2
+    """
+    found = [int(i) for i, name in id2label.items() if "entail" in str(name).lower()]
+    if len(found) != 1:
+        raise DataError(f"--nli-model: no single 'entailment' label in config.id2label {dict(id2label)}; "
+                        "give an MNLI classifier such as microsoft/deberta-large-mnli")
+    return found[0]
+
+
+_NLI = {}  # (name, device) -> entail function: the classifier is loaded once per process
+
+
+def load_nli(name, device="cpu"):
+    """entail(premise, hypothesis) -> P(entailment) from a Hugging Face MNLI sequence classifier, loaded
+    lazily and memoized per pair (the same pairs come back for each rollout of a question)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    key = (name, str(device))
+    if key in _NLI:
+        return _NLI[key]
+    try:
+        nli_tok = AutoTokenizer.from_pretrained(name)
+        nli = AutoModelForSequenceClassification.from_pretrained(name).to(device).eval()
+    except (OSError, ValueError) as e:
+        raise DataError(f"--nli-model {name!r} could not be loaded ({str(e).splitlines()[0][:120]}); give a "
+                        "cached or reachable MNLI classifier, or leave --nli-model empty for the offline "
+                        "default equivalence") from None
+    yes = entailment_index(nli.config.id2label)
+    memo = {}
+
+    @torch.no_grad()
+    def entail(premise, hypothesis):
+        if (premise, hypothesis) not in memo:
+            x = nli_tok(premise, hypothesis, return_tensors="pt", truncation=True).to(device)
+            memo[premise, hypothesis] = float(nli(**x).logits[0].float().softmax(-1)[yes])
+        return memo[premise, hypothesis]
+
+    _NLI[key] = entail
+    return entail
+
+
+# Sampling the beliefs with the model (METHOD §5.1)
+
+@torch.no_grad()
+def sample_logprobs(model, prompts, samples, pad_id, micro_batch=4):
+    """Mean token log-prob of each sample given its prompt, teacher-forced on prompt + sample (right-padded
+    like grpo.collate, the sample's tokens in the POLICY role). Returns a list of N floats."""
+    rows = [grpo.Rollout(question=None, group=0, ids=list(p) + list(s),
+                         roles=[grpo.PROMPT] * len(p) + [grpo.POLICY] * len(s)) for p, s in zip(prompts, samples)]
+    batch = grpo.collate(rows, pad_id)                                 # ids, roles [N, T]
+    device = next(model.parameters()).device
+    mask = batch.policy_mask                                           # [N, T] the sample's tokens
+    lp = grpo.token_logprobs(model, batch.ids.to(device), batch.attention_mask.to(device), mask.to(device),
+                             micro_batch).cpu()                        # [N, T]
+    return ((lp * mask).sum(-1) / mask.sum(-1).clamp(min=1)).tolist()
+
+
+def sample_answers(model, tok, prompts, cfg, generator):
+    """METHOD §5.1: K = cfg.ir_samples brief answers per prompt (each prompt repeated K times, one batched
+    generate_turn) and their mean token log-probs. The mean covers every sampled token, the one that ended
+    the sample (newline or EOS) included: stopping there is part of the answer the model chose.
+
+    Returns (texts, mean_logps, n_generated): texts[p][k] = the k-th sample of prompt p, cut at its
+    first newline and stripped."""
+    K = cfg.ir_samples
+    if not prompts:
+        return [], [], 0
+    seqs = [p for p in prompts for _ in range(K)]                      # [P*K] prompt p at rows p*K .. p*K+K-1
+    eos = grpo.stop_ids(tok, model)
+    gens = []
+    for s in range(0, len(seqs), IR_GEN_ROWS):
+        chunk = seqs[s:s + IR_GEN_ROWS]
+        g, _ = grpo.generate_turn(model, tok, chunk, [cfg.ir_max_tokens] * len(chunk), ["\n"], eos,
+                                  cfg.ir_temperature, generator)
+        gens += g
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    lps = sample_logprobs(model, seqs, gens, pad, cfg.micro_batch)
+    texts = [tok.decode(g, skip_special_tokens=True).split("\n")[0].strip() for g in gens]
+    return ([texts[p * K:(p + 1) * K] for p in range(len(prompts))],
+            [lps[p * K:(p + 1) * K] for p in range(len(prompts))], sum(len(g) for g in gens))
+
+
+def trajectory_evidence(rollout, t):
+    """C_t: the documents of the rollout's first t searches, formatted as the agent saw them (§5.3)."""
+    return format_docs([d for s in rollout.searches[:t] for d in s["docs"]])
+
+
+def inforeasoner_information_gain(model, tok, rollouts, cfg, generator, entail=None):
+    """METHOD §5: the semantic information gain of each rollout, and the ir_* metrics of the step.
+
+    Two batched sampling phases with `model` (the frozen reference): K answers without evidence, once per
+    distinct question that has a searching rollout (its G rollouts share them); then K answers with evidence
+    for each searching rollout: all its documents for `prob`, the documents of steps 1..t for each t for
+    `log` and `entropy`. A rollout that never searched gets IG = 0 (§5.4). entail(premise, hypothesis) ->
+    P(entailment) overrides --nli-model (tests pass a fake one).
+
+    Returns (ig, extra): ig = one float per rollout; extra = {"ir_ig_mean", ..., "ir_extra_tokens"}. The
+    ir_p_gold_*/ir_h_* means run over the searching rollouts (so p_gold_with - p_gold_without is the mean
+    `prob` IG of those) and are left out of a step where no rollout searched."""
+    if entail is None and cfg.nli_model:
+        entail = load_nli(cfg.nli_model, next(model.parameters()).device)
+    searched = [i for i, r in enumerate(rollouts) if r.searches]
+    question = {i: rollouts[i].question["question"] for i in searched}
+    golds = {question[i]: rollouts[i].question["golden_answers"] for i in searched}
+    distinct = list(golds)                                             # in order of first appearance
+    contexts = []                                                      # (rollout, t): C_t = docs of steps 1..t
+    for i in searched:
+        T = len(rollouts[i].searches)
+        contexts += [(i, t) for t in ([T] if cfg.ir_estimator == "prob" else range(1, T + 1))]
+
+    texts0, lps0, n0 = sample_answers(model, tok, [brief_answer_prompt(tok, q) for q in distinct], cfg, generator)
+    prompts1 = [brief_answer_prompt(tok, question[i], trajectory_evidence(rollouts[i], t)) for i, t in contexts]
+    texts1, lps1, n1 = sample_answers(model, tok, prompts1, cfg, generator)
+
+    def belief_of(q, texts, lps):
+        answers, weights = weigh_samples(texts, lps)
+        return belief(answers, weights, golds[q], nli_equivalent(entail, q) if entail else default_equivalent)
+
+    before = {q: belief_of(q, t, lp) for q, t, lp in zip(distinct, texts0, lps0)}
+    after = {i: [] for i in searched}                                  # [C_1, ..., C_T] (or [C_T] for prob)
+    for (i, _), t, lp in zip(contexts, texts1, lps1):
+        after[i].append(belief_of(question[i], t, lp))
+    ig = [0.0] * len(rollouts)                                         # METHOD §5.4: no search -> 0
+    for i in searched:
+        ig[i] = information_gain(before[question[i]], after[i], cfg.ir_estimator)
+
+    n = max(len(rollouts), 1)
+    mean = sum(ig) / n
+    extra = {"ir_ig_mean": mean, "ir_ig_std": math.sqrt(sum((x - mean) ** 2 for x in ig) / n),
+             "ir_frac_positive": sum(x > 0 for x in ig) / n, "ir_extra_tokens": (n0 + n1) / n}
+    if searched:
+        avg = lambda xs: sum(xs) / len(xs)  # noqa: E731
+        extra.update(ir_p_gold_with=avg([after[i][-1].p_gold for i in searched]),
+                     ir_p_gold_without=avg([before[question[i]].p_gold for i in searched]),
+                     ir_h_before=avg([before[question[i]].entropy for i in searched]),
+                     ir_h_after=avg([after[i][-1].entropy for i in searched]))
+    return ig, extra

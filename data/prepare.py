@@ -41,7 +41,7 @@ if str(ROOT) not in sys.path:  # `python data/prepare.py` puts data/ on the path
 import retrieve  # noqa: E402
 from retrieve import DataError  # noqa: E402
 
-TINY_VERSION = "v1"  # bump when build_tiny_qa changes, so that a stale generated file is not reused
+TINY_VERSION = "v2"  # bump when build_tiny_qa changes, so that a stale generated file is not reused
 HOTPOT_URL = "http://curtis.ml.cmu.edu/datasets/hotpot/hotpot_dev_distractor_v1.json"
 SPLITS = ("train", "dev", "test")
 MIN_WORDS, MAX_WORDS = 10, 40  # shorter sentences ('X was an American poet.') fit too many articles
@@ -135,7 +135,7 @@ def as_phrase(description, vocab):
     lowercase), and so does 'Prime Minister of India' (a name of two capitalized words)."""
     first = re.match(r"[^\W\d_]*", description).group()
     second = description.split()[1:2]
-    if first[1:].islower() and vocab[first.lower()] >= 5 and not (second and second[0][:1].isupper()):
+    if first[1:].islower() and vocab.get(first.lower(), 0) >= 5 and not (second and second[0][:1].isupper()):
         return description[0].lower() + description[1:]
     return description
 

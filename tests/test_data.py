@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import urllib.error
+from pathlib import Path
 
 import pytest
 
@@ -12,7 +13,8 @@ import retrieve
 from data import prepare
 from data.prepare import build_tiny_qa, leaks, load_tiny_qa, main, qa_stats
 from rewards import normalize_answer
-from conftest import ROOT
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +80,7 @@ def test_bridge_chain_is_real(qa, by_title):
         words, text = retrieve.tokenize(prepare.base_title(b)), retrieve.tokenize(by_title[a]["text"])
         assert any(text[i:i + len(words)] == words for i in range(len(text))), (a, b)
         # and the question names B by its description instead
-        assert by_title[b]["description"] in q["question"]
+        assert by_title[b]["description"].lower() in q["question"].lower()
 
 
 def test_single_hop_questions_quote_their_answers_lead(qa, by_title):
@@ -142,7 +144,7 @@ def test_leaks():
     assert leaks("The Beatles", "the Beatles' first album")
     assert leaks("Bertolt Brecht", "Brecht wrote it", vocab={"wrote": 1})  # a name alone gives it away
     assert not leaks("Bertolt Brecht", "a German playwright", vocab={"german": 1})
-    assert not leaks("New York City", "a city in New Jersey", vocab={"new": 9, "york": 0, "city": 9})
+    assert not leaks("New York City", "a city in New Jersey", vocab={"new": 9, "city": 9})
 
 
 def test_mask_answer():

@@ -1,0 +1,165 @@
+"""One GRPO step, phase by phase, for each reward variant on the same rollouts; and the rollout engine
+against plain model.generate. Everything is measured side by side in one run and printed as ratios.
+
+    python bench/bench_step.py                                    # tiny random Qwen3 (smoke model)
+    python bench/bench_step.py --model PATH/SmolLM2-135M-Instruct.Q4_1.gguf
+    python bench/bench_step.py --rewards outcome,igsearch --repeats 2
+
+The rollouts of a step are sampled once (seeded) and every variant scores and updates from the same weights
+on those same rollouts, so the ratio "step time / outcome step time" isolates what the variant adds.
+"""
+import argparse
+import copy
+import dataclasses
+import random
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import grpo  # noqa: E402
+import igsearch  # noqa: E402
+import retrieve  # noqa: E402
+
+
+def time_variant(model, ref_model, tok, retriever, rollouts, cfg, reward, seed):
+    """Scoring + update time of one variant on fixed rollouts, from the same weights. Returns (times, metrics)."""
+    cfg = dataclasses.replace(cfg, reward=reward)
+    m = copy.deepcopy(model)
+    opt = torch.optim.AdamW(m.parameters(), lr=cfg.lr)
+    t = time.perf_counter()
+    metrics, _, _ = igsearch.train_step(m, ref_model, opt, tok, retriever, [], cfg, torch.Generator().manual_seed(seed),
+                                        random.Random(seed), rollouts=copy.deepcopy(rollouts))
+    total = time.perf_counter() - t
+    return {"scoring": metrics["time_scoring"], "update": metrics["time_update"], "total": total}, metrics
+
+
+def engine_vs_generate(model, tok, prompts, new_tokens, seed):
+    """Tokens/s of grpo.generate_turn against model.generate on the same prompts, same number of new tokens
+    (no stop strings, EOS ignored on both sides so both produce exactly new_tokens per row)."""
+    gen = torch.Generator().manual_seed(seed)
+    t = time.perf_counter()
+    outs, _ = grpo.generate_turn(model, tok, prompts, [new_tokens] * len(prompts), [], set(), 1.0, gen)
+    ours = sum(len(o) for o in outs) / (time.perf_counter() - t)
+
+    device = next(model.parameters()).device
+    L = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), L), tok.pad_token_id, dtype=torch.long)
+    attn = torch.zeros_like(ids)
+    for b, p in enumerate(prompts):
+        ids[b, L - len(p):], attn[b, L - len(p):] = torch.tensor(p), 1
+    torch.manual_seed(seed)
+    t = time.perf_counter()
+    out = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), do_sample=True, temperature=1.0,
+                         top_k=0, top_p=1.0, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                         pad_token_id=tok.pad_token_id)
+    theirs = (out.shape[1] - L) * len(prompts) / (time.perf_counter() - t)
+    return ours, theirs
+
+
+def tokens_past_stop(rollouts, tok):
+    """Policy tokens kept after the token that completed a stop tag, summed over every turn (must be 0)."""
+    past = 0
+    for r in rollouts:
+        k = 0
+        while k < len(r.ids):
+            if r.roles[k] != grpo.POLICY:
+                k += 1
+                continue
+            e = k
+            while e < len(r.ids) and r.roles[e] == grpo.POLICY:
+                e += 1
+            turn = r.ids[k:e]
+            for j in range(1, len(turn) + 1):
+                text = tok.decode(turn[:j])
+                if "</search>" in text or "</answer>" in text:
+                    past += len(turn) - j
+                    break
+            k = e
+    return past
+
+
+def peak_memory_mb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="tiny-random")
+    p.add_argument("--rewards", default="outcome,igsearch,inforeasoner")
+    p.add_argument("--repeats", type=int, default=1, help="steps measured (fresh rollouts each)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    args = p.parse_args(argv)
+
+    cfg = dataclasses.replace(igsearch.Config(), **igsearch.PRESETS["tiny"], model=args.model, seed=args.seed)
+    device = igsearch.pick_device(args.device)
+    igsearch.seed_everything(args.seed)
+    retriever = retrieve.Retriever(retrieve.load_vital_articles())
+    from data.prepare import load_tiny_qa
+    train_q = load_tiny_qa()["train"]
+    t = time.perf_counter()
+    model, tok, smoke = igsearch.load_model(args.model, device, args.seed)
+    load_s = time.perf_counter() - t
+    ref_model = copy.deepcopy(model).requires_grad_(False)
+    variants = [v for v in args.rewards.split(",") if v]
+    print(f"model {args.model} ({sum(q.numel() for q in model.parameters()) / 1e6:.1f}M params, loaded in "
+          f"{load_s:.1f} s) on {device}, torch {torch.__version__}, {torch.get_num_threads()} threads; --tiny preset: "
+          f"{cfg.questions_per_step} questions x G={cfg.group_size}, max_turns {cfg.max_turns}")
+
+    rng = random.Random(args.seed)
+    rows = {v: {"scoring": 0.0, "update": 0.0} for v in variants}
+    sample_s = retrieval_s = 0.0
+    searches = n_roll = past = extra_tok = 0
+    for rep in range(args.repeats):
+        questions = rng.sample(train_q, cfg.questions_per_step)
+        batch_q = [q for q in questions for _ in range(cfg.group_size)]
+        groups = [i for i in range(len(questions)) for _ in range(cfg.group_size)]
+        retriever.seconds = 0.0
+        t = time.perf_counter()
+        rollouts = grpo.generate_rollouts(model, tok, batch_q, groups, retriever,
+                                          **igsearch.rollout_kwargs(cfg, cfg.temperature,
+                                                                    torch.Generator().manual_seed(args.seed + rep)))
+        sample_s += time.perf_counter() - t - retriever.seconds
+        retrieval_s += retriever.seconds
+        searches += sum(len(r.searches) for r in rollouts)
+        n_roll += len(rollouts)
+        past += tokens_past_stop(rollouts, tok)
+        for v in variants:
+            times, metrics = time_variant(model, ref_model, tok, retriever, rollouts, cfg, v, args.seed)
+            rows[v]["scoring"] += times["scoring"]
+            rows[v]["update"] += times["update"]
+            if v == "inforeasoner":
+                extra_tok += metrics.get("ir_extra_tokens", 0.0)
+
+    shared = sample_s + retrieval_s
+    base = shared + rows[variants[0]]["scoring"] + rows[variants[0]]["update"]
+    print(f"\nPer step, mean of {args.repeats} (same rollouts for every variant; {searches / n_roll:.2f} searches "
+          f"per rollout; rollout sampling {sample_s / args.repeats:.2f} s, retrieval {retrieval_s / args.repeats:.3f} s)")
+    print(f"{'reward':<14}{'rollout s':>10}{'retrieval s':>12}{'scoring s':>10}{'update s':>10}{'step s':>9}"
+          f"{'ratio vs ' + variants[0]:>18}")
+    for v in variants:
+        step = shared + rows[v]["scoring"] + rows[v]["update"]
+        print(f"{v:<14}{sample_s / args.repeats:>10.2f}{retrieval_s / args.repeats:>12.3f}"
+              f"{rows[v]['scoring'] / args.repeats:>10.2f}{rows[v]['update'] / args.repeats:>10.2f}"
+              f"{step / args.repeats:>9.2f}{step / base:>18.3f}")
+    if "inforeasoner" in variants:
+        print(f"inforeasoner extra generated tokens per rollout: {extra_tok / args.repeats:.1f}")
+    print(f"tokens kept past a stop tag: {past} (must be 0)")
+
+    prompts = [grpo.prompt_ids(tok, q["question"]) for q in train_q[:8]]
+    ours, theirs = engine_vs_generate(model, tok, prompts, 64, args.seed)
+    print(f"\nrollout engine {ours:.0f} tok/s vs model.generate {theirs:.0f} tok/s on the same 8 prompts x 64 new "
+          f"tokens: ratio {ours / theirs:.2f}")
+    print(f"peak memory: {peak_memory_mb(device):.0f} MiB ({'GPU allocated' if device.type == 'cuda' else 'process RSS'})")
+    if smoke:
+        print("(smoke model: random weights; give --model for meaningful rollouts)")
+
+
+if __name__ == "__main__":
+    main()

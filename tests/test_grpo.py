@@ -1,0 +1,304 @@
+"""GRPO (METHOD §1 and §3): token bookkeeping of rollouts, the generation engine, advantages, the loss,
+gradients, log-probs, a learning check, seeded repeatability and the command line.
+
+Every expectation is worked out by hand or by an independent computation (a plain full forward pass, a
+step-by-step argmax, Python float arithmetic), never by calling the function under test a second time.
+The model is igsearch.tiny_random_model: a 2-layer random Qwen3 with the real Qwen3 tokenizer (offline).
+"""
+import copy
+import json
+import math
+import socket
+
+import pytest
+import torch
+
+import grpo
+import igsearch
+import retrieve
+from grpo import OBS, PAD, POLICY, PROMPT
+
+DOCS = [
+    {"id": "d0", "title": "Paris", "text": "Paris is the capital and largest city of France."},
+    {"id": "d1", "title": "Seine", "text": "The Seine is the river that flows through Paris."},
+    {"id": "d2", "title": "Berlin", "text": "Berlin is the capital of Germany."},
+    {"id": "d3", "title": "Danube", "text": "The Danube flows through Vienna and Budapest."},
+    {"id": "d4", "title": "Tokyo", "text": "Tokyo is the capital of Japan."},
+]
+QUESTION = {"id": "q0", "question": "What is the capital of France?", "golden_answers": ["Paris"]}
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """(model, tok): shared by the tests that do not change the weights (the others deep-copy the model)."""
+    model, tok = igsearch.tiny_random_model(0)
+    return model.eval(), tok
+
+
+@pytest.fixture(scope="module")
+def tok(tiny):
+    return tiny[1]
+
+
+@pytest.fixture
+def retriever(tmp_path):
+    return retrieve.Retriever(DOCS, cache_dir=tmp_path)
+
+
+def enc(tok, text):
+    return tok.encode(text, add_special_tokens=False)
+
+
+def run_scripts(tok, retriever, scripts, questions=None, groups=None, **kw):
+    questions = questions or [QUESTION] * len(scripts)
+    groups = groups if groups is not None else [0] * len(scripts)
+    return grpo.generate_rollouts(None, tok, questions, groups, retriever,
+                                  turn_fn=grpo.scripted_turns(tok, scripts), **kw)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 1. Roles and spans, token by token (METHOD §1)
+
+TURN0 = "<think>I need to search.</think>\n<search> capital of France </search>"
+TURN1 = "<think>Now the river.</think>\n<search> river through Paris </search> and some text after the stop"
+TURN1_CUT = "<think>Now the river.</think>\n<search> river through Paris </search>"
+TURN2 = "<think>Done.</think>\n<answer> Paris </answer>"
+
+
+def test_two_search_trajectory_token_by_token(tok, retriever):
+    r, = run_scripts(tok, retriever, [[TURN0, TURN1, TURN2]], max_turns=2, topk=2)
+    p = grpo.prompt_ids(tok, QUESTION["question"])
+    # BM25 by hand: "capital of France" -> Paris first (capital + france); "river through Paris" -> Seine
+    # (river, through, paris) then Paris (paris) or Danube (through)
+    docs0 = retriever.search(["capital of France"], 2)[0]
+    docs1 = retriever.search(["river through Paris"], 2)[0]
+    assert docs0[0]["title"] == "Paris" and docs1[0]["title"] == "Seine"
+    pieces = [(p, PROMPT), (enc(tok, TURN0), POLICY), (enc(tok, grpo.information_block(docs0)), OBS),
+              (enc(tok, TURN1_CUT), POLICY), (enc(tok, grpo.information_block(docs1)), OBS),
+              (enc(tok, TURN2), POLICY)]
+    ids = [i for piece, _ in pieces for i in piece]
+    roles = [role for piece, role in pieces for _ in piece]
+    assert r.ids == ids                  # exactly these ids, position by position
+    assert r.roles == roles
+    assert r.answer == "Paris" and not r.truncated and r.invalid_turns == 0
+    assert [s["query"] for s in r.searches] == ["capital of France", "river through Paris"]
+    assert [s["docs"] for s in r.searches] == [docs0, docs1]
+    # spans: the query span is `<search> ... </search>` of the turn, tags included; the info span is the obs
+    starts = [0]
+    for piece, _ in pieces:
+        starts.append(starts[-1] + len(piece))
+    for t, (turn_piece, obs_piece) in enumerate([(1, 2), (3, 4)]):
+        s, e = r.searches[t]["query_span"]
+        assert e == starts[turn_piece + 1]                      # ends with the turn's last token
+        assert tok.decode(r.ids[s:e]) == ["<search> capital of France </search>",
+                                          "<search> river through Paris </search>"][t]
+        assert tuple(r.searches[t]["info_span"]) == (starts[obs_piece], starts[obs_piece + 1])
+        assert all(role == OBS for role in r.roles[starts[obs_piece]:starts[obs_piece + 1]])
+    # the tokens of the text after </search> were never kept
+    assert "after the stop" not in tok.decode(r.ids)
+    assert tok.decode(r.ids[starts[3]:starts[4]]).endswith("</search>")
+    assert r.n_policy == len(enc(tok, TURN0)) + len(enc(tok, TURN1_CUT)) + len(enc(tok, TURN2))
+
+
+def test_query_span_with_a_space_before_the_tag(tok, retriever):
+    # "</think> <search>": the tag may share a token with the space before it; the span still starts at it
+    r, = run_scripts(tok, retriever, [["</think> <search> Berlin </search>", "<answer> x </answer>"]], max_turns=1)
+    s, e = r.searches[0]["query_span"]
+    text = tok.decode(r.ids[s:e])
+    assert text.strip() == "<search> Berlin </search>"
+    assert "think" not in text
+    assert r.searches[0]["query"] == "Berlin"
+
+
+def test_policy_mask_is_the_policy_positions_only(tok, retriever):
+    rs = run_scripts(tok, retriever, [[TURN0, TURN2], ["<answer> Lyon </answer>"], ["hmm", TURN2]], max_turns=2)
+    batch = grpo.collate(rs, tok.pad_token_id)
+    assert batch.ids.shape == (3, max(len(r.ids) for r in rs))
+    for b, r in enumerate(rs):
+        n = len(r.ids)
+        assert batch.ids[b, :n].tolist() == r.ids and batch.roles[b, :n].tolist() == r.roles
+        assert (batch.ids[b, n:] == tok.pad_token_id).all() and (batch.roles[b, n:] == PAD).all()
+        for k in range(batch.ids.shape[1]):
+            role = batch.roles[b, k].item()
+            assert batch.policy_mask[b, k].item() == (role == POLICY)
+            assert batch.attention_mask[b, k].item() == (role != PAD)
+    # every observation position of every rollout is outside the mask
+    obs = [(b, k) for b, r in enumerate(rs) for k, role in enumerate(r.roles) if role == OBS]
+    assert len(obs) > 50 and not any(batch.policy_mask[b, k] for b, k in obs)
+
+
+def test_trailing_text_after_search_is_not_kept(tok, retriever):
+    r, = run_scripts(tok, retriever, [["<search> q </search> trailing text", "<answer> a </answer>"]], max_turns=1)
+    n_prompt = r.roles.count(PROMPT)
+    first_turn = r.ids[n_prompt:r.searches[0]["info_span"][0]]
+    assert first_turn == enc(tok, "<search> q </search>")
+    trailing = enc(tok, " trailing text")
+    assert all(trailing != r.ids[k:k + len(trailing)] for k in range(len(r.ids)))
+    assert "trailing" not in tok.decode(r.ids)
+
+
+def test_invalid_turn_gets_a_corrective_observation(tok, retriever):
+    r, = run_scripts(tok, retriever, [["I am not sure.", "Still unsure", "<answer> Paris </answer>"]], max_turns=2)
+    p = grpo.prompt_ids(tok, QUESTION["question"])
+    inv = enc(tok, grpo.INVALID_ACTION)
+    assert r.ids == p + enc(tok, "I am not sure.") + inv + enc(tok, "Still unsure") + inv + enc(tok, "<answer> Paris </answer>")
+    assert r.roles == ([PROMPT] * len(p) + [POLICY] * 5 + [OBS] * len(inv) + [POLICY] * len(enc(tok, "Still unsure"))
+                       + [OBS] * len(inv) + [POLICY] * 7)
+    assert r.invalid_turns == 2 and r.searches == [] and r.answer == "Paris"
+
+
+def test_after_max_turns_the_last_turn_cannot_search(tok, retriever):
+    r, = run_scripts(tok, retriever, [["<search> Berlin </search>", "<search> Tokyo </search>", "<answer> x </answer>"]],
+                     max_turns=1)
+    assert len(r.searches) == 1 and r.searches[0]["query"] == "Berlin"
+    # the second search is sampled (policy tokens, the whole text: </search> does not stop an answer-only turn)
+    # but not executed: no information block after it, and the episode is over without an answer
+    last = enc(tok, "<search> Tokyo </search>")
+    assert r.ids[-len(last):] == last and r.roles[-len(last):] == [POLICY] * len(last)
+    assert r.roles.count(OBS) == r.searches[0]["info_span"][1] - r.searches[0]["info_span"][0]
+    assert r.answer is None and not r.truncated
+
+
+def test_answer_in_the_last_turn_after_max_turns(tok, retriever):
+    r, = run_scripts(tok, retriever, [["<search> Berlin </search>", "<search> Tokyo </search> <answer> Tokyo </answer>"]],
+                     max_turns=1)
+    assert len(r.searches) == 1 and r.answer == "Tokyo"
+
+
+def test_total_token_cap_truncates(tok, retriever):
+    p = grpo.prompt_ids(tok, QUESTION["question"])
+    turn0 = enc(tok, "<search> Berlin </search>")
+    obs0 = enc(tok, grpo.information_block(retriever.search(["Berlin"], 3)[0]))
+    cap = len(turn0) + len(obs0) + 3  # three tokens left for the answer turn, which needs 7
+    r, = run_scripts(tok, retriever, [["<search> Berlin </search>", "<answer> Berlin </answer>"]],
+                     max_turns=2, max_response_tokens=cap)
+    assert r.truncated and r.answer is None
+    assert len(r.ids) - len(p) == cap                      # the cap is reached exactly
+    assert r.ids[-3:] == enc(tok, "<answer> Berlin </answer>")[:3] and r.roles[-3:] == [POLICY] * 3
+    # an observation that overflows the cap ends the episode too
+    r, = run_scripts(tok, retriever, [["<search> Berlin </search>", "<answer> Berlin </answer>"]],
+                     max_turns=2, max_response_tokens=len(turn0) + 5)
+    assert r.truncated and r.answer is None and len(r.searches) == 1 and r.roles[-1] == OBS
+    # a single turn longer than the whole cap
+    r, = run_scripts(tok, retriever, [["<think>" + "word " * 40 + "</think><answer> x </answer>"]],
+                     max_turns=2, max_response_tokens=20)
+    assert r.truncated and r.answer is None and len(r.ids) - len(p) == 20
+    # the per-turn limit alone is not truncation: it is an invalid turn, and the episode goes on
+    r, = run_scripts(tok, retriever, [["<think>" + "word " * 40, "<answer> x </answer>"]],
+                     max_turns=2, max_turn_tokens=10, max_response_tokens=500)
+    assert not r.truncated and r.invalid_turns == 1 and r.answer == "x"
+
+
+# ----------------------------------------------------------------------------------------------------
+# 2. The generation engine (grpo.generate_turn) on the tiny model
+
+def greedy_reference(model, seq, n):
+    """n greedy tokens by a full forward pass of the whole sequence at every step (no cache, no padding)."""
+    seq, out = list(seq), []
+    with torch.no_grad():
+        for _ in range(n):
+            nxt = int(model(input_ids=torch.tensor([seq])).logits[0, -1].argmax())
+            out.append(nxt)
+            seq.append(nxt)
+    return out
+
+
+@pytest.fixture(scope="module")
+def two_prompts(tiny):
+    model, tok = tiny
+    short = grpo.prompt_ids(tok, "Who?")
+    long = grpo.prompt_ids(tok, "Which river flows through the capital of France, and how long is it in kilometres?")
+    assert len(long) - len(short) >= 15
+    return short, long, greedy_reference(model, short, 12), greedy_reference(model, long, 12)
+
+
+def test_greedy_turn_equals_step_by_step_argmax(tiny, two_prompts):
+    model, tok = tiny
+    short, long, ref_s, ref_l = two_prompts
+    assert ref_s != ref_l
+    gens, why = grpo.generate_turn(model, tok, [short, long], [12, 12], [], set(), 0.0, None)
+    assert gens == [ref_s, ref_l] and why == ["length", "length"]
+    # the other order (the short prompt now padded in the second row) and each prompt alone give the same
+    gens, _ = grpo.generate_turn(model, tok, [long, short], [12, 12], [], set(), 0.0, None)
+    assert gens == [ref_l, ref_s]
+    gens, _ = grpo.generate_turn(model, tok, [short], [12], [], set(), 0.0, None)
+    assert gens == [ref_s]
+
+
+def test_max_new_per_row(tiny, two_prompts):
+    model, tok = tiny
+    short, long, ref_s, ref_l = two_prompts
+    gens, why = grpo.generate_turn(model, tok, [short, long, short], [3, 9, 1], [], set(), 0.0, None)
+    assert gens == [ref_s[:3], ref_l[:9], ref_s[:1]] and why == ["length"] * 3
+
+
+def _boundary_stop(tok, ref, other):
+    """A stop string that spans the boundary of greedy tokens k-1 and k (so it is completed by token k),
+    appears nowhere earlier in `ref` and nowhere in `other`. Returns (string, k)."""
+    for k in range(2, len(ref) - 1):
+        s = tok.decode(ref[k - 1:k + 1])
+        s = s[max(0, len(tok.decode(ref[k - 1:k])) - 1):]  # last char of token k-1 + all of token k
+        if ("\ufffd" in s or len(s) < 2 or s in tok.decode(ref[:k]) or s in tok.decode(other)
+                or tok.decode(ref[:k + 1]) != tok.decode(ref[:k]) + tok.decode(ref[k:k + 1])):
+            continue
+        return s, k
+    pytest.fail("no usable stop string in the greedy continuation")
+
+
+def test_stop_string_across_a_token_boundary(tiny, two_prompts):
+    model, tok = tiny
+    short, long, ref_s, ref_l = two_prompts
+    stop, k = _boundary_stop(tok, ref_s, ref_l)
+    gens, why = grpo.generate_turn(model, tok, [short, long], [12, 12], ["no such string", stop], set(), 0.0, None)
+    # row 0 stops at the token that completes the string, nothing after it; row 1 goes on alone (its cache
+    # row selected out of the batch) and still equals its own greedy continuation
+    assert gens[0] == ref_s[:k + 1] and why[0] == stop
+    assert gens[1] == ref_l and why[1] == "length"
+
+
+def test_eos_stops_a_row(tiny, two_prompts):
+    model, tok = tiny
+    short, long, ref_s, ref_l = two_prompts
+    k = next(k for k in range(1, 12) if ref_s[k] not in ref_s[:k] and ref_s[k] not in ref_l)
+    gens, why = grpo.generate_turn(model, tok, [long, short], [12, 12], [], {ref_s[k]}, 0.0, None)
+    assert gens == [ref_l, ref_s[:k + 1]] and why == ["length", "eos"]
+
+
+class Forced(torch.nn.Module):
+    """The tiny model, but the i-th call's next token is forced to script[i] (same for every row)."""
+
+    def __init__(self, model, script):
+        super().__init__()
+        self.inner, self.script, self.calls = model, script, 0
+        self.generation_config = model.generation_config
+
+    def forward(self, **kw):
+        out = self.inner(**kw)
+        forced = torch.full_like(out.logits[:, -1], -1e9)
+        forced[:, self.script[self.calls]] = 0.0
+        out.logits[:, -1] = forced
+        self.calls += 1
+        return out
+
+
+@pytest.mark.parametrize("pieces", [
+    [" ok", " </", "search", ">\n\n", " more", " text"],        # the usual tokenization, tag + newlines in one token
+    [" ok", "</", "search", ">", " more", " text"],
+    [" ok", "</", "se", "arch", ">", "more"],                   # an unusual split
+])
+def test_stop_string_whatever_its_tokenization(tiny, pieces):
+    model, tok = tiny
+    script = [i for piece in pieces for i in enc(tok, piece)]
+    assert all(len(enc(tok, piece)) == 1 for piece in pieces)  # each piece is one token
+    n_stop = pieces.index(">\n\n" if ">\n\n" in pieces else ">") + 1
+    gens, why = grpo.generate_turn(Forced(model, script), tok, [[1, 2, 3]], [20], ["</search>", "</answer>"],
+                                   set(), 0.0, None)
+    assert gens == [script[:n_stop]] and why == ["</search>"]
+
+
+def test_sampling_is_reproducible_with_a_seeded_generator(tiny, two_prompts):
+    model, tok = tiny
+    short, long, _, _ = two_prompts
+    runs = [grpo.generate_turn(model, tok, [short, long], [6, 6], [], set(), 1.0, torch.Generator().manual_seed(s))[0]
+            for s in (0, 0, 1)]
+    assert runs[0] == runs[1] and runs[0] != runs[2]
