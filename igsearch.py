@@ -10,7 +10,9 @@ score them, build the per-token advantage tensor A [B, T], take a PPO-clip step.
 import argparse
 import dataclasses
 import json
+import os
 import random
+import shutil
 import socket
 import sys
 import time
@@ -56,6 +58,9 @@ class Config:
     # evaluation
     eval_questions: int = 64
     eval_batch: int = 16
+    # runs: checkpoints and views
+    save_every: int = 1               # write a checkpoint after every N steps (and after the last one)
+    show_every: int = 10              # save the step's rollouts + A and views/step_N.html every N steps (0 = never)
     # IG-Search (METHOD §4)
     ig_alpha: float = 0.5
     ig_delta: float = 0.05
@@ -79,7 +84,7 @@ class Config:
 # under 15 minutes on a 2-core CPU (where the default model is not cached, the random smoke model).
 PRESETS = {
     "tiny": dict(steps=4, questions_per_step=2, group_size=4, max_turns=2, topk=3, max_turn_tokens=64,
-                 max_response_tokens=768, lr=1e-5, eval_questions=8, eval_batch=8, micro_batch=4),
+                 max_response_tokens=768, lr=1e-5, eval_questions=8, eval_batch=8, micro_batch=4, show_every=1),
 }
 
 
@@ -88,12 +93,18 @@ def parse_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="the small preset: " + json.dumps(PRESETS["tiny"]))
     p.add_argument("--demo", action="store_true", help="the IG-Search credit-assignment demo (CPU, seconds)")
+    p.add_argument("--resume", metavar="DIR", default=None,
+                   help="continue the run in DIR from its last complete checkpoint (its config.json, "
+                        "overridden by any flags given here, e.g. --steps)")
     for f in dataclasses.fields(Config):
         kind = type(f.default)
         p.add_argument("--" + f.name.replace("_", "-"), type=kind, default=None, help=f"(default {f.default!r})")
     args = p.parse_args(argv)
     cfg = Config()
-    if args.tiny:
+    if args.resume:
+        cfg = run_config(args.resume)
+        cfg = dataclasses.replace(cfg, out=args.resume)
+    elif args.tiny:
         cfg = dataclasses.replace(cfg, **PRESETS["tiny"])
     explicit = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if getattr(args, f.name) is not None}
     cfg = dataclasses.replace(cfg, **explicit)
@@ -110,7 +121,7 @@ def check_config(cfg):
             raise DataError(f"--{name.replace('_', '-')} {getattr(cfg, name)!r} is not one of {', '.join(allowed)}")
     if cfg.group_size < 2:
         raise DataError("--group-size must be at least 2: GRPO compares rollouts within a group")
-    for name in ("steps", "questions_per_step", "micro_batch", "topk", "max_turn_tokens", "ppo_epochs"):
+    for name in ("steps", "questions_per_step", "micro_batch", "topk", "max_turn_tokens", "ppo_epochs", "save_every"):
         if getattr(cfg, name) < (0 if name == "steps" else 1):
             raise DataError(f"--{name.replace('_', '-')} must be positive")
 
@@ -369,6 +380,156 @@ def print_table(rows, columns):
 
 
 # ----------------------------------------------------------------------------------------------------
+# Runs: config.json, metrics.jsonl, checkpoints (resume)
+#
+# A run directory holds config.json, metrics.jsonl (one line per completed step), eval_before.json and
+# ckpt/step_NNNNNN/ = model/ (save_pretrained: safetensors + tokenizer, so `eval --model` can load it),
+# optimizer.pt, state.pt (step, RNG states) and manifest.json (file sizes), written last. A checkpoint is
+# written into ckpt/.tmp-*, flushed to disk, then renamed into place: a directory named step_* is always
+# complete. The two newest are kept, so that a damaged newest one still leaves one to resume from.
+#
+# The reference model is the initial policy: on resume it is loaded again from cfg.model (the same
+# weights: a hub id or local directory does not change, tiny-random is seeded), never from a checkpoint.
+
+def run_config(run_dir):
+    """The Config saved in RUN/config.json (keys this version does not know are ignored)."""
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise DataError(f"{run_dir}: not a run directory (no config.json)")
+    try:
+        saved = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: not valid JSON ({e})") from None
+    known = {f.name for f in dataclasses.fields(Config)}
+    return Config(**{k: v for k, v in saved.items() if k in known})
+
+
+def _fsync_tree(path):
+    for p in sorted(Path(path).rglob("*")) + [Path(path)]:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        except OSError:  # some file systems cannot fsync a directory
+            pass
+        finally:
+            os.close(fd)
+
+
+def rng_states(generator, rng):
+    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+              "generator": generator.get_state(), "rng": rng.getstate()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states, generator, rng):
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    generator.set_state(states["generator"])
+    rng.setstate(states["rng"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def save_checkpoint(run_dir, step, model, tok, opt, generator, rng, keep=2):
+    """Atomically write RUN/ckpt/step_{step} (`step` = number of completed steps); keep the `keep` newest."""
+    root = Path(run_dir) / "ckpt"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:06d}"
+    tmp = root / f".tmp-step_{step:06d}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp / "model", safe_serialization=True)
+    tok.save_pretrained(tmp / "model")
+    torch.save(opt.state_dict(), tmp / "optimizer.pt")
+    torch.save({"step": step, "rng": rng_states(generator, rng)}, tmp / "state.pt")
+    files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+    (tmp / "manifest.json").write_text(json.dumps({"step": step, "files": files}, indent=1))
+    _fsync_tree(tmp)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    _fsync_tree(root)
+    for old in checkpoints(run_dir)[keep:]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def checkpoints(run_dir):
+    """The run's checkpoint directories, newest first (complete ones only: .tmp-* are never listed)."""
+    root = Path(run_dir) / "ckpt"
+    return sorted(root.glob("step_*"), reverse=True) if root.is_dir() else []
+
+
+def read_checkpoint(path):
+    """(weights, optimizer state, state) of one checkpoint, or DataError naming what is wrong with it."""
+    from safetensors.torch import load_file
+    manifest = path / "manifest.json"
+    if not manifest.is_file():
+        raise DataError(f"checkpoint {path} is incomplete (no manifest.json)")
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (json.JSONDecodeError, KeyError) as e:
+        raise DataError(f"checkpoint {path}: unreadable manifest.json ({e})") from None
+    for name, size in files.items():
+        f = path / name
+        if not f.is_file():
+            raise DataError(f"checkpoint {path} is missing {name}")
+        if f.stat().st_size != size:
+            raise DataError(f"checkpoint {path}: {name} has {f.stat().st_size} bytes, expected {size} (truncated?)")
+    try:
+        weights = {}
+        for f in sorted((path / "model").glob("*.safetensors")):
+            weights.update(load_file(f))
+        if not weights:
+            raise DataError(f"checkpoint {path} has no model weights")
+        opt_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False)
+        state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+    except DataError:
+        raise
+    except Exception as e:  # a damaged file that kept its size
+        raise DataError(f"checkpoint {path} is unreadable ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+    return weights, opt_state, state
+
+
+def last_checkpoint(run_dir):
+    """The newest checkpoint that reads back whole: (path, weights, optimizer state, state). A damaged one
+    is reported in one line and the previous one is used."""
+    for path in checkpoints(run_dir):
+        try:
+            return (path, *read_checkpoint(path))
+        except DataError as e:
+            print(f"warning: {e}; using the previous checkpoint", file=sys.stderr)
+    raise DataError(f"{run_dir}: no complete checkpoint to resume from (start the run again without --resume)")
+
+
+def load_weights(model, weights):
+    """Copy checkpoint weights into the model; tied weights (lm_head = embeddings) are saved once."""
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    tied = {k for k in missing if k.endswith("lm_head.weight")} if model.config.tie_word_embeddings else set()
+    if unexpected or set(missing) - tied:
+        raise DataError(f"checkpoint weights do not fit the model {model.config.model_type}: "
+                        f"missing {sorted(set(missing) - tied)[:3]}, unexpected {sorted(unexpected)[:3]}")
+
+
+def keep_metrics(path, steps_done):
+    """Keep the metrics.jsonl lines of completed steps (< steps_done); rewritten atomically."""
+    if not path.exists():
+        return
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    kept = []
+    for ln in lines:
+        try:
+            if json.loads(ln)["step"] < steps_done:
+                kept.append(ln)
+        except (json.JSONDecodeError, KeyError):  # a half-written last line of a killed run
+            pass
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(ln + "\n" for ln in kept))
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------------
 # Training
 
 # ----------------------------------------------------------------------------------------------------
@@ -443,7 +604,8 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
-def train(cfg):
+def train(cfg, resume=False):
+    """GRPO for cfg.steps steps; with resume=True, continue the run in cfg.out from its last checkpoint."""
     from tqdm import tqdm
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
@@ -452,6 +614,8 @@ def train(cfg):
     splits = load_data(cfg.data, docs, cfg.seed)
     if not splits.get("train"):
         raise DataError(f"--data {cfg.data}: the train split is empty")
+    out = Path(cfg.out or f"runs/{cfg.reward}-s{cfg.seed}")
+    ckpt = last_checkpoint(out) if resume else None  # read before anything is loaded: a bad run fails fast
     model, tok, smoke = load_model(cfg.model, device, cfg.seed)
     ref_model = None
     if cfg.beta_kl > 0 or cfg.reward == "inforeasoner":  # frozen copy of the initial policy
@@ -459,25 +623,46 @@ def train(cfg):
         ref_model = copy.deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
 
-    out = Path(cfg.out or f"runs/{cfg.reward}-s{cfg.seed}")
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     print(f"run {out}  model {cfg.model}  reward {cfg.reward}  corpus {len(docs)} docs  "
           f"train {len(splits['train'])} questions  device {device}")
 
     dev = splits.get("dev", [])[: cfg.eval_questions]
-    before, _ = evaluate(model, tok, retriever, dev, cfg) if dev else ({}, [])
+    before_path = out / "eval_before.json"
+    if resume and before_path.exists():
+        before = json.loads(before_path.read_text())
+    else:
+        before, _ = evaluate(model, tok, retriever, dev, cfg) if dev else ({}, [])
+        before_path.write_text(json.dumps(before))
 
     generator = torch.Generator().manual_seed(cfg.seed)  # sampling runs on CPU tensors: same seed, same tokens
     rng = random.Random(cfg.seed)
+    start = 0
+    if ckpt is not None:
+        path, weights, opt_state, state = ckpt
+        load_weights(model, weights)
+        opt.load_state_dict(opt_state)
+        set_rng_states(state["rng"], generator, rng)
+        start = state["step"]
+        keep_metrics(out / "metrics.jsonl", start)
+        print(f"resuming from {path} ({start} steps done)")
+    elif not resume:  # a fresh run in an old directory: never mix its files with the old run's
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+        shutil.rmtree(out / "ckpt", ignore_errors=True)
     train_q = splits["train"]
-    with open(out / "metrics.jsonl", "w") as log:
-        for step in tqdm(range(cfg.steps), desc=f"GRPO {cfg.reward}", disable=None):
+    with open(out / "metrics.jsonl", "a") as log:
+        for step in tqdm(range(start, cfg.steps), desc=f"GRPO {cfg.reward}", disable=None,
+                         initial=start, total=cfg.steps):
             questions = rng.sample(train_q, min(cfg.questions_per_step, len(train_q)))
             metrics, rollouts, A = train_step(model, ref_model, opt, tok, retriever, questions, cfg, generator, rng)
             metrics["step"] = step
             log.write(json.dumps(metrics) + "\n")
             log.flush()
+            if cfg.show_every and step % cfg.show_every == 0:
+                save_view(out, step, rollouts, A, tok)
+            if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
+                save_checkpoint(out, step + 1, model, tok, opt, generator, rng)
 
     after, _ = evaluate(model, tok, retriever, dev, cfg) if dev else ({}, [])
     if dev:
@@ -486,13 +671,17 @@ def train(cfg):
     return {"before": before, "after": after, "out": str(out)}
 
 
+def save_view(out, step, rollouts, A, tok):
+    """Placeholder until the per-token advantage view exists."""
+
+
 def main(argv=None):
     try:
         cfg, args = parse_args(argv)
         if args.demo:
             demo()
         else:
-            train(cfg)
+            train(cfg, resume=bool(args.resume))
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -6,6 +6,7 @@
 
 Section numbers refer to METHOD.md (the math this project implements).
 """
+import random
 import re
 import string
 from collections import Counter
@@ -90,7 +91,7 @@ def gold_scores(model, contexts, golds, head_tokens=3, head_weight=3.0, max_cont
     """METHOD §4.1: s(a* | C) = Σ_k w_k log π(a*_k | C, a*_<k) / Σ_k w_k for each (context ids, gold ids)
     pair, teacher-forced in one batched forward (in micro-batches). Contexts are cut from the left to
     max_context tokens. Returns a tensor [M]."""
-    seqs = [list(c[-max_context:]) + list(g) for c, g in zip(contexts, golds)]
+    seqs = [list(c[max(0, len(c) - max_context):]) + list(g) for c, g in zip(contexts, golds)]
     T = max(len(s) for s in seqs)
     ids = torch.zeros((len(seqs), T), dtype=torch.long)
     attn = torch.zeros((len(seqs), T), dtype=torch.long)
@@ -112,7 +113,8 @@ def baseline_blocks(rollouts, i, t, n, rng, retriever, tok, how="batch"):
     """METHOD §4.2: n counterfactual information blocks (token ids) for search step t of rollout i.
 
     "batch": blocks retrieved for *other questions* of the batch (drawn with replacement); "corpus", or an
-    empty pool: k random corpus documents (k = the real step's document count) formatted like a real block."""
+    empty pool: k random corpus documents (k = the real step's document count, at least 1: an empty real block
+    still gets a non-empty counterfactual) formatted like a real block."""
     r = rollouts[i]
     if how == "batch":
         pool = [o.ids[slice(*s["info_span"])] for o in rollouts
@@ -134,6 +136,7 @@ def igsearch_information_gain(score_fn, tok, rollouts, retriever, n_samples=3, b
     " " + alias (the natural tokenization after "<answer>"). With several aliases, the alias with the best
     real score is used for the baseline too. score_fn(contexts, golds) -> tensor [M] (gold_scores with the
     rollout policy; tests pass a fake). Returns (ig: one list of floats per rollout, per-step details)."""
+    rng = rng if rng is not None else random.Random(0)
     cue = tok.encode("<answer>", add_special_tokens=False)
     steps = [(i, t) for i, r in enumerate(rollouts) for t in range(len(r.searches))]
     if not steps:
@@ -291,7 +294,7 @@ def belief(answers, weights, golds, equivalent=default_equivalent):
     (0.75, 0.5623, 2)
     """
     in_gold = [any(equivalent(a, g) for g in golds) for a in answers]
-    p_gold = sum(w for w, y in zip(weights, in_gold) if y)
+    p_gold = sum((w for w, y in zip(weights, in_gold) if y), 0.0)
     ids = semantic_classes(answers, equivalent)
     mass = [0.0] * (max(ids) + 1 if ids else 0)
     for c, w in zip(ids, weights):
@@ -441,11 +444,13 @@ def trajectory_evidence(rollout, t):
 def inforeasoner_information_gain(model, tok, rollouts, cfg, generator, entail=None):
     """METHOD §5: the semantic information gain of each rollout, and the ir_* metrics of the step.
 
-    Two batched sampling phases with `model` (the frozen reference): K answers without evidence, once per
-    distinct question that has a searching rollout (its G rollouts share them); then K answers with evidence
-    for each searching rollout: all its documents for `prob`, the documents of steps 1..t for each t for
-    `log` and `entropy`. A rollout that never searched gets IG = 0 (§5.4). entail(premise, hypothesis) ->
-    P(entailment) overrides --nli-model (tests pass a fake one).
+    Two batched sampling phases with `model` (the frozen reference): K answers without evidence, then K
+    answers with evidence: all the rollout's documents for `prob`, the documents of steps 1..t for each t for
+    `log` and `entropy`. A belief depends only on (question, evidence), so each distinct pair is sampled once
+    and shared: the question alone by the G rollouts of its group, an evidence set by every rollout of the
+    question that retrieved exactly it (same evidence, same belief, no sampling noise between them). A
+    rollout that never searched gets IG = 0 (§5.4). entail(premise, hypothesis) -> P(entailment) overrides
+    --nli-model (tests pass a fake one).
 
     Returns (ig, extra): ig = one float per rollout; extra = {"ir_ig_mean", ..., "ir_extra_tokens"}. The
     ir_p_gold_*/ir_h_* means run over the searching rollouts (so p_gold_with - p_gold_without is the mean
@@ -455,27 +460,26 @@ def inforeasoner_information_gain(model, tok, rollouts, cfg, generator, entail=N
     searched = [i for i, r in enumerate(rollouts) if r.searches]
     question = {i: rollouts[i].question["question"] for i in searched}
     golds = {question[i]: rollouts[i].question["golden_answers"] for i in searched}
-    distinct = list(golds)                                             # in order of first appearance
-    contexts = []                                                      # (rollout, t): C_t = docs of steps 1..t
+    steps = {}                                                         # rollout -> evidence of C_1..C_T (prob: C_T)
     for i in searched:
         T = len(rollouts[i].searches)
-        contexts += [(i, t) for t in ([T] if cfg.ir_estimator == "prob" else range(1, T + 1))]
+        ts = [T] if cfg.ir_estimator == "prob" else range(1, T + 1)
+        steps[i] = [trajectory_evidence(rollouts[i], t) for t in ts]
+    bare = list(golds)                                                 # distinct questions, first seen first
+    pairs = list(dict.fromkeys((question[i], e) for i in searched for e in steps[i]))  # distinct (question, evidence)
 
-    texts0, lps0, n0 = sample_answers(model, tok, [brief_answer_prompt(tok, q) for q in distinct], cfg, generator)
-    prompts1 = [brief_answer_prompt(tok, question[i], trajectory_evidence(rollouts[i], t)) for i, t in contexts]
-    texts1, lps1, n1 = sample_answers(model, tok, prompts1, cfg, generator)
+    texts0, lps0, n0 = sample_answers(model, tok, [brief_answer_prompt(tok, q) for q in bare], cfg, generator)
+    texts1, lps1, n1 = sample_answers(model, tok, [brief_answer_prompt(tok, q, e) for q, e in pairs], cfg, generator)
 
     def belief_of(q, texts, lps):
         answers, weights = weigh_samples(texts, lps)
         return belief(answers, weights, golds[q], nli_equivalent(entail, q) if entail else default_equivalent)
 
-    before = {q: belief_of(q, t, lp) for q, t, lp in zip(distinct, texts0, lps0)}
-    after = {i: [] for i in searched}                                  # [C_1, ..., C_T] (or [C_T] for prob)
-    for (i, _), t, lp in zip(contexts, texts1, lps1):
-        after[i].append(belief_of(question[i], t, lp))
+    before = {q: belief_of(q, t, lp) for q, t, lp in zip(bare, texts0, lps0)}                # B
+    after = {(q, e): belief_of(q, t, lp) for (q, e), t, lp in zip(pairs, texts1, lps1)}     # C_t
     ig = [0.0] * len(rollouts)                                         # METHOD §5.4: no search -> 0
     for i in searched:
-        ig[i] = information_gain(before[question[i]], after[i], cfg.ir_estimator)
+        ig[i] = information_gain(before[question[i]], [after[question[i], e] for e in steps[i]], cfg.ir_estimator)
 
     n = max(len(rollouts), 1)
     mean = sum(ig) / n
@@ -483,8 +487,9 @@ def inforeasoner_information_gain(model, tok, rollouts, cfg, generator, entail=N
              "ir_frac_positive": sum(x > 0 for x in ig) / n, "ir_extra_tokens": (n0 + n1) / n}
     if searched:
         avg = lambda xs: sum(xs) / len(xs)  # noqa: E731
-        extra.update(ir_p_gold_with=avg([after[i][-1].p_gold for i in searched]),
+        last = {i: after[question[i], steps[i][-1]] for i in searched}  # all the evidence
+        extra.update(ir_p_gold_with=avg([last[i].p_gold for i in searched]),
                      ir_p_gold_without=avg([before[question[i]].p_gold for i in searched]),
                      ir_h_before=avg([before[question[i]].entropy for i in searched]),
-                     ir_h_after=avg([after[i][-1].entropy for i in searched]))
+                     ir_h_after=avg([last[i].entropy for i in searched]))
     return ig, extra

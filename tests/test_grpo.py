@@ -197,25 +197,41 @@ def greedy_reference(model, seq, n):
     seq, out = list(seq), []
     with torch.no_grad():
         for _ in range(n):
-            nxt = int(model(input_ids=torch.tensor([seq])).logits[0, -1].argmax())
+            nxt = int(model(input_ids=torch.tensor([seq]), logits_to_keep=1).logits[0, -1].argmax())
             out.append(nxt)
             seq.append(nxt)
     return out
 
 
 @pytest.fixture(scope="module")
-def two_prompts(tiny):
+def engine(tiny):
+    """The tiny model with its layers re-drawn at std 0.3. At the default init (std 0.02, tied embeddings) the
+    residual stream is almost the input embedding, so greedy decoding repeats the last prompt token forever
+    and would hide a padding or position bug; with larger layer weights attention shapes every token."""
     model, tok = tiny
+    model = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.model.layers.parameters():
+            if p.dim() == 2:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return model.eval(), tok
+
+
+@pytest.fixture(scope="module")
+def two_prompts(engine):
+    model, tok = engine
     short = grpo.prompt_ids(tok, "Who?")
     long = grpo.prompt_ids(tok, "Which river flows through the capital of France, and how long is it in kilometres?")
     assert len(long) - len(short) >= 15
-    return short, long, greedy_reference(model, short, 12), greedy_reference(model, long, 12)
+    ref_s, ref_l = greedy_reference(model, short, 12), greedy_reference(model, long, 12)
+    assert len(set(ref_s)) > 6 and len(set(ref_l)) > 6 and ref_s[:3] != ref_l[:3]  # not degenerate
+    return short, long, ref_s, ref_l
 
 
-def test_greedy_turn_equals_step_by_step_argmax(tiny, two_prompts):
-    model, tok = tiny
+def test_greedy_turn_equals_step_by_step_argmax(engine, two_prompts):
+    model, tok = engine
     short, long, ref_s, ref_l = two_prompts
-    assert ref_s != ref_l
     gens, why = grpo.generate_turn(model, tok, [short, long], [12, 12], [], set(), 0.0, None)
     assert gens == [ref_s, ref_l] and why == ["length", "length"]
     # the other order (the short prompt now padded in the second row) and each prompt alone give the same
@@ -225,8 +241,8 @@ def test_greedy_turn_equals_step_by_step_argmax(tiny, two_prompts):
     assert gens == [ref_s]
 
 
-def test_max_new_per_row(tiny, two_prompts):
-    model, tok = tiny
+def test_max_new_per_row(engine, two_prompts):
+    model, tok = engine
     short, long, ref_s, ref_l = two_prompts
     gens, why = grpo.generate_turn(model, tok, [short, long, short], [3, 9, 1], [], set(), 0.0, None)
     assert gens == [ref_s[:3], ref_l[:9], ref_s[:1]] and why == ["length"] * 3
@@ -245,8 +261,8 @@ def _boundary_stop(tok, ref, other):
     pytest.fail("no usable stop string in the greedy continuation")
 
 
-def test_stop_string_across_a_token_boundary(tiny, two_prompts):
-    model, tok = tiny
+def test_stop_string_across_a_token_boundary(engine, two_prompts):
+    model, tok = engine
     short, long, ref_s, ref_l = two_prompts
     stop, k = _boundary_stop(tok, ref_s, ref_l)
     gens, why = grpo.generate_turn(model, tok, [short, long], [12, 12], ["no such string", stop], set(), 0.0, None)
@@ -256,8 +272,8 @@ def test_stop_string_across_a_token_boundary(tiny, two_prompts):
     assert gens[1] == ref_l and why[1] == "length"
 
 
-def test_eos_stops_a_row(tiny, two_prompts):
-    model, tok = tiny
+def test_eos_stops_a_row(engine, two_prompts):
+    model, tok = engine
     short, long, ref_s, ref_l = two_prompts
     k = next(k for k in range(1, 12) if ref_s[k] not in ref_s[:k] and ref_s[k] not in ref_l)
     gens, why = grpo.generate_turn(model, tok, [long, short], [12, 12], [], {ref_s[k]}, 0.0, None)
@@ -296,9 +312,159 @@ def test_stop_string_whatever_its_tokenization(tiny, pieces):
     assert gens == [script[:n_stop]] and why == ["</search>"]
 
 
-def test_sampling_is_reproducible_with_a_seeded_generator(tiny, two_prompts):
-    model, tok = tiny
+def test_sampling_is_reproducible_with_a_seeded_generator(engine, two_prompts):
+    model, tok = engine
     short, long, _, _ = two_prompts
-    runs = [grpo.generate_turn(model, tok, [short, long], [6, 6], [], set(), 1.0, torch.Generator().manual_seed(s))[0]
+    runs = [grpo.generate_turn(model, tok, [short, long], [3, 3], [], set(), 1.0, torch.Generator().manual_seed(s))[0]
             for s in (0, 0, 1)]
     assert runs[0] == runs[1] and runs[0] != runs[2]
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3. The loss (METHOD §3.3), against numbers worked out by hand
+
+L = math.log
+MASK = torch.tensor([[0, 1, 1, 1], [0, 1, 1, 0]])             # 5 policy tokens: 3 in row 0, 2 in row 1
+ADV = torch.tensor([[5.0, 1.0, 1.0, 1.0], [7.0, -2.0, -2.0, 9.0]])  # non-zero off the mask: must be ignored
+LOGP = torch.tensor([[-1.0, -2.0, -0.5, -3.0], [-0.7, -1.5, -2.5, -0.1]])
+
+
+def test_loss_ratio_one():
+    # ratio 1: pg = -A; token-mean = -(1 + 1 + 1 - 2 - 2) / 5; seq-mean = mean(-3/3, 4/2)
+    loss, st = grpo.grpo_loss(LOGP, LOGP.clone(), None, ADV, MASK)
+    assert loss.item() == pytest.approx(0.2, abs=1e-6)
+    assert st == {"kl": 0.0, "clip_frac": 0.0, "n_tokens": 5.0}
+    loss, _ = grpo.grpo_loss(LOGP, LOGP.clone(), None, ADV, MASK, agg="seq-mean-token-mean")
+    assert loss.item() == pytest.approx(0.5, abs=1e-6)
+
+
+# ratios per policy token: row 0 (A = +1): 1.5, 0.5, 1.1; row 1 (A = -2): 0.5, 1.5
+RATIO = torch.tensor([[1.0, 1.5, 0.5, 1.1], [1.0, 0.5, 1.5, 2.0]])
+# pg = -min(r A, clip(r, 0.8, 1.2) A):
+#   row 0:  r=1.5 -> -min(1.5, 1.2) = -1.2   r=0.5 -> -min(0.5, 0.8) = -0.5   r=1.1 -> -1.1
+#   row 1:  r=0.5 -> -min(-1.0, -1.6) = 1.6  r=1.5 -> -min(-3.0, -2.4) = 3.0
+PG = [[-1.2, -0.5, -1.1], [1.6, 3.0]]
+
+
+def test_loss_with_clipping():
+    logp_old = LOGP - torch.log(RATIO)
+    loss, st = grpo.grpo_loss(LOGP, logp_old, None, ADV, MASK)
+    assert loss.item() == pytest.approx((-1.2 - 0.5 - 1.1 + 1.6 + 3.0) / 5, abs=1e-5)
+    # clip_frac counts the policy tokens whose ratio left [1 - eps, 1 + eps] (OpenAI baselines' definition):
+    # 1.5, 0.5 in row 0 and 0.5, 1.5 in row 1; 1.1 is inside
+    assert st["clip_frac"] == pytest.approx(4 / 5)
+    loss, _ = grpo.grpo_loss(LOGP, logp_old, None, ADV, MASK, agg="seq-mean-token-mean")
+    assert loss.item() == pytest.approx(((-1.2 - 0.5 - 1.1) / 3 + (1.6 + 3.0) / 2) / 2, abs=1e-5)
+    # a wider clip range: only r = 0.5 and 1.5 with eps 0.6 stay inside -> pg = -r A everywhere
+    loss, st = grpo.grpo_loss(LOGP, logp_old, None, ADV, MASK, clip_eps=0.6)
+    assert loss.item() == pytest.approx((-1.5 - 0.5 - 1.1 + 1.0 + 3.0) / 5, abs=1e-5)
+    assert st["clip_frac"] == 0.0
+
+
+def test_loss_gradient_where_clipping_binds():
+    # d loss / d logp = -r A / n where the unclipped term is the min, 0 where the clipped one is
+    logp = LOGP.clone().requires_grad_()
+    loss, _ = grpo.grpo_loss(logp, LOGP - torch.log(RATIO), None, ADV, MASK)
+    loss.backward()
+    expected = torch.tensor([[0.0, 0.0, -0.5 * 1 / 5, -1.1 * 1 / 5], [0.0, 0.0, -1.5 * -2 / 5, 0.0]])
+    assert torch.allclose(logp.grad, expected, atol=1e-6)
+
+
+def test_loss_with_kl():
+    d = torch.tensor([[3.0, 0.5, -0.5, 0.0], [4.0, 1.0, 0.0, 5.0]])  # d = logp_ref - logp
+    k3 = [math.exp(x) - x - 1 for x in (0.5, -0.5, 0.0, 1.0, 0.0)]     # the five policy tokens
+    beta = 0.1
+    loss, st = grpo.grpo_loss(LOGP, LOGP.clone(), LOGP + d, ADV, MASK, beta_kl=beta)
+    assert loss.item() == pytest.approx(0.2 + beta * sum(k3) / 5, abs=1e-6)
+    assert st["kl"] == pytest.approx(sum(k3) / 5, abs=1e-6)
+    loss, _ = grpo.grpo_loss(LOGP, LOGP.clone(), LOGP + d, ADV, MASK, beta_kl=beta, agg="seq-mean-token-mean")
+    assert loss.item() == pytest.approx(0.5 + beta * ((k3[0] + k3[1] + k3[2]) / 3 + (k3[3] + k3[4]) / 2) / 2, abs=1e-6)
+    # the KL gradient: d/dlogp [exp(ref - logp) - (ref - logp) - 1] = 1 - exp(d), times beta / n
+    logp = LOGP.clone().requires_grad_()
+    zero = torch.zeros_like(ADV)
+    grpo.grpo_loss(logp, LOGP.clone(), LOGP + d, zero, MASK, beta_kl=beta)[0].backward()
+    expected = MASK * (1 - torch.exp(d)) * beta / 5
+    assert torch.allclose(logp.grad, expected, atol=1e-6)
+    # beta = 0: no KL in the loss or the stats, and no reference needed
+    loss, st = grpo.grpo_loss(LOGP, LOGP.clone(), LOGP + d, ADV, MASK, beta_kl=0.0)
+    assert loss.item() == pytest.approx(0.2, abs=1e-6) and st["kl"] == 0.0
+
+
+def test_kl_is_clamped():
+    d = torch.tensor([[0.0, 20.0, 0.0, 0.0]])  # exp(20) - 21 is about 4.9e8: clamped to 10
+    loss, st = grpo.grpo_loss(torch.zeros(1, 4), torch.zeros(1, 4), d, torch.zeros(1, 4),
+                              torch.tensor([[0, 1, 0, 0]]), beta_kl=1.0)
+    assert loss.item() == pytest.approx(10.0) and st["kl"] == pytest.approx(10.0)
+
+
+@pytest.mark.parametrize("agg, norm", [("token-mean", 5), ("seq-mean-token-mean", 2)])
+def test_micro_batch_losses_add_up_to_the_batch_loss(agg, norm):
+    logp_old = LOGP - torch.log(RATIO)
+    ref = LOGP + 0.3
+    full, _ = grpo.grpo_loss(LOGP, logp_old, ref, ADV, MASK, beta_kl=0.05, agg=agg)
+    parts = [grpo.grpo_loss(LOGP[s], logp_old[s], ref[s], ADV[s], MASK[s], beta_kl=0.05, agg=agg, norm=norm)[0]
+             for s in (slice(0, 1), slice(1, 2))]
+    assert (parts[0] + parts[1]).item() == pytest.approx(full.item(), abs=1e-6)
+    # without norm, each micro-batch would be normalized by its own size: a different (wrong) sum
+    alone = [grpo.grpo_loss(LOGP[s], logp_old[s], ref[s], ADV[s], MASK[s], beta_kl=0.05, agg=agg)[0]
+             for s in (slice(0, 1), slice(1, 2))]
+    assert (alone[0] + alone[1]).item() != pytest.approx(full.item(), abs=1e-3)
+
+
+def test_unknown_aggregation_is_refused():
+    with pytest.raises(ValueError, match="aggregation"):
+        grpo.grpo_loss(LOGP, LOGP, None, ADV, MASK, agg="sum")
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4. Group advantages (METHOD §3.1)
+
+def test_group_advantages_by_hand():
+    # group 0: R = 1, 0, 0 -> mean 1/3, unbiased std sqrt(((2/3)^2 + 2 (1/3)^2) / 2) = sqrt(1/3)
+    # group 1: R = 0.2, 1.4 -> mean 0.8, std sqrt(2 * 0.6^2 / 1) = 0.6 sqrt(2)
+    adv = grpo.group_advantages([1.0, 0.0, 0.0, 0.2, 1.4], [0, 0, 0, 1, 1])
+    s0, s1 = math.sqrt(1 / 3), 0.6 * math.sqrt(2)
+    expected = [(2 / 3) / (s0 + 1e-6), (-1 / 3) / (s0 + 1e-6), (-1 / 3) / (s0 + 1e-6), -0.6 / (s1 + 1e-6), 0.6 / (s1 + 1e-6)]
+    assert adv.tolist() == pytest.approx(expected, abs=1e-6)
+    # eps is in the denominator: R = 0, 2e-6 -> std = sqrt(2) 1e-6, A = +-1e-6 / (sqrt(2) 1e-6 + 1e-6)
+    adv = grpo.group_advantages([0.0, 2e-6], [0, 0])
+    assert adv.tolist() == pytest.approx([-1 / (math.sqrt(2) + 1), 1 / (math.sqrt(2) + 1)], rel=1e-3)
+
+
+def test_all_equal_group_gets_exactly_zero():
+    adv = grpo.group_advantages([0.0, 0.0, 0.0, 0.7, 0.7, 1.0], [0, 0, 0, 1, 1, 2])  # group 2 has one rollout
+    assert adv.tolist() == [0.0] * 6 and not torch.isnan(adv).any()
+
+
+def test_groups_never_mix(tok, retriever):
+    # the same question in two groups (two different group ids): each group is normalized on its own
+    rs = run_scripts(tok, retriever, [["<answer> Paris </answer>"], ["<answer> Lyon </answer>"],
+                                      ["<answer> Paris </answer>"], ["<answer> Paris </answer>"]],
+                     questions=[QUESTION] * 4, groups=[0, 0, 1, 1])
+    R = [igsearch.rewards.exact_match(r.answer, r.question["golden_answers"]) for r in rs]
+    assert R == [1.0, 0.0, 1.0, 1.0] and [r.group for r in rs] == [0, 0, 1, 1]
+    adv = grpo.group_advantages(R, [r.group for r in rs])
+    a = 0.5 / (math.sqrt(0.5) + 1e-6)
+    assert adv.tolist() == pytest.approx([a, -a, 0.0, 0.0], abs=1e-6)   # pooled, all four would be non-zero
+    # interleaved group ids are matched by id, not by position
+    adv = grpo.group_advantages([1.0, 1.0, 0.0, 1.0], [0, 1, 0, 1])
+    assert adv.tolist() == pytest.approx([a, 0.0, -a, 0.0], abs=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 5. Per-token advantages (METHOD §3.2)
+
+def test_token_advantages_element_by_element(tok, retriever):
+    rs = run_scripts(tok, retriever, [[TURN0, TURN2], ["hmm", "<answer> Lyon </answer>"], ["<answer> Paris </answer>"]],
+                     max_turns=2)
+    batch = grpo.collate(rs, tok.pad_token_id)
+    adv = torch.tensor([0.75, -1.5, 0.0])
+    A = grpo.token_advantages(adv, batch.roles)
+    assert A.shape == batch.ids.shape
+    roles = set()
+    for b in range(A.shape[0]):
+        for k in range(A.shape[1]):
+            role = batch.roles[b, k].item()
+            roles.add(role)
+            assert A[b, k].item() == (adv[b].item() if role == POLICY else 0.0), (b, k, role)
+    assert roles == {PAD, PROMPT, POLICY, OBS}

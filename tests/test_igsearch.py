@@ -1,0 +1,660 @@
+"""IG-Search (METHOD §4): gold-answer scores, counterfactual baselines, information gain, the gate g() and
+the query-span bonus on the per-token advantages A [B, T], and the "gradient when every rollout fails" property.
+
+Every expectation is worked by hand: a fake language model whose next-token log-probs are a fixed table
+(§4.1), a fake scorer whose value is a rule on the decoded context (§4.2), and scripted trajectories run
+through the real rollout bookkeeping (grpo.scripted_turns)."""
+import copy
+import math
+import random
+import re
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+import grpo
+import igsearch
+import rewards
+from retrieve import Retriever
+
+
+# ----------------------------------------------------------------------------------------------------
+# Shared set-up: the real Qwen tokenizer with a tiny random Qwen3, and a hand-made corpus
+
+@pytest.fixture(scope="module")
+def tiny():
+    model, tok = igsearch.tiny_random_model(seed=0)
+    return model.eval(), tok
+
+
+@pytest.fixture(scope="module")
+def tok(tiny):
+    return tiny[1]
+
+
+def D(title, text):
+    return {"id": title.lower(), "title": title, "text": text}
+
+
+DOCS = [
+    D("Quendia", "Quendia is a country whose capital is Zorvath."),      # holds Q1's answer
+    D("Mirelle", "The Mirelle flows through Ostrand."),                  # holds Q2's answer
+    D("Bakery", "A bakery sells bread."),
+    D("Harbor", "A harbor shelters ships."),
+] + [D(f"Filler{i}", f"Filler{i} holds note number {i}.") for i in range(10)]
+BY_TITLE = {d["title"]: d for d in DOCS}
+
+Q1 = {"id": "q1", "question": "What is the capital of Quendia?", "golden_answers": ["Zorvath"]}
+Q2 = {"id": "q2", "question": "Through which country does the Mirelle flow?",
+      "golden_answers": ["Ostrand Republic", "Ostrand"]}
+Q3 = {"id": "q3", "question": "What does a harbor shelter?", "golden_answers": ["ships"]}
+
+
+@pytest.fixture(scope="module")
+def retriever(tmp_path_factory):
+    return Retriever(DOCS, cache_dir=tmp_path_factory.mktemp("bm25"))
+
+
+def scripted(tok, retriever, spec, topk=1, max_turns=2):
+    """Rollouts from (question, group, [turn texts]) through the real agent loop, with scripted turns."""
+    return grpo.generate_rollouts(None, tok, [q for q, _, _ in spec], [g for _, g, _ in spec], retriever,
+                                  max_turns=max_turns, topk=topk,
+                                  turn_fn=grpo.scripted_turns(tok, [s for _, _, s in spec]))
+
+
+def cue(tok):
+    return tok.encode("<answer>", add_special_tokens=False)
+
+
+def gold_ids(tok, alias):
+    return tok.encode(" " + alias, add_special_tokens=False)
+
+
+def block_ids(tok, docs):
+    return tok.encode(grpo.information_block(docs), add_special_tokens=False)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 1. gold_scores: s(a* | C) under a model whose log-probs are a table (METHOD §4.1)
+
+class _Hidden(nn.Module):
+    """Hidden state = [one-hot of the token, one-hot of the row's first token]."""
+
+    def __init__(self, V):
+        super().__init__()
+        self.V = V
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None):
+        first = input_ids[:, :1].expand_as(input_ids)
+        h = torch.cat([nn.functional.one_hot(input_ids, self.V), nn.functional.one_hot(first, self.V)], -1)
+        return SimpleNamespace(last_hidden_state=h.float())
+
+
+class TableLM(nn.Module):
+    """What grpo.token_logprobs uses of a causal LM, with logits(next | prev, first) = logP[prev] + F[first].
+    With F = 0 and rows of P summing to 1, log π(next | prev) = log P[prev, next] exactly."""
+
+    def __init__(self, P, F=None):
+        super().__init__()
+        V = P.shape[0]
+        F = torch.zeros(V, V) if F is None else F
+        self.hidden = _Hidden(V)
+        self.head = nn.Linear(2 * V, V, bias=False)
+        with torch.no_grad():  # Linear: logits = h @ W.T, so W[:, prev] is the row of logits after prev
+            self.head.weight.copy_(torch.cat([P.log().T, F.T], dim=1))
+
+    @property
+    def base_model(self):
+        return self.hidden
+
+    def get_output_embeddings(self):
+        return self.head
+
+
+V = 6
+# the transition probabilities the hand computations use; the rest of each row is spread evenly
+PICKED = {(2, 3): 0.5, (3, 4): 0.25, (4, 5): 0.125, (5, 3): 0.1, (3, 3): 0.2}
+
+
+def table():
+    P = torch.zeros(V, V, dtype=torch.float64)
+    for prev in range(V):
+        row = {n: p for (a, n), p in PICKED.items() if a == prev}
+        rest = (1 - sum(row.values())) / (V - len(row))
+        for n in range(V):
+            P[prev, n] = row.get(n, rest)
+    return P.float()
+
+
+def reference_score(P, F, ctx, gold, head_tokens=3, head_weight=3.0):
+    """s(a* | C) written out: w-weighted mean of log_softmax(log P[prev] + F[first])[next]."""
+    seq = list(ctx) + list(gold)
+    total = wsum = 0.0
+    for k in range(len(gold)):
+        pos = len(ctx) + k
+        logits = P[seq[pos - 1]].double().log() + F[seq[0]].double()
+        w = head_weight if k < head_tokens else 1.0
+        total += w * float(logits.log_softmax(-1)[seq[pos]])
+        wsum += w
+    return total / wsum
+
+
+def test_head_weights():
+    assert rewards.head_weights(5).tolist() == [3, 3, 3, 1, 1]
+    assert rewards.head_weights(2).tolist() == [3, 3]
+    assert rewards.head_weights(4, head_tokens=1, head_weight=5.0).tolist() == [5, 1, 1, 1]
+    assert rewards.head_weights(3, head_tokens=0).tolist() == [1, 1, 1]
+
+
+def test_gold_score_by_hand():
+    model = TableLM(table())
+    ctx, gold = [0, 1, 2], [3, 4, 5, 3, 3]
+    # log π of the gold tokens: P[2,3], P[3,4], P[4,5], P[5,3], P[3,3]
+    logs = [math.log(0.5), math.log(0.25), math.log(0.125), math.log(0.1), math.log(0.2)]
+    default = (3 * (logs[0] + logs[1] + logs[2]) + logs[3] + logs[4]) / 11
+    assert default == pytest.approx(-1.4898790, abs=1e-6)
+    got = rewards.gold_scores(model, [ctx], [gold])
+    assert got.shape == (1,)
+    assert float(got[0]) == pytest.approx(default, abs=1e-5)
+    # non-default head: w = 5, 1, 1, 1, 1
+    custom = (5 * logs[0] + sum(logs[1:])) / 9
+    assert float(rewards.gold_scores(model, [ctx], [gold], head_tokens=1, head_weight=5.0)[0]) == \
+        pytest.approx(custom, abs=1e-5)
+    # no head: the plain mean; a gold shorter than the head: also the plain mean
+    assert float(rewards.gold_scores(model, [ctx], [gold], head_tokens=0)[0]) == pytest.approx(sum(logs) / 5, abs=1e-5)
+    assert float(rewards.gold_scores(model, [ctx], [[3, 4]])[0]) == pytest.approx((logs[0] + logs[1]) / 2, abs=1e-5)
+    # a one-token gold: the log-prob of that token after the context's last token
+    assert float(rewards.gold_scores(model, [[4, 2]], [[3]])[0]) == pytest.approx(math.log(0.5), abs=1e-5)
+
+
+def test_gold_score_left_truncation():
+    F = torch.tensor([[0.3 * f * n for n in range(V)] for f in range(V)])  # the first token matters
+    model = TableLM(table(), F)
+    P = table()
+    long_ctx, gold = [5, 1, 0, 2], [3, 4, 5]
+    cut = rewards.gold_scores(model, [long_ctx], [gold], max_context=3)
+    suffix = rewards.gold_scores(model, [[1, 0, 2]], [gold], max_context=100)
+    assert float(cut[0]) == pytest.approx(reference_score(P, F, [1, 0, 2], gold), abs=1e-5)
+    assert float(cut[0]) == float(suffix[0])
+    full = rewards.gold_scores(model, [long_ctx], [gold], max_context=4)  # exactly at the limit: not cut
+    assert float(full[0]) == pytest.approx(reference_score(P, F, long_ctx, gold), abs=1e-5)
+    assert abs(float(full[0]) - float(cut[0])) > 0.05 # the first token does change the score
+
+
+def test_gold_score_batched_equals_one_by_one_table():
+    F = torch.tensor([[0.1 * (f + 1) * (n - 2) for n in range(V)] for f in range(V)])
+    model = TableLM(table(), F)
+    P = table()
+    ctxs = [[0, 1, 2], [4], [5, 3, 3, 1, 0, 2, 4], [2, 2]]
+    golds = [[3, 4, 5, 3, 3], [5], [3, 4], [3, 3, 3, 3]]
+    batched = rewards.gold_scores(model, ctxs, golds, micro_batch=3)
+    assert batched.shape == (4,)
+    for b, (c, g) in enumerate(zip(ctxs, golds)):
+        assert float(batched[b]) == pytest.approx(reference_score(P, F, c, g), abs=1e-5)
+        assert float(batched[b]) == pytest.approx(float(rewards.gold_scores(model, [c], [g])[0]), abs=1e-6)
+
+
+def test_gold_score_batched_equals_one_by_one_real_model(tiny):
+    model, _ = tiny
+    g = torch.Generator().manual_seed(1)
+    lens = [(5, 1), (40, 4), (17, 2), (3, 6)]
+    ctxs = [torch.randint(0, 5000, (n,), generator=g).tolist() for n, _ in lens]
+    golds = [torch.randint(0, 5000, (m,), generator=g).tolist() for _, m in lens]
+    batched = rewards.gold_scores(model, ctxs, golds, micro_batch=3)
+    single = torch.cat([rewards.gold_scores(model, [c], [a]) for c, a in zip(ctxs, golds)])
+    assert torch.isfinite(batched).all()
+    assert torch.allclose(batched, single, atol=1e-5)
+    # left truncation on the real model: the last 10 tokens of a context are exactly that context
+    cut = rewards.gold_scores(model, [ctxs[1]], [golds[1]], max_context=10)
+    assert torch.allclose(cut, rewards.gold_scores(model, [ctxs[1][-10:]], [golds[1]]), atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 2. igsearch_information_gain with a fake scorer (METHOD §4.2)
+
+class FakeScorer:
+    """s(a* | C) = 0 when the alias text appears in the decoded context, -2 otherwise, plus bonus[alias].
+    Records every call (contexts, golds)."""
+
+    def __init__(self, tok, bonus=None):
+        self.tok, self.bonus, self.calls = tok, bonus or {}, []
+
+    def value(self, ctx, gold):
+        alias = self.tok.decode(gold).strip()
+        return (0.0 if alias in self.tok.decode(ctx) else -2.0) + self.bonus.get(alias, 0.0)
+
+    def __call__(self, contexts, golds):
+        self.calls.append(([list(c) for c in contexts], [list(g) for g in golds]))
+        return torch.tensor([self.value(c, g) for c, g in zip(contexts, golds)])
+
+
+# group 0: Q1 three times (the answer's document, a useless one, no search); group 1: Q2 twice (the answer's
+# document; a useless search, then the answer's document)
+MAIN = [
+    (Q1, 0, ["<search> Quendia </search>", "<answer> Zorvath </answer>"]),
+    (Q1, 0, ["<search> bakery bread </search>", "<answer> Lyon </answer>"]),
+    (Q1, 0, ["<answer> Zorvath </answer>"]),
+    (Q2, 1, ["<search> Mirelle </search>", "<answer> Ostrand </answer>"]),
+    (Q2, 1, ["<search> harbor ships </search>", "<search> Mirelle </search>", "<answer> Ostrand </answer>"]),
+]
+
+
+def split_baseline(tok, r, t, ctx):
+    """The block a counterfactual context put in place of step t's block; checks the prefix and the cue."""
+    s, _ = r.searches[t]["info_span"]
+    c = cue(tok)
+    assert ctx[:s] == r.ids[:s]
+    assert ctx[-len(c):] == c
+    return ctx[s:-len(c)]
+
+
+def test_main_scenario_retrieval(tok, retriever):
+    rs = scripted(tok, retriever, MAIN)
+    titles = [[[d["title"] for d in s["docs"]] for s in r.searches] for r in rs]
+    assert titles == [[["Quendia"]], [["Bakery"]], [], [["Mirelle"]], [["Harbor"], ["Mirelle"]]]
+    for r in rs:
+        for s in r.searches:
+            assert r.ids[slice(*s["info_span"])] == block_ids(tok, s["docs"])
+            assert tok.decode(r.ids[slice(*s["query_span"])]).strip().startswith("<search>")
+            assert tok.decode(r.ids[slice(*s["query_span"])]).strip().endswith("</search>")
+
+
+def test_ig_real_evidence_vs_useless_evidence(tok, retriever):
+    rs = scripted(tok, retriever, MAIN)
+    scorer = FakeScorer(tok, bonus={"Ostrand Republic": 1.0})
+    ig, details = rewards.igsearch_information_gain(scorer, tok, rs, retriever, n_samples=3, rng=random.Random(0))
+    # r0: real 0 (Zorvath in its block), baseline -2 (other question's blocks) -> 2
+    # r1: -2 vs -2 -> 0.   r2: no search.
+    # r3: aliases "Ostrand Republic" -2+1 = -1, "Ostrand" 0 -> best "Ostrand"; baseline -2 -> 2
+    # r4 step 0 (harbor; step 1's block is not in C_0): best "Ostrand Republic" -1, baseline -1 -> 0
+    # r4 step 1: "Ostrand" 0, baseline -2 -> 2
+    assert ig == [[2.0], [0.0], [], [2.0], [0.0, 2.0]]
+    assert [(d["rollout"], d["step"], d["real"], d["baseline"], d["ig"]) for d in details] == [
+        (0, 0, 0.0, -2.0, 2.0), (1, 0, -2.0, -2.0, 0.0), (3, 0, 0.0, -2.0, 2.0),
+        (4, 0, -1.0, -1.0, 0.0), (4, 1, 0.0, -2.0, 2.0)]
+
+
+def test_ig_contexts_and_golds(tok, retriever):
+    rs = scripted(tok, retriever, MAIN)
+    scorer = FakeScorer(tok, bonus={"Ostrand Republic": 1.0})
+    N = 4
+    rewards.igsearch_information_gain(scorer, tok, rs, retriever, n_samples=N, rng=random.Random(3))
+    assert len(scorer.calls) == 2  # one batched pass for the real contexts, one for the baselines
+    steps = [(0, 0), (1, 0), (3, 0), (4, 0), (4, 1)]
+    # pass 1: every step with every alias; C_t^real = ids up to the end of step t's block, then "<answer>"
+    ctx1, gold1 = scorer.calls[0]
+    exp_ctx, exp_gold = [], []
+    for i, t in steps:
+        end = rs[i].searches[t]["info_span"][1]
+        for a in rs[i].question["golden_answers"]:
+            exp_ctx.append(rs[i].ids[:end] + cue(tok))
+            exp_gold.append(gold_ids(tok, a))
+    assert ctx1 == exp_ctx and gold1 == exp_gold
+    assert rs[4].searches[0]["info_span"][1] <= rs[4].searches[1]["query_span"][0]  # C_0 of r4 stops before step 1
+    # pass 2: N per step, scored with the alias that had the best real score
+    ctx2, gold2 = scorer.calls[1]
+    best = ["Zorvath", "Zorvath", "Ostrand", "Ostrand Republic", "Ostrand"]
+    assert gold2 == [gold_ids(tok, a) for a in best for _ in range(N)]
+    assert len(ctx2) == len(steps) * N
+    # C_t^rand: the same prefix, exactly step t's block replaced, by a block of the other question
+    blocks = lambda idx: [rs[i].ids[slice(*s["info_span"])] for i in idx for s in rs[i].searches]
+    other = {0: blocks([3, 4]), 1: blocks([0, 1])}  # group -> the blocks of the other question
+    for k, (i, t) in enumerate(steps):
+        for j in range(N):
+            blk = split_baseline(tok, rs[i], t, ctx2[k * N + j])
+            assert blk in other[rs[i].group]
+
+
+def test_batch_baseline_never_draws_the_same_question(tok, retriever):
+    spec = [
+        (Q1, 0, ["<search> Quendia </search>", "<answer> Zorvath </answer>"]),
+        (Q1, 0, ["<search> bakery </search>", "<answer> x </answer>"]),
+        (Q2, 1, ["<search> Mirelle </search>", "<answer> Ostrand </answer>"]),
+        (Q1, 2, ["<search> Filler3 </search>", "<answer> x </answer>"]),   # Q1 again, in another group
+        (Q3, 3, ["<search> harbor </search>", "<answer> ships </answer>"]),
+    ]
+    rs = scripted(tok, retriever, spec)
+    blocks = {i: rs[i].ids[slice(*rs[i].searches[0]["info_span"])] for i in range(5)}
+    scorer = FakeScorer(tok)
+    N = 20
+    rewards.igsearch_information_gain(scorer, tok, rs, retriever, n_samples=N, rng=random.Random(0))
+    ctx2, _ = scorer.calls[1]
+    drawn = {i: [split_baseline(tok, rs[i], 0, ctx2[i * N + j]) for j in range(N)] for i in range(5)}
+    allowed = {0: [blocks[2], blocks[4]], 1: [blocks[2], blocks[4]], 2: [blocks[0], blocks[1], blocks[3], blocks[4]],
+               3: [blocks[2], blocks[4]], 4: [blocks[0], blocks[1], blocks[2], blocks[3]]}
+    for i in range(5):
+        assert all(b in allowed[i] for b in drawn[i]), i
+        assert len({tuple(b) for b in drawn[i]}) > 1  # drawn from the whole pool, not one fixed block
+
+
+def test_empty_pool_falls_back_to_corpus_documents(tok, retriever):
+    # one question only: the batch holds no other question's block -> k random corpus documents
+    spec = [(Q1, 0, ["<search> Quendia bread </search>", "<answer> Zorvath </answer>"]),
+            (Q1, 0, ["<search> Quendia bread </search>", "<answer> Zorvath </answer>"]),
+            (Q1, 1, ["<answer> Zorvath </answer>"])]  # the same question in another group is not "other"
+    rs = scripted(tok, retriever, spec, topk=2)
+    real_titles = {d["title"] for d in rs[0].searches[0]["docs"]}
+    assert real_titles == {"Quendia", "Bakery"}
+    scorer = FakeScorer(tok)
+    N = 5
+    ig, details = rewards.igsearch_information_gain(scorer, tok, rs, retriever, n_samples=N, rng=random.Random(0))
+    # the real block holds Zorvath (0); the random documents never include the real ones, so never the
+    # Quendia article (-2): IG = 2 for both steps
+    assert ig == [[2.0], [2.0], []]
+    ctx2, _ = scorer.calls[1]
+    assert len(ctx2) == 2 * N
+    seen = set()
+    for k in range(2 * N):
+        blk = split_baseline(tok, rs[k // N], 0, ctx2[k])
+        titles = re.findall(r"Doc \d+\(Title: (.*?)\)", tok.decode(blk))
+        assert len(titles) == 2 and len(set(titles)) == 2          # k = the real step's document count
+        assert not set(titles) & real_titles                       # never the real step's documents
+        assert blk == block_ids(tok, [BY_TITLE[t] for t in titles])  # formatted exactly like a real block
+        seen.add(tuple(titles))
+    assert len(seen) > 1
+
+
+def test_corpus_baseline_when_asked_even_with_a_pool(tok, retriever):
+    rs = scripted(tok, retriever, MAIN)
+    pool = [r.ids[slice(*s["info_span"])] for r in rs for s in r.searches]
+    scorer = FakeScorer(tok)
+    N = 6
+    rewards.igsearch_information_gain(scorer, tok, rs, retriever, n_samples=N, baseline="corpus",
+                                      rng=random.Random(0))
+    ctx2, _ = scorer.calls[1]
+    steps = [(0, 0), (1, 0), (3, 0), (4, 0), (4, 1)]
+    not_pool = 0
+    for k, (i, t) in enumerate(steps):
+        real = {d["title"] for d in rs[i].searches[t]["docs"]}
+        for j in range(N):
+            blk = split_baseline(tok, rs[i], t, ctx2[k * N + j])
+            titles = re.findall(r"Doc \d+\(Title: (.*?)\)", tok.decode(blk))
+            assert len(titles) == 1 and not set(titles) & real
+            assert blk == block_ids(tok, [BY_TITLE[x] for x in titles])
+            not_pool += blk not in pool
+    assert not_pool > 0  # random corpus documents, not the batch's blocks
+
+
+def test_empty_information_block(tok, retriever):
+    spec = [(Q1, 0, ["<search> xyzzy plugh </search>", "<answer> x </answer>"]),
+            (Q2, 1, ["<search> Mirelle </search>", "<answer> Ostrand </answer>"])]
+    rs = scripted(tok, retriever, spec)
+    s = rs[0].searches[0]
+    assert s["docs"] == [] and s["query"] == "xyzzy plugh"
+    assert rs[0].ids[slice(*s["info_span"])] == block_ids(tok, []) == \
+        tok.encode("\n\n<information></information>\n\n", add_special_tokens=False)
+    # batch baseline: Q1's empty block replaced by Q2's Mirelle block; Zorvath in neither -> -2 - (-2) = 0
+    scorer = FakeScorer(tok)
+    ig, details = rewards.igsearch_information_gain(scorer, tok, rs, retriever, n_samples=2, rng=random.Random(0))
+    assert ig == [[0.0], [2.0]]
+    ctx1, _ = scorer.calls[0]
+    assert ctx1[0] == rs[0].ids[:s["info_span"][1]] + cue(tok)
+    ctx2, _ = scorer.calls[1]
+    mirelle = rs[1].ids[slice(*rs[1].searches[0]["info_span"])]
+    assert [split_baseline(tok, rs[0], 0, c) for c in ctx2[:2]] == [mirelle, mirelle]
+    # corpus baseline: an empty real block still gets one random document (k = max(0, 1))
+    scorer = FakeScorer(tok)
+    ig, details = rewards.igsearch_information_gain(scorer, tok, rs[:1], retriever, n_samples=3,
+                                                    baseline="corpus", rng=random.Random(0))
+    ctx2, _ = scorer.calls[1]
+    vals = []
+    for c in ctx2:
+        blk = split_baseline(tok, rs[0], 0, c)
+        titles = re.findall(r"Doc \d+\(Title: (.*?)\)", tok.decode(blk))
+        assert len(titles) == 1 and blk == block_ids(tok, [BY_TITLE[titles[0]]])
+        vals.append(scorer.value(c, gold_ids(tok, "Zorvath")))
+    assert details[0]["real"] == -2.0
+    assert ig[0][0] == pytest.approx(-2.0 - sum(vals) / 3)
+
+
+def test_ig_deterministic_for_a_seeded_rng(tok, retriever):
+    rs = scripted(tok, retriever, MAIN)
+    runs = []
+    for seed in (5, 5, 6):
+        scorer = FakeScorer(tok)
+        ig, details = rewards.igsearch_information_gain(scorer, tok, rs, retriever, n_samples=4,
+                                                        rng=random.Random(seed))
+        runs.append((ig, details, scorer.calls))
+    assert runs[0] == runs[1]
+    assert runs[0][2][1][0] != runs[2][2][1][0]  # another seed draws other blocks (checked for these seeds)
+
+
+def test_no_search_anywhere(tok, retriever):
+    rs = scripted(tok, retriever, [(Q1, 0, ["<answer> a </answer>"]), (Q2, 1, ["<answer> b </answer>"])])
+    scorer = FakeScorer(tok)
+    assert rewards.igsearch_information_gain(scorer, tok, rs, retriever, rng=random.Random(0)) == ([[], []], [])
+    assert scorer.calls == []  # no forward pass at all
+
+
+def test_ig_default_rng_works(tok, retriever):
+    rs = scripted(tok, retriever, MAIN)
+    ig, _ = rewards.igsearch_information_gain(FakeScorer(tok), tok, rs, retriever)
+    assert ig[0] == [2.0]
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3. The gate g() (METHOD §4.3)
+
+@pytest.mark.parametrize("x, expected", [
+    (0.0, 0.0), (0.049, 0.0), (-0.049, 0.0),       # dead zone
+    (0.05, 0.05), (-0.05, -0.025),                 # the boundary |x| = δ is kept
+    (0.4, 0.4), (-0.4, -0.2),                      # positives as they are, negatives * ρ
+    (2.0, 2.0), (3.5, 2.0), (-2.0, -1.0), (-7.0, -1.0),  # clipped to [-c, c] before scaling
+])
+def test_ig_gate_defaults(x, expected):
+    assert grpo.ig_gate(x) == pytest.approx(expected, abs=1e-12)
+
+
+def test_ig_gate_custom():
+    g = lambda x: grpo.ig_gate(x, delta=0.5, rho=0.25, clip=1.0)
+    assert [g(x) for x in (0.49, -0.49, 0.5, -0.5, 0.8, -0.8, 1.5, -1.5)] == \
+        [0.0, 0.0, 0.5, -0.125, 0.8, -0.2, 1.0, -0.25]
+    assert grpo.ig_gate(-0.3, rho=1.0) == -0.3   # symmetric when ρ = 1
+    assert grpo.ig_gate(-0.3, rho=0.0) == 0.0    # negatives ignored when ρ = 0
+    assert grpo.ig_gate(0.01, delta=0.0) == 0.01  # no dead zone
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4. The per-token advantages A [B, T] with the query bonus (METHOD §3.2, §4.3)
+
+GROUP = [
+    (Q1, 0, ["<think>look it up</think><search> Quendia </search>", "<answer> Zorvath </answer>"]),
+    (Q1, 0, ["<search> bakery </search>", "<search> harbor </search>", "<answer> ships </answer>"]),
+    (Q1, 0, ["<answer> Zorvath </answer>"]),
+    (Q1, 0, ["<search> Mirelle </search>", "<answer> Lyon </answer>"]),
+]
+
+
+def test_advantages_with_query_bonus_element_by_element(tok, retriever):
+    rs = scripted(tok, retriever, GROUP)
+    assert [len(r.searches) for r in rs] == [1, 2, 0, 1]
+    R = [rewards.exact_match(r.answer, r.question["golden_answers"]) for r in rs]
+    assert R == [1.0, 0.0, 1.0, 0.0]
+    adv = grpo.group_advantages(R, [0, 0, 0, 0])
+    a = 0.5 / (math.sqrt(1 / 3) + 1e-6)  # mean 0.5, unbiased std sqrt(1/3)
+    assert adv.tolist() == pytest.approx([a, -a, a, -a], abs=1e-6)
+    batch = grpo.collate(rs, tok.pad_token_id)
+    A0 = grpo.token_advantages(adv, batch.roles)
+    ig = [[0.4], [-0.3, 0.02], [], [-5.0]]
+    A = grpo.add_query_bonus(A0, rs, ig, alpha=0.5)
+    assert torch.equal(A0, grpo.token_advantages(adv, batch.roles))  # not modified in place
+    bonus = {(0, 0): 0.5 * 0.4, (1, 0): 0.5 * -0.15, (1, 1): 0.0, (3, 0): 0.5 * -1.0}  # α g(IG), by hand
+    B, T = A.shape
+    n_query = 0
+    for b in range(B):
+        span_of = {}
+        for t, s in enumerate(rs[b].searches):
+            q = rs[b].ids[slice(*s["query_span"])]
+            assert tok.decode(q).strip() == f"<search> {s['query']} </search>"  # the span is the query, tags in
+            for k in range(*s["query_span"]):
+                span_of[k] = t
+        for k in range(T):
+            role = int(batch.roles[b, k])
+            if role != grpo.POLICY:
+                expected = 0.0
+            elif k in span_of:
+                expected = float(adv[b]) + bonus[(b, span_of[k])]
+                n_query += 1
+            else:
+                expected = float(adv[b])
+            assert float(A[b, k]) == pytest.approx(expected, abs=1e-6), (b, k, grpo.ROLE_NAMES[role])
+    assert n_query > 0
+    assert torch.equal(A[2], A0[2])  # the rollout with no search is untouched
+    values = A[1][batch.roles[1] == grpo.POLICY].unique()  # r1's step 1 (IG 0.02) is in the dead zone
+    assert torch.allclose(values, torch.tensor([float(adv[1]) - 0.075, float(adv[1])]), atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 5. The property: a group that all fails still trains its query tokens (METHOD §3.4, §4.3)
+
+def test_all_failed_group_gets_gradient_only_on_query_tokens(tiny, retriever):
+    model, tok = tiny
+    rs = scripted(tok, retriever, GROUP[:2] + [(Q1, 0, ["<answer> nothing </answer>"])])
+    adv = grpo.group_advantages([0.0, 0.0, 0.0], [0, 0, 0])
+    assert torch.equal(adv, torch.zeros(3))
+    batch = grpo.collate(rs, tok.pad_token_id)
+    mask = batch.policy_mask
+    A0 = grpo.token_advantages(adv, batch.roles)
+    A = grpo.add_query_bonus(A0, rs, [[0.4], [-0.3, 1.0], []], alpha=0.5)
+    query = torch.zeros_like(mask)
+    for b, r in enumerate(rs):
+        for s in r.searches:
+            query[b, slice(*s["query_span"])] = True
+    assert torch.equal(A != 0, query)
+
+    # d loss / d logp: non-zero exactly on the query spans, and equal to -A / (policy tokens)
+    logp = grpo.token_logprobs(model, batch.ids, batch.attention_mask, mask)
+    lp = logp.detach().requires_grad_()
+    loss, _ = grpo.grpo_loss(lp, lp.detach(), None, A, mask, beta_kl=0.0)
+    loss.backward()
+    assert torch.equal(lp.grad != 0, query)
+    assert torch.allclose(lp.grad, -A * mask / mask.sum(), atol=1e-9)
+
+    # through the model: outcome-only gives exactly no gradient, IG-Search a non-zero one
+    def param_grads(A_):
+        model.zero_grad(set_to_none=True)
+        lp_ = grpo.token_logprobs(model, batch.ids, batch.attention_mask, mask)
+        loss_, _ = grpo.grpo_loss(lp_, lp_.detach(), None, A_, mask, beta_kl=0.0)
+        loss_.backward()
+        return loss_.detach(), [p.grad.clone() if p.grad is not None else torch.zeros_like(p)
+                                for p in model.parameters()]
+    loss_out, g_out = param_grads(A0)
+    assert float(loss_out) == 0.0 and all(torch.count_nonzero(g) == 0 for g in g_out)
+    _, g_ig = param_grads(A)
+    assert sum(float(g.abs().sum()) for g in g_ig) > 0
+    model.zero_grad(set_to_none=True)
+
+
+def test_alpha_zero_is_outcome_only_bit_for_bit(tiny, retriever):
+    model, tok = tiny
+    rs = scripted(tok, retriever, GROUP)
+    R = [1.0, 0.0, 0.0, 0.0]
+    adv = grpo.group_advantages(R, [0] * 4)
+    batch = grpo.collate(rs, tok.pad_token_id)
+    mask = batch.policy_mask
+    A_out = grpo.token_advantages(adv, batch.roles)
+    A_ig = grpo.add_query_bonus(A_out, rs, [[0.4], [-0.3, 1.0], [], [-5.0]], alpha=0.0)
+    assert torch.equal(A_ig, A_out)
+
+    def run(A_):
+        model.zero_grad(set_to_none=True)
+        lp = grpo.token_logprobs(model, batch.ids, batch.attention_mask, mask)
+        loss, _ = grpo.grpo_loss(lp, lp.detach(), None, A_, mask, beta_kl=0.0)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+    l1, g1 = run(A_out)
+    l2, g2 = run(A_ig)
+    model.zero_grad(set_to_none=True)
+    assert torch.equal(l1, l2)
+    assert all(torch.equal(a, b) for a, b in zip(g1, g2))
+    assert sum(float(g.abs().sum()) for g in g1) > 0  # the comparison is between non-trivial gradients
+
+
+# ----------------------------------------------------------------------------------------------------
+# 6. Metrics and the training step
+
+def test_ig_metrics_by_hand():
+    details = [{"rollout": 0, "step": 0, "real": 0.0, "baseline": -0.5, "ig": 0.5},
+               {"rollout": 1, "step": 0, "real": -1.0, "baseline": -0.75, "ig": -0.25},
+               {"rollout": 1, "step": 1, "real": -2.0, "baseline": -2.0, "ig": 0.0},
+               {"rollout": 3, "step": 0, "real": 0.5, "baseline": -0.5, "ig": 1.0}]
+    m = igsearch.ig_metrics(details)
+    # mean 1.25/4; population std: deviations .1875, -.5625, -.3125, .6875 -> variance .921875/4
+    assert m == pytest.approx({"ig_mean": 0.3125, "ig_std": math.sqrt(0.23046875), "ig_min": -0.25, "ig_max": 1.0,
+                               "ig_frac_positive": 0.5, "ig_real": -0.625, "ig_baseline": -0.9375, "ig_steps": 4})
+    assert m["ig_steps"] == 4 and isinstance(m["ig_steps"], int)
+    assert igsearch.ig_metrics([]) == {"ig_mean": 0.0, "ig_std": 0.0, "ig_min": 0.0, "ig_max": 0.0,
+                                       "ig_frac_positive": 0.0, "ig_real": 0.0, "ig_baseline": 0.0, "ig_steps": 0}
+
+
+def small_cfg(**kw):
+    base = dict(model="tiny-random", reward="igsearch", group_size=2, questions_per_step=2, max_turns=2, topk=1,
+                max_turn_tokens=6, max_response_tokens=64, beta_kl=0.0, micro_batch=4, lr=1e-5)
+    return igsearch.Config(**{**base, **kw})
+
+
+def test_train_step_igsearch_runs_on_the_random_model(tiny, retriever):
+    model, tok = tiny
+    model = copy.deepcopy(model)
+    cfg = small_cfg()
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+    metrics, rs, A = igsearch.train_step(model, None, opt, tok, retriever, [Q1, Q2], cfg,
+                                         torch.Generator().manual_seed(0), random.Random(0))
+    assert len(rs) == 4 and A.shape[0] == 4
+    assert sum(len(r.searches) for r in rs) == 0  # random weights never write a search
+    assert metrics["ig_steps"] == 0 and metrics["ig_mean"] == 0.0
+    assert math.isfinite(metrics["loss"])
+
+
+def test_train_step_igsearch_on_scripted_rollouts(tiny, retriever, monkeypatch):
+    """The whole step with real gold scores: A = Â + α g(IG) on the query spans, IG recomputed apart."""
+    model, tok = tiny
+    model = copy.deepcopy(model)
+    before = copy.deepcopy(model)
+    scripts = [s for _, _, s in [MAIN[0], MAIN[1], MAIN[3], MAIN[4]]]  # Q1, Q1, Q2, Q2
+    original = grpo.generate_rollouts
+
+    def fake_generate(model_, tok_, questions, groups, retriever_, **kw):
+        return original(model_, tok_, questions, groups, retriever_, **{**kw, "turn_fn": grpo.scripted_turns(tok_, scripts)})
+    monkeypatch.setattr(grpo, "generate_rollouts", fake_generate)
+    cfg = small_cfg(ig_samples=2, max_turn_tokens=32, max_response_tokens=256, ig_delta=0.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+    metrics, rs, A = igsearch.train_step(model, None, opt, tok, retriever, [Q1, Q2], cfg,
+                                         torch.Generator().manual_seed(0), random.Random(11))
+    assert [len(r.searches) for r in rs] == [1, 1, 1, 2]
+    assert metrics["ig_steps"] == 5
+
+    score_fn = lambda c, g: rewards.gold_scores(before, c, g, cfg.ig_head_tokens, cfg.ig_head_weight,
+                                                cfg.ig_max_context, cfg.micro_batch)
+    ig, details = rewards.igsearch_information_gain(score_fn, tok, rs, retriever, cfg.ig_samples, cfg.ig_baseline,
+                                                    random.Random(11))
+    assert metrics["ig_mean"] == pytest.approx(sum(d["ig"] for d in details) / 5, abs=1e-6)
+    R = [rewards.exact_match(r.answer, r.question["golden_answers"]) for r in rs]
+    assert R == [1.0, 0.0, 1.0, 1.0]
+    adv = grpo.group_advantages(R, [0, 0, 1, 1])
+    batch = grpo.collate(rs, tok.pad_token_id)
+    expected = grpo.add_query_bonus(grpo.token_advantages(adv, batch.roles), rs, ig, cfg.ig_alpha, cfg.ig_delta,
+                                    cfg.ig_rho, cfg.ig_clip)
+    assert torch.allclose(A, expected, atol=1e-6)
+    assert not torch.equal(A, grpo.token_advantages(adv, batch.roles))  # some step got past the dead zone
+
+
+def test_information_gain_with_gold_scores_on_the_tiny_model(tiny, retriever):
+    model, tok = tiny
+    rs = scripted(tok, retriever, MAIN)
+    score_fn = lambda c, g: rewards.gold_scores(model, c, g, micro_batch=4)
+    ig, details = rewards.igsearch_information_gain(score_fn, tok, rs, retriever, n_samples=2, rng=random.Random(0))
+    assert [len(x) for x in ig] == [1, 1, 0, 1, 2]
+    assert len(details) == 5
+    for d in details:
+        assert all(math.isfinite(d[k]) for k in ("real", "baseline", "ig"))
+        assert d["real"] < 0 and d["baseline"] < 0          # mean log-probs
+        assert d["ig"] == pytest.approx(d["real"] - d["baseline"], abs=1e-9)
+        assert ig[d["rollout"]][d["step"]] == d["ig"]
+        # the real score is the best alias's score of C_t^real, scored alone
+        r = rs[d["rollout"]]
+        ctx = r.ids[:r.searches[d["step"]]["info_span"][1]] + cue(tok)
+        alone = max(float(rewards.gold_scores(model, [ctx], [gold_ids(tok, a)])[0]) for a in r.question["golden_answers"])
+        assert d["real"] == pytest.approx(alone, abs=1e-5)

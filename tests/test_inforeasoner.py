@@ -1,0 +1,387 @@
+"""InfoReasoner's semantic information gain (METHOD §5): weights, classes, beliefs, the three estimators,
+the NLI path, what the reward does to GRPO, and end-to-end calls on the tiny random Qwen3."""
+import doctest
+import math
+import random
+
+import pytest
+import torch
+
+import grpo
+import igsearch
+import rewards
+from retrieve import DataError
+from rewards import (Belief, belief, default_equivalent, entailment_index, inforeasoner_information_gain,
+                     information_gain, load_nli, nli_equivalent, semantic_classes, smoothed_p_gold, weigh_samples)
+
+EPS = rewards.IR_EPS
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model, tok = igsearch.tiny_random_model(seed=0)
+    return model.eval(), tok
+
+
+def test_docstring_examples():
+    # the worked examples in the InfoReasoner docstrings are part of the documentation: keep them true
+    names = ["brief_answer_text", "weigh_samples", "default_equivalent", "semantic_classes", "belief",
+             "smoothed_p_gold", "information_gain", "nli_equivalent", "entailment_index"]
+    for name in names:
+        finder = doctest.DocTestFinder(recurse=False)
+        for test in finder.find(getattr(rewards, name), name, globs=vars(rewards).copy()):
+            assert test.examples, name
+            result = doctest.DocTestRunner().run(test)
+            assert result.failed == 0, name
+
+
+# ----------------------------------------------------------------------------------------------------
+# METHOD §5.1: sample weights
+
+def test_weights_are_softmax_of_mean_logprobs():
+    answers, w = weigh_samples(["x", "y", "z"], [-1.0, -2.0, -3.0])
+    # e^-1 / (e^-1 + e^-2 + e^-3) = 1 / (1 + e^-1 + e^-2) = 0.665241, then 0.244728, 0.090031
+    assert answers == ["x", "y", "z"]
+    assert w == pytest.approx([0.665241, 0.244728, 0.090031], abs=1e-6)
+    assert weigh_samples(["x", "y"], [-7.0, -7.0])[1] == pytest.approx([0.5, 0.5])
+    assert weigh_samples(["x", "y"], [-1000.0, -1001.0])[1] == pytest.approx([0.731059, 0.268941], abs=1e-6)
+
+
+def test_empty_samples_are_dropped():
+    # "" and "The" (empty once normalized) carry no weight; the rest share all of it: softmax(0, log 3)
+    answers, w = weigh_samples(["", "Paris", "The", " ", "Lyon"], [5.0, 0.0, 5.0, 5.0, math.log(3)])
+    assert answers == ["Paris", "Lyon"]
+    assert w == pytest.approx([0.25, 0.75])
+    assert weigh_samples(["", "the"], [0.0, 0.0]) == ([], [])
+    assert belief([], [], ["Paris"]) == Belief(p_gold=0.0, entropy=0.0, n_classes=1)
+
+
+def test_brief_answer_prompt(tiny):
+    _, tok = tiny
+    with_ctx = tok.decode(rewards.brief_answer_prompt(tok, "Capital of France?", "Doc 1(Title: Paris) Paris."))
+    without = tok.decode(rewards.brief_answer_prompt(tok, "Capital of France?", ""))
+    assert "Context: Doc 1(Title: Paris) Paris.\n\nQuestion: Capital of France?\nAnswer:" in with_ctx
+    assert "Context:" not in without and without.count("Question: Capital of France?\nAnswer:") == 1
+    assert with_ctx.startswith("<|im_start|>user\n")                       # the chat template
+    assert with_ctx.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")  # Qwen3: no thinking
+
+
+# ----------------------------------------------------------------------------------------------------
+# METHOD §5.2: semantic classes (default equivalence)
+
+@pytest.mark.parametrize("answers, expected", [
+    (["Paris", "paris", "PARIS!"], [0, 0, 0]),
+    (["the Beatles", "Beatles", "The Rolling Stones"], [0, 0, 1]),   # articles
+    (["Paris", "Paris France", "Paris, France"], [0, 0, 0]),        # whole-word containment
+    (["Par", "Paris"], [0, 1]),                                      # a word prefix is not a word
+    (["Paris", "Paris France", "France"], [0, 0, 1]),               # greedy: compared with the first member
+    (["Zürich", "ZÜRICH", "zurich"], [0, 0, 1]),                    # accents kept, as EM keeps them (§2)
+    (["London", "Paris", "London, England", "paris"], [0, 1, 0, 1]),
+    (["1984", "1984 novel", "198"], [0, 0, 1]),
+    ([], []),
+])
+def test_semantic_classes(answers, expected):
+    assert semantic_classes(answers) == expected
+
+
+def test_gold_class_uses_every_alias():
+    b = belief(["NYC", "New York City", "Boston", "the big apple"], [0.4, 0.1, 0.3, 0.2],
+               ["New York City", "NYC", "Big Apple"])
+    assert b.p_gold == pytest.approx(0.7)        # 0.4 + 0.1 + 0.2: all three aliases
+    assert b.n_classes == 4                      # NYC and New York City differ without NLI
+
+
+# ----------------------------------------------------------------------------------------------------
+# METHOD §5.2: p(c*) and H_sem by hand
+
+def test_p_gold_and_entropy_by_hand():
+    b = belief(["Paris", "Lyon", "the paris"], [0.5, 0.2, 0.3], ["Paris"])
+    assert b.p_gold == pytest.approx(0.8)
+    assert b.entropy == pytest.approx(0.500402, abs=1e-6)   # -(0.8 log 0.8 + 0.2 log 0.2)
+    assert b.n_classes == 2
+
+
+def test_gold_absent_from_every_sample():
+    b = belief(["Lyon", "Nice"], [0.6, 0.4], ["Paris"])
+    assert b.p_gold == 0.0
+    assert b.n_classes == 3                      # Lyon, Nice, and the empty gold class
+    assert smoothed_p_gold(b) == pytest.approx(0.001 / 1.003)          # (0 + ε) / (1 + 3ε)
+    assert math.log(smoothed_p_gold(b)) == pytest.approx(-6.910751, abs=1e-6)
+    present = belief(["Paris", "Nice"], [0.6, 0.4], ["Paris"])
+    assert smoothed_p_gold(present) == pytest.approx(0.601 / 1.002)    # (0.6 + ε) / (1 + 2ε)
+
+
+def test_one_class_has_zero_entropy():
+    b = belief(["Paris", "paris", "The Paris", "Paris France"], [0.1, 0.2, 0.3, 0.4], ["Lyon"])
+    assert b.entropy == pytest.approx(0.0, abs=1e-12)
+    assert b.p_gold == 0.0 and b.n_classes == 2
+
+
+@pytest.mark.parametrize("n", [2, 3, 5])
+def test_uniform_over_n_classes_has_entropy_log_n(n):
+    answers = ["Paris", "Lyon", "Nice", "Lille", "Brest"][:n]
+    b = belief(answers, [1 / n] * n, ["Lyon"])
+    assert b.entropy == pytest.approx(math.log(n))
+    assert b.p_gold == pytest.approx(1 / n)
+
+
+# ----------------------------------------------------------------------------------------------------
+# METHOD §5.3: the estimators on a toy 2-step trajectory
+
+def toy_trajectory():
+    q = [0.25] * 4
+    B = belief(["Lyon", "Nice", "Paris", "Lyon"], q, ["Paris"])     # p = 0.25, classes .5/.25/.25
+    C1 = belief(["Paris", "Lyon", "Paris", "Paris"], q, ["Paris"])  # p = 0.75, classes .75/.25
+    C2 = belief(["Paris", "paris", "Paris France", "Paris"], q, ["Paris"])  # p = 1, one class
+    return B, C1, C2
+
+
+def test_toy_beliefs():
+    B, C1, C2 = toy_trajectory()
+    assert (B.p_gold, B.n_classes, C1.p_gold, C1.n_classes, C2.p_gold, C2.n_classes) == (0.25, 3, 0.75, 2, 1.0, 1)
+    assert B.entropy == pytest.approx(1.5 * math.log(2))   # -(.5 log .5 + 2 · .25 log .25)
+    assert C1.entropy == pytest.approx(0.562335, abs=1e-6)
+    assert C2.entropy == pytest.approx(0.0, abs=1e-12)
+
+
+def test_prob_estimator():
+    B, C1, C2 = toy_trajectory()
+    assert information_gain(B, [C1, C2], "prob") == pytest.approx(0.75)    # p(c*|C_2) - p(c*|B) = 1 - .25
+    assert information_gain(B, [C2], "prob") == pytest.approx(0.75)        # only all the evidence counts
+    assert information_gain(C2, [B], "prob") == pytest.approx(-0.75)       # evidence that misleads
+
+
+def test_log_estimator():
+    B, C1, C2 = toy_trajectory()
+    # p̃(B) = .251/1.003, p̃(C1) = .751/1.002, p̃(C2) = 1.001/1.001 = 1
+    # IG = ½[log(.751/1.002) + log 1] - log(.251/1.003) = ½(-0.288348) + 1.385298
+    assert information_gain(B, [C1, C2], "log") == pytest.approx(1.241124, abs=1e-6)
+
+
+def test_entropy_estimator():
+    B, C1, C2 = toy_trajectory()
+    # H(B) - ½[H(C1) + H(C2)] = 1.039721 - ½ · 0.562335
+    assert information_gain(B, [C1, C2], "entropy") == pytest.approx(0.758553, abs=1e-6)
+
+
+def test_log_form_identities():
+    B, C1, C2 = toy_trajectory()
+    C3 = belief(["Lyon", "Paris"], [0.9, 0.1], ["Paris"])
+    lp = lambda b: math.log(smoothed_p_gold(b))  # noqa: E731
+    steps = [C1, C2, C3]
+    # the per-step terms share the same B, so the mean of differences = mean of log p̃(C_t) minus log p̃(B)
+    assert information_gain(B, steps, "log") == pytest.approx(sum(lp(c) for c in steps) / 3 - lp(B))
+    assert information_gain(B, steps, "log") == pytest.approx(sum(lp(c) - lp(B) for c in steps) / 3)
+    assert information_gain(B, [C1], "log") == pytest.approx(lp(C1) - lp(B))    # T = 1
+    # with the same belief before and after, every estimator is 0
+    for est in ("prob", "log", "entropy"):
+        assert information_gain(C1, [C1, C1], est) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_no_search_gives_zero_and_bad_estimator_is_refused():
+    B, C1, _ = toy_trajectory()
+    for est in ("prob", "log", "entropy"):
+        assert information_gain(B, [], est) == 0.0
+    with pytest.raises(ValueError, match="prob, log or entropy"):
+        information_gain(B, [C1], "kl")
+
+
+# ----------------------------------------------------------------------------------------------------
+# METHOD §5.2 with --nli-model: bidirectional entailment (a fake entailment function, no download)
+
+# premise entails hypothesis when it holds all the hypothesis's words, or when the pair is declared synonymous
+SYNONYMS = {("nyc", "new york city"), ("new york city", "nyc")}
+
+
+def fake_entail(calls):
+    def entail(premise, hypothesis):
+        calls.append((premise, hypothesis))
+        p, h = premise.lower().split("? ")[1], hypothesis.lower().split("? ")[1]
+        return 0.9 if set(h.split()) <= set(p.split()) or (p, h) in SYNONYMS else 0.1
+    return entail
+
+
+def test_nli_equivalence_is_bidirectional():
+    calls = []
+    eq = nli_equivalent(fake_entail(calls), "Which city?")
+    assert eq("NYC", "New York City")                        # both ways: merged (the default cannot)
+    assert not default_equivalent("NYC", "New York City")
+    assert not eq("Paris France", "Paris")                   # one way only: not merged
+    assert not eq("Paris", "Paris France")
+    assert ("Which city? NYC", "Which city? New York City") in calls   # texts prefixed by the question
+    assert semantic_classes(["NYC", "Paris France", "New York City", "Paris"], eq) == [0, 1, 0, 2]
+    b = belief(["NYC", "Paris France", "New York City", "Paris"], [0.1, 0.2, 0.3, 0.4], ["New York City"], eq)
+    assert b.p_gold == pytest.approx(0.4) and b.n_classes == 3
+
+
+def test_entailment_label():
+    assert entailment_index({"0": "entailment", "1": "neutral", "2": "contradiction"}) == 0
+    with pytest.raises(DataError, match="entailment"):
+        entailment_index({0: "LABEL_0", 1: "LABEL_1"})
+
+
+def test_nli_model_that_cannot_load(tmp_path):
+    with pytest.raises(DataError, match="--nli-model .*leave --nli-model empty"):
+        load_nli(str(tmp_path))                              # an empty directory: no config.json
+
+
+def test_nli_model_loads_from_a_local_directory(tmp_path, tiny):
+    # a random 1-layer BERT classifier with MNLI labels, saved locally: the real loading path, offline
+    from transformers import BertConfig, BertForSequenceClassification
+    _, tok = tiny
+    config = BertConfig(vocab_size=len(tok), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=32, id2label={0: "CONTRADICTION", 1: "NEUTRAL", 2: "ENTAILMENT"},
+                        label2id={"CONTRADICTION": 0, "NEUTRAL": 1, "ENTAILMENT": 2}, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    BertForSequenceClassification(config).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    entail = load_nli(str(tmp_path))
+    p = entail("Q? Paris", "Q? Paris France")
+    assert 0.0 < p < 1.0
+    assert entail("Q? Paris", "Q? Paris France") == p        # memoized, same value
+    assert load_nli(str(tmp_path)) is entail                  # loaded once
+
+
+# ----------------------------------------------------------------------------------------------------
+# METHOD §5.4 and §3: the reward, and the gradient it gives a group where every answer is wrong
+
+def make_rollout(tok, question, group, searches, answer="Lyon", golds=("Paris",)):
+    """A hand-built trajectory: prompt, a search per entry of `searches` (docs), then an answer."""
+    q = {"question": question, "golden_answers": list(golds)}
+    p = grpo.prompt_ids(tok, question)
+    r = grpo.Rollout(question=q, group=group, ids=list(p), roles=[grpo.PROMPT] * len(p))
+    for docs in searches:
+        s = grpo._append(r, tok.encode("<search> capital of France </search>", add_special_tokens=False), grpo.POLICY)
+        info = grpo._append(r, tok.encode(grpo.information_block(docs), add_special_tokens=False), grpo.OBS)
+        r.searches.append({"query": "capital of France", "docs": docs, "query_span": s, "info_span": info})
+    grpo._append(r, tok.encode(f"<answer> {answer} </answer>", add_special_tokens=False), grpo.POLICY)
+    r.answer = answer
+    return r
+
+
+DOCS = [{"title": "Paris", "text": "Paris is the capital and largest city of France."},
+        {"title": "Lyon", "text": "Lyon is a city in France."}]
+
+
+def policy_grad(model, tok, rollouts, R):
+    model.zero_grad(set_to_none=True)
+    adv = grpo.group_advantages(R, [r.group for r in rollouts])          # [B]     METHOD §3.1
+    batch = grpo.collate(rollouts, tok.pad_token_id)
+    A = grpo.token_advantages(adv, batch.roles)                          # [B, T]  METHOD §3.2
+    logp = grpo.token_logprobs(model, batch.ids, batch.attention_mask, batch.policy_mask)
+    loss, _ = grpo.grpo_loss(logp, logp.detach(), None, A, batch.policy_mask)
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    return adv, max(float(g.abs().max()) for g in grads) if grads else 0.0
+
+
+def test_all_wrong_group_learns_from_ig(tiny):
+    model, tok = tiny
+    rollouts = [make_rollout(tok, "What is the capital of France?", 0, [DOCS] * n) for n in (1, 2, 1, 0)]
+    em = [rewards.exact_match(r.answer, r.question["golden_answers"]) for r in rollouts]
+    assert em == [0.0] * 4                                               # every answer is wrong
+    lam = 0.6
+    ig = [0.5, 0.0, -0.25, 0.0]                                          # the last one never searched
+    R = [e + lam * g for e, g in zip(em, ig)]                            # METHOD §5.4
+    adv, g = policy_grad(model, tok, rollouts, R)
+    assert adv.abs().sum() > 0 and g > 0
+    # the same IG for all (like the outcome reward alone here): all-equal rewards, Â = 0, no gradient (§3.4)
+    adv, g = policy_grad(model, tok, rollouts, [lam * 0.3] * 4)
+    assert torch.all(adv == 0) and g == 0.0
+    model.zero_grad(set_to_none=True)
+
+
+# ----------------------------------------------------------------------------------------------------
+# End to end on the tiny random Qwen3
+
+def ir_config(**kw):
+    return igsearch.Config(reward="inforeasoner", ir_samples=3, ir_max_tokens=4, micro_batch=8, beta_kl=0.0, **kw)
+
+
+def toy_rollouts(tok):
+    """q1 searched once, q1 searched twice, q1 never searched, q2 searched once."""
+    q1, q2 = "What is the capital of France?", "Which city is Lyon?"
+    return [make_rollout(tok, q1, 0, [DOCS]), make_rollout(tok, q1, 0, [DOCS, DOCS[1:]]),
+            make_rollout(tok, q1, 0, []), make_rollout(tok, q2, 1, [DOCS[1:]], golds=("Lyon",))]
+
+
+def spy_generate(monkeypatch, tok, script=None):
+    """Record every generate_turn call (rows, rows with a Context line, tokens made); `script(has_context)`
+    replaces what the model samples with fixed text."""
+    calls, real = [], grpo.generate_turn
+
+    def spy(model, tok_, seqs, max_new, stop_strings, eos_ids, temperature, generator):
+        ctx = ["Context:" in tok.decode(s) for s in seqs]
+        if script is None:
+            gens, why = real(model, tok_, seqs, max_new, stop_strings, eos_ids, temperature, generator)
+        else:
+            gens = [tok.encode(script(c), add_special_tokens=False) for c in ctx]
+            why = ["\n"] * len(seqs)
+        assert stop_strings == ["\n"] and max_new == [4] * len(seqs)
+        calls.append({"rows": len(seqs), "context": sum(ctx), "tokens": sum(len(g) for g in gens),
+                      "prompts": len(set(map(tuple, seqs)))})
+        return gens, why
+
+    monkeypatch.setattr(grpo, "generate_turn", spy)
+    return calls
+
+
+# distinct evidence prompts: prob, one per searching rollout (all its docs: 3); log (as entropy), one per step
+# (1 + 2 + 1) less one: step 1 of the 2-search rollout has the same question and docs as the 1-search one
+@pytest.mark.parametrize("estimator, evidence_prompts", [("prob", 3), ("log", 3)])
+def test_end_to_end_tiny_model(tiny, monkeypatch, estimator, evidence_prompts):
+    model, tok = tiny
+    rollouts, cfg = toy_rollouts(tok), ir_config(ir_estimator=estimator)
+    calls = spy_generate(monkeypatch, tok)
+    ig, extra = inforeasoner_information_gain(model, tok, rollouts, cfg, torch.Generator().manual_seed(0))
+    assert len(ig) == 4 and all(math.isfinite(x) for x in ig)
+    assert ig[2] == 0.0                                                  # never searched
+    # phase 1: no evidence, once per distinct question (q1's rollouts share it); phase 2: with evidence
+    assert [(c["rows"], c["context"], c["prompts"]) for c in calls] == [
+        (2 * 3, 0, 2), (evidence_prompts * 3, evidence_prompts * 3, evidence_prompts)]
+    assert set(extra) == {"ir_ig_mean", "ir_ig_std", "ir_frac_positive", "ir_extra_tokens", "ir_p_gold_with",
+                          "ir_p_gold_without", "ir_h_before", "ir_h_after"}
+    assert all(isinstance(v, float) and math.isfinite(v) for v in extra.values())
+    assert extra["ir_extra_tokens"] == sum(c["tokens"] for c in calls) / 4
+    assert extra["ir_ig_mean"] == pytest.approx(sum(ig) / 4)
+    if estimator == "prob":  # one repeat is enough (CPU time)
+        again = inforeasoner_information_gain(model, tok, rollouts, cfg, torch.Generator().manual_seed(0))
+        assert again == (ig, extra)                                      # same seed, same numbers
+
+
+def test_end_to_end_scripted_answers(tiny, monkeypatch):
+    # the model (weights from its real log-probs) answers "London" without evidence and "Paris" with it
+    model, tok = tiny
+    rollouts = toy_rollouts(tok)
+    spy_generate(monkeypatch, tok, script=lambda has_context: "Paris\n" if has_context else "London\n")
+    gen = torch.Generator().manual_seed(0)
+    ig, extra = inforeasoner_information_gain(model, tok, rollouts, ir_config(ir_estimator="prob"), gen)
+    assert ig == [1.0, 1.0, 0.0, 0.0]           # q2's gold is "Lyon": Paris is wrong with or without evidence
+    assert extra["ir_p_gold_with"] == pytest.approx(2 / 3) and extra["ir_p_gold_without"] == 0.0
+    assert extra["ir_frac_positive"] == 0.5 and extra["ir_h_before"] == 0.0 and extra["ir_h_after"] == 0.0
+    ig, _ = inforeasoner_information_gain(model, tok, rollouts, ir_config(ir_estimator="log"), gen)
+    # q1: p̃(C_t) = 1 for every step, p̃(B) = ε / (1 + 2ε) (London + the empty gold class): IG = log 1002
+    assert ig[:3] == pytest.approx([math.log(1002), math.log(1002), 0.0])
+    assert ig[3] == pytest.approx(0.0)          # q2: both ε/(1+2ε)
+    ig, _ = inforeasoner_information_gain(model, tok, rollouts, ir_config(ir_estimator="entropy"), gen)
+    assert ig == pytest.approx([0.0] * 4, abs=1e-12)   # one class before and after: H_sem = 0 throughout
+    # an NLI that never entails: no answer matches the gold, so prob IG is 0 everywhere
+    ig, _ = inforeasoner_information_gain(model, tok, rollouts, ir_config(ir_estimator="prob"), gen,
+                                          entail=lambda p, h: 0.0)
+    assert ig == [0.0, 0.0, 0.0, 0.0]
+
+
+def test_train_step_combines_em_and_ig(tiny, monkeypatch):
+    # METHOD §5.4 inside the real training step: R = EM + λ·IG, a rollout without search gets IG = 0
+    model, tok = tiny
+    q = "What is the capital of France?"
+    rollouts = [make_rollout(tok, q, 0, [DOCS], answer="Paris"), make_rollout(tok, q, 0, [DOCS]),
+                make_rollout(tok, q, 0, [], answer="Paris"), make_rollout(tok, q, 0, [])]
+    spy_generate(monkeypatch, tok, script=lambda has_context: "Paris\n" if has_context else "London\n")
+    cfg = ir_config(ir_lambda=0.6, lr=0.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.0)
+    metrics, out, A = igsearch.train_step(model, None, opt, tok, None, None, cfg, torch.Generator().manual_seed(0),
+                                          random.Random(0), rollouts=rollouts)
+    assert [r.reward for r in out] == pytest.approx([1.6, 0.6, 1.0, 0.0])   # EM + 0.6 · IG, IG = [1, 1, 0, 0]
+    assert metrics["ir_ig_mean"] == pytest.approx(0.5)
+    model.zero_grad(set_to_none=True)
