@@ -62,7 +62,6 @@ class Rollout:
     answer: str = None              # parsed from the last policy turn; None = no answer
     truncated: bool = False         # hit the total token cap: no answer, reward 0
     invalid_turns: int = 0
-    cut_tokens: int = 0             # tokens generated past a stop and dropped (the engine keeps this at 0)
     reward: float = 0.0
 
     @property

@@ -3,6 +3,11 @@
     python igsearch.py --tiny                          # train the small preset (outcome reward)
     python igsearch.py --tiny --reward igsearch        # IG-Search: information gain on query tokens
     python igsearch.py --tiny --reward inforeasoner    # InfoReasoner: semantic information gain
+    python igsearch.py --resume runs/outcome-s0 [--steps N]          # continue from the last checkpoint
+    python igsearch.py eval --model runs/outcome-s0 --data tiny      # greedy EM/F1, searches, answer retrieved
+    python igsearch.py show --run runs/igsearch-s0 --step 0          # tokens coloured by their advantage A[i, k]
+    python igsearch.py plot --run runs/outcome-s0 runs/igsearch-s0   # training curves, overlaid
+    python igsearch.py compare --tiny                                # the three rewards, same seed and data
 
 One training step (train_step below) is the whole method: sample G rollouts per question with search,
 score them, build the per-token advantage tensor A [B, T], take a PPO-clip step. METHOD.md has the math.
@@ -121,8 +126,9 @@ def check_config(cfg):
             raise DataError(f"--{name.replace('_', '-')} {getattr(cfg, name)!r} is not one of {', '.join(allowed)}")
     if cfg.group_size < 2:
         raise DataError("--group-size must be at least 2: GRPO compares rollouts within a group")
-    for name in ("steps", "questions_per_step", "micro_batch", "topk", "max_turn_tokens", "ppo_epochs", "save_every"):
-        if getattr(cfg, name) < (0 if name == "steps" else 1):
+    for name in ("steps", "questions_per_step", "micro_batch", "topk", "max_turn_tokens", "ppo_epochs", "save_every",
+                 "show_every"):
+        if getattr(cfg, name) < (0 if name in ("steps", "show_every") else 1):
             raise DataError(f"--{name.replace('_', '-')} must be positive")
 
 
@@ -281,6 +287,9 @@ def train_step(model, ref_model, opt, tok, retriever, questions, cfg, generator,
         ig, details = rewards.igsearch_information_gain(score_fn, tok, rollouts, retriever, cfg.ig_samples,
                                                         cfg.ig_baseline, rng)
         extra = ig_metrics(details)
+        for r, gains in zip(rollouts, ig):  # kept on the rollout for the per-token view
+            for s, g in zip(r.searches, gains):
+                s["ig"] = float(g)
     elif cfg.reward == "inforeasoner":
         ir_model = ref_model if ref_model is not None else model
         ig, extra = rewards.inforeasoner_information_gain(ir_model, tok, rollouts, cfg, generator)
@@ -305,7 +314,6 @@ def train_step(model, ref_model, opt, tok, retriever, questions, cfg, generator,
         "response_len": float(np.mean(n_resp)), "policy_tokens": float(np.mean([r.n_policy for r in rollouts])),
         "answered": float(np.mean([r.answer is not None for r in rollouts])),
         "truncated": float(np.mean([r.truncated for r in rollouts])),
-        "cut_tokens": sum(r.cut_tokens for r in rollouts),
         "zero_adv_groups": int(sum(bool(torch.all(adv[torch.tensor(groups) == g] == 0)) for g in set(groups))),
         **stats, **extra, **{f"time_{k}": round(v, 3) for k, v in times.items()},
     }
@@ -440,7 +448,10 @@ def save_checkpoint(run_dir, step, model, tok, opt, generator, rng, keep=2):
     final = root / f"step_{step:06d}"
     tmp = root / f".tmp-step_{step:06d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()  # one "Writing model shards" bar per step drowns the training bar
     model.save_pretrained(tmp / "model", safe_serialization=True)
+    hf_logging.enable_progress_bar()
     tok.save_pretrained(tmp / "model")
     torch.save(opt.state_dict(), tmp / "optimizer.pt")
     torch.save({"step": step, "rng": rng_states(generator, rng)}, tmp / "state.pt")
@@ -461,9 +472,8 @@ def checkpoints(run_dir):
     return sorted(root.glob("step_*"), reverse=True) if root.is_dir() else []
 
 
-def read_checkpoint(path):
-    """(weights, optimizer state, state) of one checkpoint, or DataError naming what is wrong with it."""
-    from safetensors.torch import load_file
+def check_manifest(path):
+    """DataError unless every file of the checkpoint's manifest.json is there with its recorded size."""
     manifest = path / "manifest.json"
     if not manifest.is_file():
         raise DataError(f"checkpoint {path} is incomplete (no manifest.json)")
@@ -477,6 +487,12 @@ def read_checkpoint(path):
             raise DataError(f"checkpoint {path} is missing {name}")
         if f.stat().st_size != size:
             raise DataError(f"checkpoint {path}: {name} has {f.stat().st_size} bytes, expected {size} (truncated?)")
+
+
+def read_checkpoint(path):
+    """(weights, optimizer state, state) of one checkpoint, or DataError naming what is wrong with it."""
+    from safetensors.torch import load_file
+    check_manifest(path)
     try:
         weights = {}
         for f in sorted((path / "model").glob("*.safetensors")):
@@ -530,7 +546,150 @@ def keep_metrics(path, steps_done):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Training
+# The per-token advantage view: A [B, T] drawn over the tokens (python igsearch.py show --run DIR --step N)
+
+def view_records(rollouts, tok):
+    """Rollouts as plain JSON-able dicts, each token decoded on its own (so `show` needs no tokenizer)."""
+    return [{"question": r.question["question"], "golds": r.question["golden_answers"], "group": r.group,
+             "tokens": [tok.decode([t]) for t in r.ids], "roles": list(r.roles), "answer": r.answer,
+             "reward": float(r.reward),
+             "searches": [{"query": s["query"], "query_span": list(s["query_span"]), "ig": s.get("ig")}
+                          for s in r.searches]} for r in rollouts]
+
+
+def adv_rgb(a, scale):
+    """Diverging scale: blue (-scale) .. white (0) .. red (+scale)."""
+    t = max(-1.0, min(1.0, a / scale)) if scale > 0 else 0.0
+    fade = round(255 * (1 - abs(t)))
+    return (255, fade, fade) if t > 0 else (fade, fade, 255)
+
+
+def _spans(rec):
+    """Token index -> (search step, IG) for tokens inside a query span."""
+    where = {}
+    for t, s in enumerate(rec["searches"]):
+        for k in range(*s["query_span"]):
+            where[k] = (t, s["ig"])
+    return where
+
+
+def html_from_records(records, A, title, scale=None):
+    import html
+    A = torch.as_tensor(A, dtype=torch.float32)
+    scale = scale or float(A.abs().max()) or 1.0
+    legend = "".join(f'<span class="t" style="background:rgb{adv_rgb(v * scale, scale)}">{v * scale:+.2f}</span>'
+                     for v in (-1, -0.5, 0, 0.5, 1))
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>"
+             "body{font-family:sans-serif;margin:1em} .roll{border-top:1px solid #ccc;padding:.5em 0}"
+             ".toks{font-family:monospace;white-space:pre-wrap;line-height:1.9}"
+             ".t{padding:1px 0} .grey{color:#999;background:#f3f3f3} "
+             ".query{outline:2px solid #222;outline-offset:1px} .ig{font-size:75%;font-weight:bold;"
+             "background:#ffd;border:1px solid #222;margin-left:3px;padding:0 2px}</style></head><body>",
+             f"<h2>{html.escape(title)}</h2><p>Per-token advantage A[i, k] on policy tokens: "
+             f"{legend} (blue negative, white 0, red positive). Prompt and observation tokens are grey; "
+             "query spans are outlined, with their information gain.</p>"]
+    for i, rec in enumerate(records):
+        q = _spans(rec)
+        parts.append(f"<div class='roll'><b>rollout {i}</b> (group {rec['group']}) &nbsp; reward "
+                     f"{rec['reward']:.3f} &nbsp; answer {html.escape(repr(rec['answer']))} &nbsp; gold "
+                     f"{html.escape(' | '.join(rec['golds']))}<div class='toks'>")
+        in_prompt = False
+        for k, (text, role) in enumerate(zip(rec["tokens"], rec["roles"])):
+            if role == grpo.PROMPT and not in_prompt:
+                parts.append("<details><summary>prompt</summary>")
+                in_prompt = True
+            if role != grpo.PROMPT and in_prompt:
+                parts.append("</details>")
+                in_prompt = False
+            if k in q and (k == 0 or q.get(k - 1, (None,))[0] != q[k][0]):
+                parts.append(f"<span class='query' title='search step {q[k][0]}'>")
+            a = float(A[i, k]) if k < A.shape[1] else 0.0
+            if role == grpo.POLICY:
+                parts.append(f'<span class="t" style="background:rgb{adv_rgb(a, scale)}" title="A={a:+.3f}">'
+                             f"{html.escape(text)}</span>")
+            else:
+                parts.append(f'<span class="t grey">{html.escape(text)}</span>')
+            if k in q and q.get(k + 1, (None,))[0] != q[k][0]:
+                ig = q[k][1]
+                parts.append("</span>" + (f"<span class='ig'>IG {ig:+.3f}</span>" if ig is not None else ""))
+        parts.append(("</details>" if in_prompt else "") + "</div></div>")
+    parts.append("</body></html>")
+    return "".join(parts)
+
+
+def render_html(rollouts, A, tok, title="", scale=None):
+    """A self-contained HTML page (no script, no network) of a group's rollouts coloured by A [B, T]."""
+    return html_from_records(view_records(rollouts, tok), A, title, scale)
+
+
+def ansi_from_records(records, A, title, scale=None, prompt=False):
+    A = torch.as_tensor(A, dtype=torch.float32)
+    scale = scale or float(A.abs().max()) or 1.0
+    lines = [f"{title}  (background: A, blue < 0 < red, |A| = {scale:.3f} is full colour; grey: prompt/obs; "
+             "underlined: query)"]
+    for i, rec in enumerate(records):
+        q = _spans(rec)
+        lines.append(f"\n== rollout {i} (group {rec['group']})  reward {rec['reward']:.3f}  answer {rec['answer']!r}")
+        out = []
+        for k, (text, role) in enumerate(zip(rec["tokens"], rec["roles"])):
+            if role == grpo.PROMPT and not prompt:
+                continue
+            under = "\x1b[4m" if k in q else ""
+            if role == grpo.POLICY:
+                r, g, b = adv_rgb(float(A[i, k]), scale)
+                out.append(f"\x1b[48;2;{r};{g};{b}m\x1b[30m{under}{text}\x1b[0m")
+            else:
+                out.append(f"\x1b[90m{text}\x1b[0m")
+            if k in q and q.get(k + 1, (None,))[0] != q[k][0] and q[k][1] is not None:
+                out.append(f"\x1b[1m[IG {q[k][1]:+.3f}]\x1b[0m")
+        lines.append("".join(out))
+    return "\n".join(lines) + "\n"
+
+
+def render_ansi(rollouts, A, tok, title="", scale=None, prompt=False):
+    """The terminal version of render_html (24-bit colour escapes); the prompt is left out unless asked."""
+    return ansi_from_records(view_records(rollouts, tok), A, title, scale, prompt)
+
+
+def save_view(out, step, rollouts, A, tok):
+    """views/step_N.json (tokens, roles, spans, IG, rewards, A) and views/step_N.html."""
+    views = Path(out) / "views"
+    views.mkdir(parents=True, exist_ok=True)
+    records = view_records(rollouts, tok)
+    rows = [A[i, :len(rec["tokens"])].tolist() for i, rec in enumerate(records)]
+    (views / f"step_{step}.json").write_text(json.dumps({"step": step, "rollouts": records, "A": rows}))
+    (views / f"step_{step}.html").write_text(html_from_records(records, pad_rows(rows), f"{out} step {step}"))
+
+
+def pad_rows(rows):
+    T = max(len(r) for r in rows)
+    return [r + [0.0] * (T - len(r)) for r in rows]
+
+
+def show_command(argv):
+    p = argparse.ArgumentParser(prog="igsearch.py show", description="Render a saved training step: tokens "
+                                "coloured by their advantage A[i, k]")
+    p.add_argument("--run", required=True)
+    p.add_argument("--step", type=int, default=None, help="default: the last saved step")
+    p.add_argument("--html", default=None, help="write the HTML page here (default: print to the terminal)")
+    p.add_argument("--prompt", action="store_true", help="show the prompt tokens in the terminal too")
+    args = p.parse_args(argv)
+    views = Path(args.run) / "views"
+    saved = sorted(views.glob("step_*.json"), key=lambda f: int(f.stem.split("_")[1])) if views.is_dir() else []
+    if not saved:
+        raise DataError(f"{args.run}: no saved steps (views/step_N.json); train with --show-every 1")
+    path = views / f"step_{args.step}.json" if args.step is not None else saved[-1]
+    if not path.is_file():
+        have = ", ".join(f.stem.split("_")[1] for f in saved)
+        raise DataError(f"{args.run}: step {args.step} was not saved (saved steps: {have})")
+    view = json.loads(path.read_text())
+    A, title = pad_rows(view["A"]), f"{args.run} step {view['step']}"
+    if args.html:
+        Path(args.html).write_text(html_from_records(view["rollouts"], A, title))
+        print(f"wrote {args.html}")
+    else:
+        sys.stdout.write(ansi_from_records(view["rollouts"], A, title, prompt=args.prompt))
+
 
 # ----------------------------------------------------------------------------------------------------
 # The credit-assignment demo (python igsearch.py --demo)
@@ -598,6 +757,9 @@ def demo():
         print(f"{k:>4}  {a:8.3f}  {b:8.3f}")
 
 
+# ----------------------------------------------------------------------------------------------------
+# Training
+
 def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed)
@@ -650,6 +812,7 @@ def train(cfg, resume=False):
     elif not resume:  # a fresh run in an old directory: never mix its files with the old run's
         (out / "metrics.jsonl").unlink(missing_ok=True)
         shutil.rmtree(out / "ckpt", ignore_errors=True)
+        shutil.rmtree(out / "views", ignore_errors=True)
     train_q = splits["train"]
     with open(out / "metrics.jsonl", "a") as log:
         for step in tqdm(range(start, cfg.steps), desc=f"GRPO {cfg.reward}", disable=None,
@@ -671,12 +834,215 @@ def train(cfg, resume=False):
     return {"before": before, "after": after, "out": str(out)}
 
 
-def save_view(out, step, rollouts, A, tok):
-    """Placeholder until the per-token advantage view exists."""
+# ----------------------------------------------------------------------------------------------------
+# python igsearch.py eval --model PATH_OR_RUN --data FILE[,FILE...]
+
+def latest_model_dir(run_dir):
+    """The model/ directory of the run's newest intact checkpoint (a damaged one is reported and skipped)."""
+    for path in checkpoints(run_dir):
+        try:
+            check_manifest(path)
+            return path / "model"
+        except DataError as e:
+            print(f"warning: {e}; using the previous checkpoint", file=sys.stderr)
+    raise DataError(f"{run_dir}: the run has no complete checkpoint to evaluate")
+
+
+def eval_sets(spec):
+    """eval's --data: comma-separated tiny (its test split) | hotpotqa:PATH | FlashRAG JSONL -> [(name, questions)]."""
+    sets = []
+    for part in [p.strip() for p in spec.split(",") if p.strip()]:
+        if part == "tiny":
+            from data.prepare import load_tiny_qa
+            sets.append(("tiny-test", load_tiny_qa(seed=0)["test"]))
+        elif part.startswith("hotpotqa:"):
+            sets.append(("hotpotqa", retrieve.load_hotpotqa(part.partition(":")[2])[1]))
+        elif Path(part).is_file():
+            sets.append((Path(part).stem, retrieve.load_questions(part)))
+        else:
+            raise DataError(f"--data {part}: no such file (use tiny, hotpotqa:PATH or a FlashRAG JSONL file)")
+        if not sets[-1][1]:
+            raise DataError(f"--data {part}: no questions found")
+    if not sets:
+        raise DataError("--data is empty")
+    return sets
+
+
+def answer_retrieved(r):
+    """Does a gold alias appear (normalized, as whole words) in a document the rollout retrieved?"""
+    golds = [rewards.normalize_answer(g) for g in r.question["golden_answers"]]
+    texts = [" " + rewards.normalize_answer(d["title"] + " " + d["text"]) + " " for s in r.searches for d in s["docs"]]
+    return any(g and f" {g} " in t for g in golds for t in texts)
+
+
+def prediction_record(name, r):
+    return {"dataset": name, "id": r.question.get("id"), "question": r.question["question"],
+            "golds": r.question["golden_answers"], "prediction": r.answer,
+            "em": rewards.exact_match(r.answer, r.question["golden_answers"]),
+            "f1": rewards.f1_score(r.answer, r.question["golden_answers"]), "searches": len(r.searches),
+            "queries": [s["query"] for s in r.searches], "answer_retrieved": answer_retrieved(r)}
+
+
+def eval_command(argv):
+    p = argparse.ArgumentParser(prog="igsearch.py eval", description="Greedy evaluation of a model or a run's "
+                                "last checkpoint: EM, F1, searches, answer retrieved; predictions as JSONL")
+    p.add_argument("--model", required=True, help="hub id, model directory, .gguf, tiny-random, or a run directory")
+    p.add_argument("--data", default=None, help="comma-separated: tiny | hotpotqa:PATH | FlashRAG JSONL "
+                   "(default: the run's --data, else tiny)")
+    p.add_argument("--corpus", default=None, help="vital | hotpotqa:PATH | jsonl:PATH (default: the run's, else vital)")
+    p.add_argument("--out", default=None, help="predictions JSONL (default RUN/eval.jsonl for a run, else eval.jsonl)")
+    p.add_argument("--limit", type=int, default=0, help="at most this many questions per dataset (0 = all)")
+    for name in ("max_turns", "topk", "max_turn_tokens", "max_response_tokens", "eval_batch", "seed"):
+        p.add_argument("--" + name.replace("_", "-"), type=int, default=None)
+    p.add_argument("--device", default=None)
+    args = p.parse_args(argv)
+
+    model_path = Path(args.model)
+    is_run = (model_path / "ckpt").is_dir() or ((model_path / "config.json").is_file() and
+                                                 (model_path / "metrics.jsonl").exists())
+    cfg = run_config(model_path) if is_run else Config()
+    explicit = {k: v for k, v in vars(args).items() if k in {f.name for f in dataclasses.fields(Config)} and v is not None}
+    cfg = dataclasses.replace(cfg, **explicit)
+    if not is_run:
+        cfg = dataclasses.replace(cfg, model=args.model)
+    data = args.data or (cfg.data if is_run else "tiny")
+    sets = eval_sets(data)
+    docs = load_corpus(cfg.corpus)
+    retriever = retrieve.Retriever(docs)
+    name = str(latest_model_dir(model_path)) if is_run else cfg.model
+    seed_everything(cfg.seed)
+    model, tok, smoke = load_model(name, pick_device(cfg.device), cfg.seed)
+    out = Path(args.out or (model_path / "eval.jsonl" if is_run else "eval.jsonl"))
+    rows = []
+    with open(out, "w") as f:
+        for set_name, questions in sets:
+            questions = questions[: args.limit] if args.limit > 0 else questions
+            summary, rollouts = evaluate(model, tok, retriever, questions, cfg)
+            records = [prediction_record(set_name, r) for r in rollouts]
+            for rec in records:
+                f.write(json.dumps(rec) + "\n")
+            rows.append({"dataset": set_name, "n": len(records), "em": summary["em"], "f1": summary["f1"],
+                         "searches": summary["searches"],
+                         "answer_retrieved": float(np.mean([rec["answer_retrieved"] for rec in records]))})
+    print(f"Greedy evaluation of {name}" + (" (smoke run: random weights)" if smoke else ""))
+    print_table(rows, ["dataset", "n", "em", "f1", "searches", "answer_retrieved"])
+    print(f"predictions: {out}")
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------
+# python igsearch.py plot --run DIR [DIR ...]: training curves, runs overlaid
+
+CURVES = [("reward", ("reward",)), ("EM", ("em",)), ("information gain", ("ig_mean", "ir_ig_mean")),
+          ("KL to reference", ("kl",)), ("response length (tokens)", ("response_len",)),
+          ("searches per rollout", ("searches",))]
+
+
+def read_metrics(run_dir):
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise DataError(f"{run_dir}: no metrics.jsonl (not a run directory?)")
+    rows = []
+    for ln in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(ln))
+        except json.JSONDecodeError:  # the half-written last line of a killed run
+            pass
+    return rows
+
+
+def curves(run_dir):
+    """{panel title: (steps, values)} of one run; the IG panel reads ig_mean (IG-Search) or ir_ig_mean
+    (InfoReasoner), and a run without either has no IG curve."""
+    rows = read_metrics(run_dir)
+    out = {}
+    for title, keys in CURVES:
+        key = next((k for k in keys if any(k in r for r in rows)), None)
+        if key is not None:
+            pts = [(r["step"], r[key]) for r in rows if key in r]
+            out[title] = ([s for s, _ in pts], [v for _, v in pts])
+    return out
+
+
+def plot_runs(runs, out):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise DataError("plot needs matplotlib, which is not installed: pip install matplotlib") from None
+    data = {str(r): curves(r) for r in runs}
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
+    for ax, (title, _) in zip(axes.flat, CURVES):
+        for i, (run, c) in enumerate(data.items()):
+            if title in c:  # a fixed colour per run: a run missing from one panel must not shift the others
+                ax.plot(*c[title], color=f"C{i}", label=Path(run).name, marker="." if len(c[title][0]) < 30 else None)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes.flat[0].legend(handles=[plt.Line2D([], [], color=f"C{i}", label=Path(r).name) for i, r in enumerate(data)])
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def plot_command(argv):
+    p = argparse.ArgumentParser(prog="igsearch.py plot", description="Training curves of runs, overlaid: reward, "
+                                "EM, IG, KL, response length, searches per rollout vs step")
+    p.add_argument("--run", nargs="+", required=True, help="run directories")
+    p.add_argument("--out", default=None, help="PNG file (default RUN/curves.png for one run, else curves.png)")
+    args = p.parse_args(argv)
+    out = args.out or (str(Path(args.run[0]) / "curves.png") if len(args.run) == 1 else "curves.png")
+    for r in args.run:
+        read_metrics(r)  # a bad directory fails before matplotlib is asked for
+    print(f"wrote {plot_runs(args.run, out)}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# python igsearch.py compare --tiny: the three rewards from the same seed and data, one table
+
+REWARDS = ("outcome", "igsearch", "inforeasoner")
+
+
+def compare_command(argv):
+    """Train outcome, igsearch and inforeasoner with the same flags (parse_args's; --out is the parent
+    directory), then print EM/F1 before/after, searches per question and seconds per step, and plot."""
+    cfg, args = parse_args(argv)
+    if args.resume or args.demo:
+        raise DataError("compare takes training flags only (no --resume, --demo)")
+    root = Path(cfg.out or f"runs/compare-s{cfg.seed}")
+    rows = []
+    for reward in REWARDS:
+        print(f"\n=== {reward} ===")
+        result = train(dataclasses.replace(cfg, reward=reward, out=str(root / reward)))
+        steps = read_metrics(result["out"])
+        per_step = [sum(v for k, v in m.items() if k.startswith("time_")) for m in steps]
+        b, a = result["before"], result["after"]
+        rows.append({"reward": reward, "em_before": b.get("em", float("nan")), "f1_before": b.get("f1", float("nan")),
+                     "em_after": a.get("em", float("nan")), "f1_after": a.get("f1", float("nan")),
+                     "searches": a.get("searches", float("nan")),
+                     "s_per_step": float(np.mean(per_step)) if per_step else float("nan")})
+    print(f"\nSame seed ({cfg.seed}), data ({cfg.data}) and {cfg.steps} steps; greedy evaluation on "
+          f"{cfg.eval_questions} dev questions at most")
+    print_table(rows, ["reward", "em_before", "f1_before", "em_after", "f1_after", "searches", "s_per_step"])
+    (root / "compare.json").write_text(json.dumps(rows, indent=1))
+    try:
+        print(f"curves: {plot_runs([root / r for r in REWARDS], root / 'curves.png')}")
+    except DataError as e:  # matplotlib is optional; the table stands on its own
+        print(f"no curves: {e}")
+    return rows
+
+
+COMMANDS = {"eval": eval_command, "show": show_command, "plot": plot_command, "compare": compare_command}
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
+        if argv and argv[0] in COMMANDS:
+            COMMANDS[argv[0]](argv[1:])
+            return 0
         cfg, args = parse_args(argv)
         if args.demo:
             demo()

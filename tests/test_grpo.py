@@ -28,6 +28,16 @@ DOCS = [
 QUESTION = {"id": "q0", "question": "What is the capital of France?", "golden_answers": ["Paris"]}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One intra-op thread for this module: the matrices are tiny, so a second thread gains little, and on a
+    shared CPU (tests run beside other jobs) OpenMP threads waiting on each other made the file 3x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def tiny():
     """(model, tok): shared by the tests that do not change the weights (the others deep-copy the model)."""
@@ -270,6 +280,11 @@ def test_stop_string_across_a_token_boundary(engine, two_prompts):
     # row selected out of the batch) and still equals its own greedy continuation
     assert gens[0] == ref_s[:k + 1] and why[0] == stop
     assert gens[1] == ref_l and why[1] == "length"
+    # a stop string inside the very first token (its text without the first and last character): one token
+    inner = tok.decode(ref_s[:1])[1:-1]
+    assert len(inner) >= 2 and inner not in tok.decode(ref_l)
+    gens, why = grpo.generate_turn(model, tok, [short, long], [12, 12], [inner], set(), 0.0, None)
+    assert gens == [ref_s[:1], ref_l] and why == [inner, "length"]
 
 
 def test_eos_stops_a_row(engine, two_prompts):
@@ -312,6 +327,23 @@ def test_stop_string_whatever_its_tokenization(tiny, pieces):
     assert gens == [script[:n_stop]] and why == ["</search>"]
 
 
+def test_engine_rollouts_equal_scripted_rollouts(tiny, retriever):
+    # the real engine (generate_rollouts without turn_fn) forced to write two turns, against the same texts run
+    # through scripted_turns: the same ids and roles, position by position, for two prompts of different lengths
+    model, tok = tiny
+    turns = ["<search> Berlin </search>", "<think>ok</think> <answer> Berlin </answer>"]
+    script = enc(tok, turns[0]) + enc(tok, turns[1])
+    questions = [QUESTION, {"id": "q1", "question": "Capital of Germany, the country east of France?",
+                            "golden_answers": ["Berlin"]}]
+    real = grpo.generate_rollouts(Forced(model, script), tok, questions, [0, 1], retriever, max_turns=2,
+                                  temperature=0.0)
+    scripted = run_scripts(tok, retriever, [turns, turns], questions=questions, groups=[0, 1], max_turns=2)
+    for r, s in zip(real, scripted):
+        assert r.ids == s.ids and r.roles == s.roles
+        assert r.answer == "Berlin" and [x["query_span"] for x in r.searches] == [x["query_span"] for x in s.searches]
+    assert len(real[0].ids) != len(real[1].ids)
+
+
 def test_sampling_is_reproducible_with_a_seeded_generator(engine, two_prompts):
     model, tok = engine
     short, long, _, _ = two_prompts
@@ -323,7 +355,6 @@ def test_sampling_is_reproducible_with_a_seeded_generator(engine, two_prompts):
 # ----------------------------------------------------------------------------------------------------
 # 3. The loss (METHOD §3.3), against numbers worked out by hand
 
-L = math.log
 MASK = torch.tensor([[0, 1, 1, 1], [0, 1, 1, 0]])             # 5 policy tokens: 3 in row 0, 2 in row 1
 ADV = torch.tensor([[5.0, 1.0, 1.0, 1.0], [7.0, -2.0, -2.0, 9.0]])  # non-zero off the mask: must be ignored
 LOGP = torch.tensor([[-1.0, -2.0, -0.5, -3.0], [-0.7, -1.5, -2.5, -0.1]])
@@ -343,7 +374,6 @@ RATIO = torch.tensor([[1.0, 1.5, 0.5, 1.1], [1.0, 0.5, 1.5, 2.0]])
 # pg = -min(r A, clip(r, 0.8, 1.2) A):
 #   row 0:  r=1.5 -> -min(1.5, 1.2) = -1.2   r=0.5 -> -min(0.5, 0.8) = -0.5   r=1.1 -> -1.1
 #   row 1:  r=0.5 -> -min(-1.0, -1.6) = 1.6  r=1.5 -> -min(-3.0, -2.4) = 3.0
-PG = [[-1.2, -0.5, -1.1], [1.6, 3.0]]
 
 
 def test_loss_with_clipping():
@@ -355,7 +385,7 @@ def test_loss_with_clipping():
     assert st["clip_frac"] == pytest.approx(4 / 5)
     loss, _ = grpo.grpo_loss(LOGP, logp_old, None, ADV, MASK, agg="seq-mean-token-mean")
     assert loss.item() == pytest.approx(((-1.2 - 0.5 - 1.1) / 3 + (1.6 + 3.0) / 2) / 2, abs=1e-5)
-    # a wider clip range: only r = 0.5 and 1.5 with eps 0.6 stay inside -> pg = -r A everywhere
+    # a wider clip range: every ratio is inside [0.4, 1.6] -> pg = -r A everywhere
     loss, st = grpo.grpo_loss(LOGP, logp_old, None, ADV, MASK, clip_eps=0.6)
     assert loss.item() == pytest.approx((-1.5 - 0.5 - 1.1 + 1.0 + 3.0) / 5, abs=1e-5)
     assert st["clip_frac"] == 0.0
@@ -468,3 +498,317 @@ def test_token_advantages_element_by_element(tok, retriever):
             roles.add(role)
             assert A[b, k].item() == (adv[b].item() if role == POLICY else 0.0), (b, k, role)
     assert roles == {PAD, PROMPT, POLICY, OBS}
+
+
+# ----------------------------------------------------------------------------------------------------
+# 6. Gradients on the tiny model (METHOD §3.3, §3.4)
+
+@pytest.fixture
+def scripted_batch(tok, retriever):
+    """One group of two rollouts with prompt, policy, observation and padding positions."""
+    rs = run_scripts(tok, retriever, [[TURN0, TURN2], ["hmm", "<answer> Lyon </answer>"]], max_turns=2)
+    return rs, grpo.collate(rs, tok.pad_token_id)
+
+
+def _loss_and_grads(model, batch, rewards, beta_kl=0.0):
+    model.zero_grad(set_to_none=True)
+    adv = grpo.group_advantages(rewards, [0] * len(rewards))
+    A = grpo.token_advantages(adv, batch.roles)
+    mask = batch.policy_mask
+    logp = grpo.token_logprobs(model, batch.ids, batch.attention_mask, mask)
+    ref = logp.detach() - 0.1 if beta_kl > 0 else None
+    loss, _ = grpo.grpo_loss(logp, logp.detach(), ref, A, mask, beta_kl=beta_kl)
+    loss.backward()
+    return {n: p.grad for n, p in model.named_parameters()}
+
+
+def test_equal_rewards_give_exactly_zero_gradient(tiny, scripted_batch):
+    model = copy.deepcopy(tiny[0])
+    _, batch = scripted_batch
+    grads = _loss_and_grads(model, batch, [1.0, 1.0])
+    assert len(grads) > 10
+    for name, g in grads.items():
+        assert g is not None and torch.count_nonzero(g) == 0, name
+    # different rewards: a gradient, and on the layers too, not just the embedding
+    grads = _loss_and_grads(model, batch, [1.0, 0.0])
+    nonzero = [n for n, g in grads.items() if torch.count_nonzero(g) > 0]
+    assert len(nonzero) == len(grads)
+
+
+def test_equal_rewards_leave_the_weights_unchanged_through_update_policy(tiny, scripted_batch):
+    model = copy.deepcopy(tiny[0])
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    _, batch = scripted_batch
+    cfg = igsearch.Config(lr=1e-2, beta_kl=0.0, micro_batch=1)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+    A = grpo.token_advantages(grpo.group_advantages([0.0, 0.0], [0, 0]), batch.roles)
+    stats = igsearch.update_policy(model, None, opt, batch, A, cfg)
+    assert stats["grad_norm"] == 0.0 and stats["loss"] == 0.0
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    A = grpo.token_advantages(grpo.group_advantages([1.0, 0.0], [0, 0]), batch.roles)
+    stats = igsearch.update_policy(model, None, opt, batch, A, cfg)
+    assert stats["grad_norm"] > 0 and not all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
+def test_micro_batching_does_not_change_the_update(tiny, tok, retriever, agg):
+    # three rollouts with different numbers of policy tokens: a micro-batch normalized by its own token count
+    # (instead of the batch's) would weigh them differently. Plain SGD, no clipping: the step is -lr * gradient.
+    rs = run_scripts(tok, retriever, [[TURN0, TURN2], ["hmm", "<answer> Lyon </answer>"], ["<answer> Paris </answer>"]],
+                     max_turns=2)
+    batch = grpo.collate(rs, tok.pad_token_id)
+    A = grpo.token_advantages(torch.tensor([1.0, -0.4, -0.6]), batch.roles)
+    results = []
+    for mb in (1, 2, 3):
+        model = copy.deepcopy(tiny[0])
+        ref = copy.deepcopy(tiny[0])
+        with torch.no_grad():
+            ref.model.norm.weight.mul_(1.5)  # a reference that differs, so the KL term has a gradient too
+        cfg = igsearch.Config(beta_kl=0.1, micro_batch=mb, grad_clip=1e9, loss_agg=agg)
+        stats = igsearch.update_policy(model, ref, torch.optim.SGD(model.parameters(), lr=1.0), batch, A, cfg)
+        results.append((stats, {n: p.detach() for n, p in model.named_parameters()}))
+    (s1, w1), *others = results
+    assert s1["kl"] > 0 and s1["grad_norm"] > 0
+    for s, w in others:
+        assert s["loss"] == pytest.approx(s1["loss"], abs=1e-6)
+        assert s["kl"] == pytest.approx(s1["kl"], rel=1e-5)
+        assert s["grad_norm"] == pytest.approx(s1["grad_norm"], rel=1e-4)
+        for n in w1:
+            assert torch.allclose(w[n], w1[n], atol=1e-6), n
+
+
+@pytest.mark.parametrize("beta_kl", [0.0, 0.5])
+def test_gradient_reaches_only_policy_positions(tiny, scripted_batch, beta_kl):
+    model, _ = tiny
+    _, batch = scripted_batch
+    mask = batch.policy_mask
+    with torch.no_grad():
+        lp = grpo.token_logprobs(model, batch.ids, batch.attention_mask, mask)
+    logp = lp.detach().requires_grad_()  # a leaf: d loss / d logp per position
+    # a non-zero advantage and log-prob everywhere, also where the mask is off: the mask alone must cut them
+    A = torch.full(lp.shape, 0.7)
+    A[1] = -1.3
+    logp_ref = lp + 0.2
+    loss, _ = grpo.grpo_loss(logp, lp.clone() + 0.01, logp_ref, A, mask, beta_kl=beta_kl)
+    loss.backward()
+    g = logp.grad
+    assert torch.count_nonzero(g[~mask]) == 0
+    assert torch.count_nonzero(g[mask]) == int(mask.sum())
+    # by hand: ratio = exp(logp - logp_old) = exp(-0.01) is inside the clip range, so d pg / d logp = -ratio A;
+    # d k3 / d logp = 1 - exp(d) with d = logp_ref - logp = 0.2; all divided by the n policy tokens
+    n = int(mask.sum())
+    r = math.exp(-0.01)
+    expected = (-r * A + beta_kl * (1 - math.exp(0.2))) / n
+    assert torch.allclose(g[mask], expected[mask], atol=1e-6)
+    # the batch has prompt, observation and padding positions, and the mask is exactly its policy positions
+    assert set(batch.roles[mask].tolist()) == {POLICY}
+    assert (batch.roles[~mask] != POLICY).all() and (batch.roles == OBS).any()
+
+
+# ----------------------------------------------------------------------------------------------------
+# 7. token_logprobs equals a plain full forward pass
+
+def test_token_logprobs_matches_a_full_forward(engine):
+    model, tok = engine
+    texts = ["The Seine flows through Paris and into the English Channel at Le Havre.",
+             "<search> capital of France </search>",
+             "Hi",
+             "<answer> Paris </answer> is the answer to the question"]
+    seqs = [enc(tok, t) for t in texts]
+    lens = [len(s) for s in seqs]
+    assert len(set(lens)) == 4  # right padding of different amounts
+    T = max(lens)
+    ids = torch.full((4, T), tok.pad_token_id)
+    attn = torch.zeros((4, T), dtype=torch.long)
+    for b, s in enumerate(seqs):
+        ids[b, :len(s)], attn[b, :len(s)] = torch.tensor(s), 1
+    # two masks: every real position after the first; and a sparse pattern (row 2 has no masked position)
+    dense = attn.bool().clone()
+    dense[:, 0] = False
+    sparse = dense & (torch.arange(T) % 3 == 1)
+    sparse[2] = False
+    with torch.no_grad():
+        # log pi(token k | tokens < k) at every position, one unpadded sequence at a time
+        full = torch.zeros(ids.shape)
+        for b, s in enumerate(seqs):
+            seq = torch.tensor(s)
+            lsm = model(input_ids=seq[None]).logits[0].float().log_softmax(-1)  # [n, V]
+            full[b, 1:len(s)] = lsm[:-1].gather(-1, seq[1:, None]).squeeze(-1)
+        for mask in (dense, sparse):
+            expected = torch.where(mask, full, torch.zeros(()))
+            for mb in (1, 3):
+                got = grpo.token_logprobs(model, ids, attn, mask, micro_batch=mb)
+                assert got.shape == ids.shape
+                assert torch.count_nonzero(got[~mask]) == 0
+                assert torch.allclose(got, expected, atol=2e-5), (mb, (got - expected).abs().max())
+                assert (got[mask] < 0).all()
+
+
+# ----------------------------------------------------------------------------------------------------
+# 8. A learning check: the update moves the policy toward reward (a flipped sign would move it away)
+
+def _toy_task(tiny, sign, steps=4, G=8):
+    """Prompt "Answer:"; one sampled token; reward 1 when it is the target (the initial most likely token).
+    The final norm is scaled so that the random model has a peaked next-token distribution (p(target) 0.36)."""
+    model, tok = copy.deepcopy(tiny[0]), tiny[1]
+    with torch.no_grad():
+        model.model.norm.weight.fill_(25.0)
+    prompt = enc(tok, "Answer:")
+
+    def p_target():
+        with torch.no_grad():
+            probs = model(input_ids=torch.tensor([prompt])).logits[0, -1].float().softmax(-1)
+        return probs
+
+    probs = p_target()
+    target = int(probs.argmax())
+    p0 = probs[target].item()
+    cfg = igsearch.Config(lr=3e-5, beta_kl=0.0, micro_batch=4)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(0)
+    hits = []
+    for _ in range(steps):
+        gens, why = grpo.generate_turn(model, tok, [prompt] * G, [1] * G, [], set(), 1.0, gen)
+        assert all(len(g) == 1 for g in gens) and why == ["length"] * G
+        R = [float(g[0] == target) for g in gens]
+        hits.append(int(sum(R)))
+        adv = grpo.group_advantages(R, [0] * G)
+        batch = grpo.Batch(torch.tensor([prompt + g for g in gens]),
+                           torch.tensor([[PROMPT] * len(prompt) + [POLICY]] * G))
+        A = sign * grpo.token_advantages(adv, batch.roles)
+        igsearch.update_policy(model, None, opt, batch, A, cfg)
+    return p0, p_target()[target].item(), hits
+
+
+def test_policy_learns_the_rewarded_token(tiny):
+    p0, p1, hits = _toy_task(tiny, +1)
+    assert 0.2 < p0 < 0.5 and 0 < hits[0] < 8    # the reward is informative from the first step
+    assert p1 > 2 * p0, (p0, p1, hits)
+
+
+def test_flipped_advantage_unlearns_it(tiny):
+    p0, p1, hits = _toy_task(tiny, -1)
+    assert p1 < p0 / 4, (p0, p1, hits)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 9. Seeded runs repeat exactly (igsearch.train on the tiny random model, a hand-made corpus and QA file)
+
+QA = [("What is the capital of France?", "Paris"), ("Which river flows through Paris?", "Seine"),
+      ("What is the capital of Germany?", "Berlin"), ("Which river flows through Vienna?", "Danube"),
+      ("What is the capital of Japan?", "Tokyo"), ("Where does the Seine flow?", "Paris"),
+      ("Which city is the largest of France?", "Paris"), ("Which river flows through Budapest?", "Danube"),
+      ("Which country has Berlin as its capital?", "Germany"), ("Which country has Tokyo as its capital?", "Japan")]
+
+
+@pytest.fixture
+def qa_files(tmp_path):
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps({"id": f"q{i}", "question": q, "golden_answers": [a]}) + "\n"
+                            for i, (q, a) in enumerate(QA)))
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"id": d["id"], "contents": f'"{d["title"]}"\n{d["text"]}'}) + "\n"
+                              for d in DOCS))
+    return data, corpus
+
+
+_LOAD_MODEL, _TRAIN_STEP = igsearch.load_model, igsearch.train_step
+
+
+def _run(monkeypatch, tmp_path, data, corpus, seed, name, steps=2):
+    """One train() call; returns (metrics lines, sampled ids per step, final weights)."""
+    models, sampled = [], []
+    load_model, train_step = _LOAD_MODEL, _TRAIN_STEP  # the originals, not an earlier run's wrappers
+
+    def capture_model(*a, **kw):
+        out = load_model(*a, **kw)
+        models.append(out[0])
+        return out
+
+    def capture_step(*a, **kw):
+        metrics, rollouts, A = train_step(*a, **kw)
+        sampled.append([r.ids for r in rollouts])
+        return metrics, rollouts, A
+
+    def parity_reward(rollouts):
+        # a random model never answers, so EM is always 0 and nothing is learnt; reward the parity of the first
+        # sampled token instead, so that the groups have different rewards and the weights do change
+        em = [float(r.ids[r.roles.index(POLICY)] % 2) for r in rollouts]
+        return em, em
+
+    monkeypatch.setattr(igsearch, "load_model", capture_model)
+    monkeypatch.setattr(igsearch, "train_step", capture_step)
+    monkeypatch.setattr(igsearch, "score_outcome", parity_reward)
+    cfg = igsearch.Config(model="tiny-random", corpus=f"jsonl:{corpus}", data=str(data), seed=seed,
+                          out=str(tmp_path / name), device="cpu", steps=steps, questions_per_step=2, group_size=3,
+                          max_turns=1, max_turn_tokens=4, max_response_tokens=40, eval_questions=1, lr=1e-4,
+                          save_every=100, show_every=0)
+    result = igsearch.train(cfg)
+    lines = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    lines = [{k: v for k, v in line.items() if not k.startswith("time_")} for line in lines]
+    weights = {n: p.detach().clone() for n, p in models[0].named_parameters()}
+    return result, lines, sampled, weights
+
+
+def test_seeded_runs_repeat_exactly(monkeypatch, tmp_path, qa_files):
+    data, corpus = qa_files
+    res_a, lines_a, ids_a, w_a = _run(monkeypatch, tmp_path, data, corpus, 0, "a")
+    res_b, lines_b, ids_b, w_b = _run(monkeypatch, tmp_path, data, corpus, 0, "b")
+    assert len(lines_a) == 2 and [line["step"] for line in lines_a] == [0, 1]
+    assert lines_a == lines_b and ids_a == ids_b
+    assert res_a["before"] == res_b["before"] and res_a["after"] == res_b["after"]
+    assert w_a.keys() == w_b.keys() and all(torch.equal(w_a[n], w_b[n]) for n in w_a)
+    # the run did learn something (otherwise equal weights would prove nothing)
+    assert any(line["grad_norm"] > 0 for line in lines_a)
+    init = dict(igsearch.tiny_random_model(0)[0].named_parameters())
+    assert not all(torch.equal(w_a[n], init[n]) for n in w_a)
+    # another seed samples other rollouts
+    _, lines_c, ids_c, _ = _run(monkeypatch, tmp_path, data, corpus, 1, "c", steps=1)
+    assert ids_c[0] != ids_a[0] and lines_c[0] != lines_a[0]
+
+
+# ----------------------------------------------------------------------------------------------------
+# 10. The command line
+
+@pytest.mark.parametrize("args, words", [
+    (["--reward", "bogus"], "--reward"),
+    (["--group-size", "1"], "--group-size"),
+    (["--loss-agg", "sum"], "--loss-agg"),
+])
+def test_cli_refuses_bad_settings(capsys, args, words):
+    assert igsearch.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and words in err
+
+
+def test_cli_missing_data_file(capsys, tmp_path, qa_files):
+    _, corpus = qa_files
+    missing = tmp_path / "nowhere" / "qa.jsonl"
+    assert igsearch.main(["--model", "tiny-random", "--corpus", f"jsonl:{corpus}", "--data", str(missing),
+                          "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and str(missing) in err
+
+
+def test_cli_tiny_random_runs_offline(capsys, monkeypatch, tmp_path, qa_files):
+    data, corpus = qa_files
+    attempts = []
+
+    def no_network(*a, **kw):
+        attempts.append(a)
+        raise OSError("network access in a test")
+
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    monkeypatch.setattr(socket.socket, "connect", lambda self, *a: no_network(*a))
+    monkeypatch.setattr(igsearch, "hub_reachable", lambda *a, **kw: attempts.append("hub_reachable") or False)
+    out = tmp_path / "run"
+    rc = igsearch.main(["--model", "tiny-random", "--corpus", f"jsonl:{corpus}", "--data", str(data),
+                        "--steps", "1", "--questions-per-step", "1", "--group-size", "2", "--max-turns", "1",
+                        "--max-turn-tokens", "4", "--max-response-tokens", "32", "--eval-questions", "1", "--show-every", "0",
+                        "--device", "cpu", "--out", str(out)])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert attempts == []
+    assert "SMOKE RUN" in captured.out
+    assert json.loads((out / "config.json").read_text())["model"] == "tiny-random"
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 1

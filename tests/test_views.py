@@ -1,0 +1,126 @@
+"""The per-token advantage view: HTML and terminal renderings of A [B, T] over a group's tokens."""
+import html
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+import grpo
+import igsearch
+import retrieve
+
+DOCS = [{"id": "d0", "title": "Marie Curie", "text": "Marie Curie discovered polonium."},
+        {"id": "d1", "title": "Isaac Newton", "text": "Newton wrote the Principia & <Opticks>."}]
+QUESTION = {"id": "q", "question": "Who discovered polonium?", "golden_answers": ["Marie Curie"]}
+SCRIPTS = [["<search> who discovered polonium </search>", "<answer> Marie Curie </answer>"],
+           ["<think>no idea</think> <answer> a < b & c </answer>"]]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return igsearch.qwen_tokenizer()
+
+
+@pytest.fixture
+def group(tok, tmp_path):
+    retriever = retrieve.Retriever(DOCS, cache_dir=tmp_path)
+    rollouts = grpo.generate_rollouts(None, tok, [QUESTION] * 2, [0, 0], retriever, max_turns=1,
+                                      turn_fn=grpo.scripted_turns(tok, SCRIPTS))
+    rollouts[0].reward, rollouts[1].reward = 1.0, 0.0
+    rollouts[0].searches[0]["ig"] = 0.42
+    batch = grpo.collate(rollouts, tok.pad_token_id)
+    A = grpo.token_advantages(torch.tensor([1.0, -0.5]), batch.roles)
+    A = grpo.add_query_bonus(A, rollouts, [[0.42], []], alpha=0.5)  # query tokens: 1 + 0.21
+    return rollouts, A
+
+
+TOKEN = re.compile(r'<span class="t( grey)?"(?: style="background:rgb\((\d+), (\d+), (\d+)\)" title="A=([-+.\d]+)")?>'
+                   r"(.*?)</span>", re.S)
+
+
+def rows_of(page):
+    """Per rollout: [(text, grey, rgb, A)] parsed back from the page."""
+    out = []
+    for block in page.split("<div class='roll'>")[1:]:
+        out.append([(html.unescape(m[5]), bool(m[0]), tuple(map(int, m[1:4])) if m[1] else None,
+                     float(m[4]) if m[4] else None) for m in TOKEN.findall(block)])
+    return out
+
+
+def test_html_has_every_token_in_order_with_its_colour(group, tok):
+    rollouts, A = group
+    page = igsearch.render_html(rollouts, A, tok, "a scripted group")
+    assert "<script" not in page and "http" not in page.lower()
+    rows = rows_of(page)
+    assert len(rows) == 2
+    scale = float(A.abs().max())
+    assert scale == pytest.approx(1.21)
+    for b, (r, row) in enumerate(zip(rollouts, rows)):
+        assert [t for t, *_ in row] == [tok.decode([i]) for i in r.ids]  # every token, in order
+        for k, (text, grey, rgb, a) in enumerate(row):
+            role = r.roles[k]
+            assert grey == (role != grpo.POLICY)
+            if role == grpo.POLICY:
+                assert a == pytest.approx(float(A[b, k]), abs=1e-3)
+                assert rgb == igsearch.adv_rgb(float(A[b, k]), scale)
+    qs, qe = rollouts[0].searches[0]["query_span"]
+    assert rows[0][qs][2] == (255, 0, 0)                  # the query: A = 1.21 = full red
+    assert rows[0][qe][2] is None                         # the information block after it: grey
+    answer_tok = rollouts[0].roles.index(grpo.POLICY, rollouts[0].searches[0]["info_span"][1])
+    assert rows[0][answer_tok][2] == (255, 44, 44)        # A = 1: 1/1.21 of the way to red
+    assert all(rgb == (150, 150, 255) for _, grey, rgb, _ in rows[1] if not grey)   # A = -0.5: 0.41 of the way to blue
+    assert "IG +0.420" in page and page.count("class='query'") == 1
+    assert "reward 1.000" in page and "answer &#x27;Marie Curie&#x27;" in page
+    assert "<Opticks>" not in page and " < b" not in page and "&amp;" in page     # escaped, never raw
+
+
+def test_colour_scale():
+    assert igsearch.adv_rgb(0.0, 1.0) == (255, 255, 255)
+    assert igsearch.adv_rgb(2.0, 1.0) == (255, 0, 0)
+    assert igsearch.adv_rgb(-1.0, 1.0) == (0, 0, 255)
+    assert igsearch.adv_rgb(0.5, 1.0) == (255, 128, 128)
+
+
+def test_ansi_view(group, tok):
+    rollouts, A = group
+    text = igsearch.render_ansi(rollouts, A, tok, "t")
+    assert "\x1b[48;2;255;0;0m" in text and "\x1b[48;2;150;150;255m" in text and "[IG +0.420]" in text
+    plain = lambda s: re.sub(r"\x1b\[[\d;]*m", "", s)
+    assert "Answer the question" not in plain(text)      # the prompt only on request
+    assert "Answer the question" in plain(igsearch.render_ansi(rollouts, A, tok, "t", prompt=True))
+
+
+def test_show_renders_a_saved_step(group, tok, tmp_path, capsys):
+    rollouts, A = group
+    run = tmp_path / "run"
+    igsearch.save_view(run, 3, rollouts, A, tok)
+    saved = json.loads((run / "views" / "step_3.json").read_text())
+    assert saved["A"][0] == A[0, :len(rollouts[0].ids)].tolist()
+    assert igsearch.main(["show", "--run", str(run), "--step", "3", "--html", str(tmp_path / "v.html")]) == 0
+    page = (tmp_path / "v.html").read_text()
+    assert rows_of(page) == rows_of((run / "views" / "step_3.html").read_text().replace(f"{run} step 3", "x"))
+    assert [t for t, *_ in rows_of(page)[0]] == [tok.decode([i]) for i in rollouts[0].ids]
+    assert igsearch.main(["show", "--run", str(run)]) == 0                 # the last saved step, in the terminal
+    assert "[IG +0.420]" in capsys.readouterr().out
+    assert igsearch.main(["show", "--run", str(run), "--step", "7"]) == 2
+    assert "step 7 was not saved (saved steps: 3)" in capsys.readouterr().err
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="/usr/bin/chromium is absent")
+def test_html_screenshot(group, tok, tmp_path):
+    rollouts, A = group
+    page = tmp_path / "view.html"
+    page.write_text(igsearch.render_html(rollouts, A, tok, "screenshot"))
+    png = tmp_path / "view.png"
+    subprocess.run([str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", f"--screenshot={png}",
+                    "--window-size=1200,900", page.as_uri()], check=True, timeout=60, capture_output=True)
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+    shutil.copy(png, tmp_path / "kept.png")
