@@ -193,7 +193,7 @@ from retrieve import DataError, format_docs  # noqa: E402
 IR_INSTRUCTION = ("Answer the question as briefly as possible: give only the answer, in a few words, "
                   "with no explanation.")
 IR_EPS = 1e-3       # METHOD §5.3: smoothing of p(c*) for the log estimator [our choice]
-IR_GEN_ROWS = 256   # rows per generate_turn call: bounds the KV cache (the samples depend on it, as on the seed)
+IR_GEN_TOKENS = 32768  # prompt tokens per generate_turn call (~ a rollout batch): bounds activations and KV cache
 
 
 def brief_answer_text(question, evidence=""):
@@ -424,8 +424,9 @@ def sample_answers(model, tok, prompts, cfg, generator):
     seqs = [p for p in prompts for _ in range(K)]                      # [P*K] prompt p at rows p*K .. p*K+K-1
     eos = grpo.stop_ids(tok, model)
     gens = []
-    for s in range(0, len(seqs), IR_GEN_ROWS):
-        chunk = seqs[s:s + IR_GEN_ROWS]
+    rows = max(1, IR_GEN_TOKENS // max(len(s) for s in seqs))          # the samples depend on it, as on the seed
+    for s in range(0, len(seqs), rows):
+        chunk = seqs[s:s + rows]
         g, _ = grpo.generate_turn(model, tok, chunk, [cfg.ir_max_tokens] * len(chunk), ["\n"], eos,
                                   cfg.ir_temperature, generator)
         gens += g
