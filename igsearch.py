@@ -13,6 +13,7 @@ One training step (train_step below) is the whole method: sample G rollouts per 
 score them, build the per-token advantage tensor A [B, T], take a PPO-clip step. METHOD.md has the math.
 """
 import argparse
+import copy
 import dataclasses
 import json
 import os
@@ -703,7 +704,8 @@ DEMO_DOCS = [
 DEMO_QUERIES = ["who discovered polonium", "famous scientists"]  # the first retrieves the answer's document
 
 
-def credit_assignment_demo(reward="igsearch", steps=30, group_size=8, lr=10.0, seed=0, tok=None, cache_dir=None):
+def credit_assignment_demo(reward="igsearch", steps=30, group_size=8, lr=10.0, seed=0, tok=None, cache_dir=None,
+                           view_dir=None):
     """Every rollout answers wrong (EM = 0 for all), so outcome-only GRPO has Â = 0 and nothing to learn from.
     A toy policy picks one of two queries: π(query) = softmax(θ), θ = [0, 0]. The rollouts run through the
     real bookkeeping, BM25, IG (METHOD §4.2) and A [B, T] (§4.3); the scorer rates the gold answer -3 unless
@@ -734,6 +736,11 @@ def credit_assignment_demo(reward="igsearch", steps=30, group_size=8, lr=10.0, s
             ig, _ = rewards.igsearch_information_gain(score_fn, tok, rollouts, retriever, cfg.ig_samples,
                                                       cfg.ig_baseline, rng)
             A = grpo.add_query_bonus(A, rollouts, ig, cfg.ig_alpha, cfg.ig_delta, cfg.ig_rho, cfg.ig_clip)
+            for r, gains in zip(rollouts, ig):
+                for s, g in zip(r.searches, gains):
+                    s["ig"] = g
+        if view_dir is not None and not curve:  # the first step's group, as in training's views/
+            save_view(view_dir, 0, rollouts, A, tok)
         logp_action = torch.log_softmax(theta, -1)[actions]                       # [B]
         first = torch.zeros(batch.ids.shape, dtype=torch.bool)
         for b, r in enumerate(rollouts):
@@ -749,12 +756,14 @@ def credit_assignment_demo(reward="igsearch", steps=30, group_size=8, lr=10.0, s
 
 def demo():
     tok = qwen_tokenizer()
-    ig = credit_assignment_demo("igsearch", tok=tok)
+    ig = credit_assignment_demo("igsearch", tok=tok, view_dir="runs/demo")
     out = credit_assignment_demo("outcome", tok=tok)
     print("Credit assignment when every rollout fails (EM = 0 for all): P(the query that finds the answer)")
     print(f"{'step':>4}  {'igsearch':>8}  {'outcome':>8}")
     for k, (a, b) in enumerate(zip(ig, out), 1):
         print(f"{k:>4}  {a:8.3f}  {b:8.3f}")
+    print("The first IG-Search group, coloured by A [B, T]: runs/demo/views/step_0.html "
+          "(or: python igsearch.py show --run runs/demo --step 0)")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -781,7 +790,6 @@ def train(cfg, resume=False):
     model, tok, smoke = load_model(cfg.model, device, cfg.seed)
     ref_model = None
     if cfg.beta_kl > 0 or cfg.reward == "inforeasoner":  # frozen copy of the initial policy
-        import copy
         ref_model = copy.deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
 
@@ -810,6 +818,8 @@ def train(cfg, resume=False):
         keep_metrics(out / "metrics.jsonl", start)
         print(f"resuming from {path} ({start} steps done)")
     elif not resume:  # a fresh run in an old directory: never mix its files with the old run's
+        if (out / "ckpt").exists():
+            print(f"replacing the previous run in {out} (--resume {out} continues it; --out DIR keeps both)")
         (out / "metrics.jsonl").unlink(missing_ok=True)
         shutil.rmtree(out / "ckpt", ignore_errors=True)
         shutil.rmtree(out / "views", ignore_errors=True)

@@ -6,14 +6,17 @@
 
 Section numbers refer to METHOD.md (the math this project implements).
 """
+import math
 import random
 import re
 import string
 from collections import Counter
+from dataclasses import dataclass
 
 import torch
 
 import grpo  # rollouts, spans and log-probs (grpo imports this module back for extract_answer)
+from retrieve import DataError, format_docs
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -184,11 +187,6 @@ def igsearch_information_gain(score_fn, tok, rollouts, retriever, n_samples=3, b
 #
 #   ig, extra = inforeasoner_information_gain(ref_model, tok, rollouts, cfg, generator)
 #   R_i = EM_i + λ · ig[i]          (igsearch.train_step)                                     §5.4
-
-import math  # noqa: E402  (this section's own imports, kept beside it)
-from dataclasses import dataclass  # noqa: E402
-
-from retrieve import DataError, format_docs  # noqa: E402
 
 IR_INSTRUCTION = ("Answer the question as briefly as possible: give only the answer, in a few words, "
                   "with no explanation.")

@@ -40,6 +40,7 @@ def time_variant(model, ref_model, tok, retriever, rollouts, cfg, reward, seed):
 def engine_vs_generate(model, tok, prompts, new_tokens, seed):
     """Tokens/s of grpo.generate_turn against model.generate on the same prompts, same number of new tokens
     (no stop strings, EOS ignored on both sides so both produce exactly new_tokens per row)."""
+    grpo.generate_turn(model, tok, prompts, [4] * len(prompts), [], set(), 1.0, torch.Generator())  # warm-up
     gen = torch.Generator().manual_seed(seed)
     t = time.perf_counter()
     outs, _ = grpo.generate_turn(model, tok, prompts, [new_tokens] * len(prompts), [], set(), 1.0, gen)
@@ -61,25 +62,39 @@ def engine_vs_generate(model, tok, prompts, new_tokens, seed):
 
 
 def tokens_past_stop(rollouts, tok):
-    """Policy tokens kept after the token that completed a stop tag, summed over every turn (must be 0)."""
+    """Policy tokens kept after the token that completed one of that turn's stop tags, summed over all turns
+    (must be 0). `</answer>` always stops a turn; `</search>` stops every turn but the last, answer-only one
+    (search disabled there, so text may go on), i.e. the turns that an observation follows."""
     past = 0
     for r in rollouts:
         k = 0
         while k < len(r.ids):
-            if r.roles[k] != grpo.POLICY:
-                k += 1
-                continue
             e = k
-            while e < len(r.ids) and r.roles[e] == grpo.POLICY:
+            while e < len(r.ids) and r.roles[e] == r.roles[k]:
                 e += 1
-            turn = r.ids[k:e]
-            for j in range(1, len(turn) + 1):
-                text = tok.decode(turn[:j])
-                if "</search>" in text or "</answer>" in text:
-                    past += len(turn) - j
-                    break
+            if r.roles[k] == grpo.POLICY:
+                stops = ["</answer>"] + (["</search>"] if e < len(r.ids) else [])
+                turn = r.ids[k:e]
+                for j in range(1, len(turn) + 1):
+                    if any(s in tok.decode(turn[:j]) for s in stops):
+                        past += len(turn) - j
+                        break
             k = e
     return past
+
+
+def scripted_rollouts(tok, questions, groups, retriever, cfg, n_searches):
+    """Rollouts that search n_searches times (the question, then its first half as a query) and then answer,
+    run through the real bookkeeping: the cost of the IG variants when the policy does search."""
+    scripts = []
+    for q in questions:
+        words = q["question"].split()
+        queries = [q["question"], " ".join(words[: max(1, len(words) // 2)])][:n_searches]
+        scripts.append([f"<think>I should look this up.</think>\n<search> {x} </search>" for x in queries]
+                       + ["<think>I am not sure.</think>\n<answer> unknown </answer>"])
+    return grpo.generate_rollouts(None, tok, questions, groups, retriever, max_turns=cfg.max_turns, topk=cfg.topk,
+                                  max_response_tokens=cfg.max_response_tokens,
+                                  turn_fn=grpo.scripted_turns(tok, scripts))
 
 
 def peak_memory_mb(device):
@@ -92,7 +107,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="tiny-random")
     p.add_argument("--rewards", default="outcome,igsearch,inforeasoner")
-    p.add_argument("--repeats", type=int, default=1, help="steps measured (fresh rollouts each)")
+    p.add_argument("--repeats", type=int, default=3, help="steps measured (fresh rollouts each)")
+    p.add_argument("--scripted-searches", type=int, default=0,
+                   help="replace sampled rollouts by scripted ones with this many searches (1 or 2)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     args = p.parse_args(argv)
@@ -113,6 +130,10 @@ def main(argv=None):
           f"{cfg.questions_per_step} questions x G={cfg.group_size}, max_turns {cfg.max_turns}")
 
     rng = random.Random(args.seed)
+    # warm-up (allocator, kernels, lazy init), untimed: otherwise whichever variant runs first pays for it
+    warm = grpo.generate_rollouts(model, tok, train_q[:2], [0, 1], retriever,
+                                  **igsearch.rollout_kwargs(cfg, cfg.temperature, torch.Generator().manual_seed(0)))
+    time_variant(model, ref_model, tok, retriever, warm, cfg, "outcome", args.seed)
     rows = {v: {"scoring": 0.0, "update": 0.0} for v in variants}
     sample_s = retrieval_s = 0.0
     searches = n_roll = past = extra_tok = 0
@@ -122,9 +143,12 @@ def main(argv=None):
         groups = [i for i in range(len(questions)) for _ in range(cfg.group_size)]
         retriever.seconds = 0.0
         t = time.perf_counter()
-        rollouts = grpo.generate_rollouts(model, tok, batch_q, groups, retriever,
-                                          **igsearch.rollout_kwargs(cfg, cfg.temperature,
-                                                                    torch.Generator().manual_seed(args.seed + rep)))
+        if args.scripted_searches:
+            rollouts = scripted_rollouts(tok, batch_q, groups, retriever, cfg, args.scripted_searches)
+        else:
+            rollouts = grpo.generate_rollouts(model, tok, batch_q, groups, retriever,
+                                              **igsearch.rollout_kwargs(cfg, cfg.temperature,
+                                                                        torch.Generator().manual_seed(args.seed + rep)))
         sample_s += time.perf_counter() - t - retriever.seconds
         retrieval_s += retriever.seconds
         searches += sum(len(r.searches) for r in rollouts)
@@ -139,7 +163,8 @@ def main(argv=None):
 
     shared = sample_s + retrieval_s
     base = shared + rows[variants[0]]["scoring"] + rows[variants[0]]["update"]
-    print(f"\nPer step, mean of {args.repeats} (same rollouts for every variant; {searches / n_roll:.2f} searches "
+    kind = f"scripted, {args.scripted_searches} searches each" if args.scripted_searches else "sampled"
+    print(f"\nPer step, mean of {args.repeats} (same {kind} rollouts for every variant; {searches / n_roll:.2f} searches "
           f"per rollout; rollout sampling {sample_s / args.repeats:.2f} s, retrieval {retrieval_s / args.repeats:.3f} s)")
     print(f"{'reward':<14}{'rollout s':>10}{'retrieval s':>12}{'scoring s':>10}{'update s':>10}{'step s':>9}"
           f"{'ratio vs ' + variants[0]:>18}")
