@@ -39,6 +39,7 @@ class Config:
     # model and data
     model: str = "Qwen/Qwen2.5-0.5B-Instruct"  # hub id, local directory, .gguf file, or "tiny-random"
     corpus: str = "vital"             # vital | hotpotqa:PATH | jsonl:PATH
+    stopwords: bool = False           # drop English stopwords in BM25's tokenizer (both documents and queries)
     data: str = "tiny"                # tiny (generated from the corpus) | hotpotqa:PATH | PATH (FlashRAG JSONL)
     reward: str = "outcome"           # outcome | igsearch | inforeasoner
     out: str = ""                     # run directory (default runs/<reward>-s<seed>)
@@ -103,8 +104,11 @@ def parse_args(argv=None):
                    help="continue the run in DIR from its last complete checkpoint (its config.json, "
                         "overridden by any flags given here, e.g. --steps)")
     for f in dataclasses.fields(Config):
-        kind = type(f.default)
-        p.add_argument("--" + f.name.replace("_", "-"), type=kind, default=None, help=f"(default {f.default!r})")
+        flag, kind = "--" + f.name.replace("_", "-"), type(f.default)
+        if kind is bool:  # a switch: absent leaves the preset's value, present turns it on
+            p.add_argument(flag, action="store_true", default=None, help=f"(default {f.default!r})")
+        else:
+            p.add_argument(flag, type=kind, default=None, help=f"(default {f.default!r})")
     args = p.parse_args(argv)
     cfg = Config()
     if args.resume:
@@ -781,7 +785,7 @@ def train(cfg, resume=False):
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
     docs = load_corpus(cfg.corpus)
-    retriever = retrieve.Retriever(docs)
+    retriever = retrieve.Retriever(docs, stopwords=cfg.stopwords)
     splits = load_data(cfg.data, docs, cfg.seed)
     if not splits.get("train"):
         raise DataError(f"--data {cfg.data}: the train split is empty")
@@ -918,7 +922,7 @@ def eval_command(argv):
     data = args.data or (cfg.data if is_run else "tiny")
     sets = eval_sets(data)
     docs = load_corpus(cfg.corpus)
-    retriever = retrieve.Retriever(docs)
+    retriever = retrieve.Retriever(docs, stopwords=cfg.stopwords)
     name = str(latest_model_dir(model_path)) if is_run else cfg.model
     seed_everything(cfg.seed)
     model, tok, smoke = load_model(name, pick_device(cfg.device), cfg.seed)

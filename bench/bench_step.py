@@ -154,7 +154,7 @@ def main(argv=None):
         searches += sum(len(r.searches) for r in rollouts)
         n_roll += len(rollouts)
         past += tokens_past_stop(rollouts, tok)
-        for v in variants:
+        for v in variants[rep % len(variants):] + variants[:rep % len(variants)]:  # rotate: no variant always first
             times, metrics = time_variant(model, ref_model, tok, retriever, rollouts, cfg, v, args.seed)
             rows[v]["scoring"] += times["scoring"]
             rows[v]["update"] += times["update"]

@@ -30,9 +30,13 @@ def test_demo_is_reproducible(tok, tmp_path):
     assert a != c
 
 
-def test_demo_cli_prints_both_curves(capsys):
+def test_demo_cli_prints_both_curves_and_saves_the_first_group(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     assert igsearch.main(["--demo"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[1].split() == ["step", "igsearch", "outcome"]
-    last = lines[-1].split()
-    assert last[0] == "30" and float(last[1]) > 0.9 and float(last[2]) == 0.5
+    rows = [line.split() for line in lines[2:32]]
+    assert [int(r[0]) for r in rows] == list(range(1, 31))
+    assert float(rows[-1][1]) > 0.9 and float(rows[-1][2]) == 0.5
+    page = (tmp_path / "runs" / "demo" / "views" / "step_0.html").read_text()
+    assert page.count("<div class='roll'>") == 8 and "IG +3.000" in page  # the good query's gain, clipped to c=2 later

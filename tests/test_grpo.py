@@ -812,3 +812,10 @@ def test_cli_tiny_random_runs_offline(capsys, monkeypatch, tmp_path, qa_files):
     assert "SMOKE RUN" in captured.out
     assert json.loads((out / "config.json").read_text())["model"] == "tiny-random"
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+def test_boolean_settings_are_switches():
+    assert igsearch.parse_args([])[0].stopwords is False
+    assert igsearch.parse_args(["--tiny"])[0].stopwords is False
+    cfg, _ = igsearch.parse_args(["--tiny", "--stopwords"])
+    assert cfg.stopwords is True and cfg.steps == igsearch.PRESETS["tiny"]["steps"]

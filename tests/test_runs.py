@@ -274,3 +274,21 @@ def test_compare_trains_the_three_rewards_alike_and_prints_one_table(tmp_path, c
     assert table[2].split() == ["igsearch", "0.000", "0.100", "0.500", "0.600", "1.500", "1.500"]
     assert ("curves:" in out) or ("no curves: plot needs matplotlib" in out)
     assert len(json.loads((tmp_path / "cmp" / "compare.json").read_text())) == 3
+
+
+def test_compare_on_the_tiny_preset_really_trains_all_three(tmp_path, capsys, monkeypatch):
+    # the real train() for each reward: the --tiny preset (Vital Articles, generated QA set), cut to one step
+    monkeypatch.setenv("IGSEARCH_DATA_DIR", str(tmp_path / "data"))
+    argv = ["compare", "--tiny", "--model", "tiny-random", "--steps", "1", "--eval-questions", "2",
+            "--max-turn-tokens", "6", "--max-response-tokens", "24", "--ir-samples", "2", "--ir-max-tokens", "3",
+            "--out", str(tmp_path / "cmp")]
+    assert igsearch.main(argv) == 0
+    out = capsys.readouterr().out
+    table = out[out.index("reward  "):].splitlines()
+    assert [row.split()[0] for row in table[1:4]] == ["outcome", "igsearch", "inforeasoner"]
+    for reward in igsearch.REWARDS:
+        lines = (tmp_path / "cmp" / reward / "metrics.jsonl").read_text().splitlines()
+        assert len(lines) == 1 and json.loads(lines[0])["step"] == 0
+        assert json.loads((tmp_path / "cmp" / reward / "config.json").read_text())["reward"] == reward
+    rows = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    assert all(r["em_after"] == 0.0 and r["s_per_step"] > 0 for r in rows)  # random weights: no answer is right
