@@ -152,7 +152,7 @@ def load_questions(path, dataset=None):
     questions = []
     for i, r in enumerate(records):
         answers = r.get("golden_answers", r.get("answers", r.get("answer")))
-        if isinstance(answers, str):
+        if answers is not None and not isinstance(answers, list):  # one bare answer, e.g. "Paris" or 1969
             answers = [answers]
         if not r.get("question") or not answers:
             raise DataError(f"{path}: record {i + 1} needs 'question' and 'golden_answers' (a list of strings)")
@@ -224,7 +224,11 @@ class Retriever:
                 raise ValueError("unexpected content")
             except Exception as e:  # truncated, corrupt or foreign file: rebuild it
                 warnings.warn(f"BM25 cache {self.cache_path} is unreadable ({type(e).__name__}); rebuilding it")
-        bm25 = BM25Okapi([tokenize(d["title"] + " " + d["text"], self.stopwords) for d in self.docs])
+        tokens = [tokenize(d["title"] + " " + d["text"], self.stopwords) for d in self.docs]
+        if not any(tokens):
+            raise DataError("the corpus has no words to index (every document is empty after tokenization); "
+                            "check the corpus file")
+        bm25 = BM25Okapi(tokens)
         try:
             self.cache_path.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.cache_path.with_suffix(f".tmp{os.getpid()}")

@@ -511,3 +511,16 @@ def test_flashrag_samples(name):
     assert len(qs) == 100 and len({q["id"] for q in qs}) == 100
     assert all(q["question"] and q["golden_answers"] and all(a.strip() for a in q["golden_answers"]) for q in qs)
     assert {q["dataset"] for q in qs} == {name.removesuffix(".jsonl")}
+
+
+def test_bare_number_answer_is_one_alias(tmp_path):
+    path = tmp_path / "q.jsonl"
+    path.write_text('{"id": "a", "question": "When did Apollo 11 land?", "answer": 1969}\n')
+    assert retrieve.load_questions(path)[0]["golden_answers"] == ["1969"]
+
+
+def test_corpus_without_words_is_a_one_line_error(tmp_path):
+    with pytest.raises(retrieve.DataError) as err:
+        retrieve.Retriever([{"id": "1", "title": "", "text": "!!!"}, {"id": "2", "title": "", "text": " "}],
+                           cache_dir=tmp_path)
+    assert "no words" in str(err.value) and "\n" not in str(err.value)
