@@ -186,6 +186,10 @@ def load_model(name, device, seed=0):
         try:
             tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
             model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+            # transformers dequantizes GGUF weights on load, yet keeps a GGUF "quantizer" that makes
+            # save_pretrained refuse the model; what we hold is a plain model, so it is saved as one
+            model.hf_quantizer = None
+            model.config.quantization_config = None
         except ImportError as e:
             raise DataError(f"loading a GGUF file needs extra packages ({e}); run: pip install gguf accelerate") from None
         smoke = False
