@@ -456,7 +456,8 @@ def save_checkpoint(run_dir, step, model, tok, opt, generator, rng, keep=2):
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:06d}"
     tmp = root / f".tmp-step_{step:06d}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    for stale in root.glob(".tmp-*"):  # left by a run killed mid-save; one trainer writes a run directory
+        shutil.rmtree(stale, ignore_errors=True)
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()  # one "Writing model shards" bar per step drowns the training bar
     model.save_pretrained(tmp / "model", safe_serialization=True)

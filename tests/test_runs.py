@@ -292,3 +292,18 @@ def test_compare_on_the_tiny_preset_really_trains_all_three(tmp_path, capsys, mo
         assert json.loads((tmp_path / "cmp" / reward / "config.json").read_text())["reward"] == reward
     rows = json.loads((tmp_path / "cmp" / "compare.json").read_text())
     assert all(r["em_after"] == 0.0 and r["s_per_step"] > 0 for r in rows)  # random weights: no answer is right
+
+
+def test_a_save_clears_what_a_killed_save_left(tmp_path):
+    model, tok = igsearch.tiny_random_model(0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    stale = tmp_path / "ckpt" / ".tmp-step_000001-99999"     # a save killed half-way, by another process
+    (stale / "model").mkdir(parents=True)
+    (stale / "model" / "model.safetensors").write_bytes(b"half")
+    assert igsearch.checkpoints(tmp_path) == []                # never taken for a checkpoint
+    final = igsearch.save_checkpoint(tmp_path, 1, model, tok, opt, torch.Generator(), __import__("random").Random(0))
+    assert not stale.exists()
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["step_000001"] and final.name == "step_000001"
+    path, weights, _, state = igsearch.last_checkpoint(tmp_path)
+    assert path == final and state["step"] == 1
+    assert torch.equal(weights["model.embed_tokens.weight"], model.model.embed_tokens.weight)
