@@ -132,7 +132,7 @@ def check_config(cfg):
     if cfg.group_size < 2:
         raise DataError("--group-size must be at least 2: GRPO compares rollouts within a group")
     for name in ("steps", "questions_per_step", "micro_batch", "topk", "max_turn_tokens", "ppo_epochs", "save_every",
-                 "show_every"):
+                 "show_every", "ig_samples", "ig_max_context"):
         if getattr(cfg, name) < (0 if name in ("steps", "show_every") else 1):
             raise DataError(f"--{name.replace('_', '-')} must be positive")
 
@@ -291,10 +291,10 @@ def train_step(model, ref_model, opt, tok, retriever, questions, cfg, generator,
     em, f1 = score_outcome(rollouts)
     R, extra = list(em), {}
     if cfg.reward == "igsearch":
-        score_fn = lambda ctx, gold: rewards.gold_scores(model, ctx, gold, cfg.ig_head_tokens, cfg.ig_head_weight,
-                                                         cfg.ig_max_context, cfg.micro_batch)
-        ig, details = rewards.igsearch_information_gain(score_fn, tok, rollouts, retriever, cfg.ig_samples,
-                                                        cfg.ig_baseline, rng)
+        scorer = lambda prefix: rewards.gold_scorer(model, prefix, cfg.ig_head_tokens, cfg.ig_head_weight,
+                                                    cfg.micro_batch)
+        ig, details = rewards.igsearch_information_gain(scorer, tok, rollouts, retriever, cfg.ig_samples,
+                                                        cfg.ig_baseline, rng, cfg.ig_max_context)
         extra = ig_metrics(details)
         for r, gains in zip(rollouts, ig):  # kept on the rollout for the per-token view
             for s, g in zip(r.searches, gains):
@@ -726,8 +726,8 @@ def credit_assignment_demo(reward="igsearch", steps=30, group_size=8, lr=10.0, s
     retriever = retrieve.Retriever(DEMO_DOCS, cache_dir=cache_dir)
     cfg = Config(reward=reward, group_size=group_size, ig_baseline="corpus")
     question = {"id": "demo", "question": "Who discovered polonium?", "golden_answers": ["Marie Curie"]}
-    score_fn = lambda contexts, golds: torch.tensor([0.0 if DEMO_DOCS[0]["text"] in tok.decode(c) else -3.0
-                                                     for c in contexts])
+    scorer = lambda prefix: lambda suffixes, golds: torch.tensor(
+        [0.0 if DEMO_DOCS[0]["text"] in tok.decode(prefix + s) else -3.0 for s in suffixes])
 
     theta = torch.zeros(2, requires_grad=True)
     opt = torch.optim.SGD([theta], lr=lr)
@@ -742,7 +742,7 @@ def credit_assignment_demo(reward="igsearch", steps=30, group_size=8, lr=10.0, s
         batch = grpo.collate(rollouts, tok.pad_token_id)
         A = grpo.token_advantages(adv, batch.roles)                                # [B, T], all 0
         if reward == "igsearch":
-            ig, _ = rewards.igsearch_information_gain(score_fn, tok, rollouts, retriever, cfg.ig_samples,
+            ig, _ = rewards.igsearch_information_gain(scorer, tok, rollouts, retriever, cfg.ig_samples,
                                                       cfg.ig_baseline, rng)
             A = grpo.add_query_bonus(A, rollouts, ig, cfg.ig_alpha, cfg.ig_delta, cfg.ig_rho, cfg.ig_clip)
             for r, gains in zip(rollouts, ig):

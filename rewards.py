@@ -6,6 +6,7 @@
 
 Section numbers refer to METHOD.md (the math this project implements).
 """
+import copy
 import math
 import random
 import re
@@ -90,26 +91,58 @@ def head_weights(n, head_tokens=3, head_weight=3.0):
 
 
 @torch.no_grad()
-def gold_scores(model, contexts, golds, head_tokens=3, head_weight=3.0, max_context=2048, micro_batch=8):
-    """METHOD §4.1: s(a* | C) = Σ_k w_k log π(a*_k | C, a*_<k) / Σ_k w_k for each (context ids, gold ids)
-    pair, teacher-forced in one batched forward (in micro-batches). Contexts are cut from the left to
-    max_context tokens. Returns a tensor [M]."""
-    seqs = [list(c[max(0, len(c) - max_context):]) + list(g) for c, g in zip(contexts, golds)]
-    T = max(len(s) for s in seqs)
-    ids = torch.zeros((len(seqs), T), dtype=torch.long)
-    attn = torch.zeros((len(seqs), T), dtype=torch.long)
-    gold_mask = torch.zeros((len(seqs), T), dtype=torch.bool)
-    for b, (s, g) in enumerate(zip(seqs, golds)):
-        ids[b, :len(s)] = torch.tensor(s)
-        attn[b, :len(s)] = 1
-        gold_mask[b, len(s) - len(g):len(s)] = True
+def gold_scorer(model, prefix, head_tokens=3, head_weight=3.0, micro_batch=8):
+    """METHOD §4.1: s(a* | C) = Σ_k w_k log π(a*_k | C, a*_<k) / Σ_k w_k, teacher-forced, no grad.
+
+    The 1 + N contexts of a search step differ only from the information block on, so the shared prefix runs
+    once and every context continues from its KV cache (METHOD §4.4: the cost is the suffixes, not 1 + N whole
+    trajectories). Returns score(suffixes, golds) -> tensor [M] of s(golds[j] | prefix + suffixes[j]), the
+    suffixes batched in micro-batches. An empty prefix scores whole contexts.
+
+    >>> score = gold_scorer(model, ids[:s])                     # once per step: ids up to its block
+    >>> score([real_block + cue, rand_block + cue], [gold, gold])  # tensor([-1.2, -3.4])
+    """
     device = next(model.parameters()).device
-    lp = grpo.token_logprobs(model, ids.to(device), attn.to(device), gold_mask.to(device), micro_batch).cpu()  # [M, T]
-    scores = []
-    for b, g in enumerate(golds):
-        w = head_weights(len(g), head_tokens, head_weight)
-        scores.append(float((lp[b][gold_mask[b]] * w).sum() / w.sum()))
-    return torch.tensor(scores)
+    body, head = model.base_model, model.get_output_embeddings()
+    P = len(prefix)
+    cache = last = None
+    if P:
+        out = body(input_ids=torch.tensor([list(prefix)], device=device), use_cache=True)
+        cache, last = out.past_key_values, out.last_hidden_state[:, -1:]  # [1, 1, H] predicts a suffix's first token
+
+    @torch.no_grad()  # called after gold_scorer has returned, so outside its no_grad
+    def score(suffixes, golds):
+        scores = []
+        for s in range(0, len(suffixes), micro_batch):
+            rows = [list(x) + list(g) for x, g in zip(suffixes[s:s + micro_batch], golds[s:s + micro_batch])]
+            if not P and not all(suffixes[s:s + micro_batch]):
+                raise ValueError("gold_scorer: an empty context leaves the first gold token unpredicted")
+            B, T = len(rows), max(len(r) for r in rows)
+            ids = torch.zeros((B, T), dtype=torch.long)  # padded on the right, where a causal model never looks
+            target = torch.zeros((B, T), dtype=torch.bool)
+            for b, (r, g) in enumerate(zip(rows, golds[s:s + micro_batch])):
+                ids[b, :len(r)] = torch.tensor(r)
+                target[b, len(r) - len(g):len(r)] = True
+            ids, target = ids.to(device), target.to(device)
+            past = None
+            if cache is not None:
+                past = copy.deepcopy(cache)  # the forward appends to the cache it is given
+                past.batch_repeat_interleave(B)
+            pos = torch.arange(P, P + T, device=device).expand(B, T)
+            h = body(input_ids=ids, past_key_values=past, position_ids=pos, use_cache=past is not None).last_hidden_state
+            if last is not None:
+                h = torch.cat([last.expand(B, 1, -1), h[:, :-1]], 1)   # [B, T, H]: the state that predicts token k
+            else:
+                h, ids, target = h[:, :-1], ids[:, 1:], target[:, 1:]  # without a prefix, token 0 has no prediction
+            lp = head(h[target]).float().log_softmax(-1).gather(-1, ids[target][:, None]).squeeze(-1).cpu()  # [n]
+            k = 0
+            for g in golds[s:s + micro_batch]:
+                w = head_weights(len(g), head_tokens, head_weight)
+                scores.append(float((lp[k:k + len(g)] * w).sum() / w.sum()))
+                k += len(g)
+        return torch.tensor(scores)
+
+    return score
 
 
 def baseline_blocks(rollouts, i, t, n, rng, retriever, tok, how="batch"):
@@ -131,49 +164,35 @@ def baseline_blocks(rollouts, i, t, n, rng, retriever, tok, how="batch"):
             for _ in range(n)]
 
 
-def igsearch_information_gain(score_fn, tok, rollouts, retriever, n_samples=3, baseline="batch", rng=None):
+def igsearch_information_gain(scorer, tok, rollouts, retriever, n_samples=3, baseline="batch", rng=None,
+                              max_context=2048):
     """METHOD §4.2: IG_{i,t} = s(a* | C_t^real) - (1/N) Σ_j s(a* | C_t^rand,j) for every search step.
 
     C_t^real = the rollout's ids up to the end of step t's information block, then the cue "<answer>";
     C_t^rand,j = the same with that block's ids replaced by a baseline block. Gold answers are scored as
     " " + alias (the natural tokenization after "<answer>"). With several aliases, the alias with the best
-    real score is used for the baseline too. score_fn(contexts, golds) -> tensor [M] (gold_scores with the
-    rollout policy; tests pass a fake). Returns (ig: one list of floats per rollout, per-step details)."""
+    real score is used for the baseline too. scorer(prefix) -> score(suffixes, golds) -> tensor [M]
+    (gold_scorer with the rollout policy; tests pass a fake); the prefix is the rollout before step t's block.
+    Contexts longer than max_context are cut from the left (§4.1), at one point for all the contexts of a
+    step, so that they still differ only in the evidence. Returns (ig: one list per rollout, per-step details)."""
     rng = rng if rng is not None else random.Random(0)
     cue = tok.encode("<answer>", add_special_tokens=False)
-    steps = [(i, t) for i, r in enumerate(rollouts) for t in range(len(r.searches))]
-    if not steps:
-        return [[] for _ in rollouts], []
-    aliases = {i: [tok.encode(" " + a.strip(), add_special_tokens=False) for a in rollouts[i].question["golden_answers"]]
-               for i, _ in steps}
-    # pass 1: the real context of every step with every alias
-    ctx, gold, owner = [], [], []
-    for k, (i, t) in enumerate(steps):
-        end = rollouts[i].searches[t]["info_span"][1]
-        for a in aliases[i]:
-            ctx.append(rollouts[i].ids[:end] + cue)
-            gold.append(a)
-            owner.append(k)
-    real_all = score_fn(ctx, gold)
-    real, best = [], []
-    for k in range(len(steps)):
-        vals = [(float(real_all[m]), m) for m in range(len(owner)) if owner[m] == k]
-        v, m = max(vals)
-        real.append(v)
-        best.append(gold[m])
-    # pass 2: N counterfactual contexts per step, scored with that step's best alias
-    ctx, gold = [], []
-    for k, (i, t) in enumerate(steps):
-        s, e = rollouts[i].searches[t]["info_span"]
-        for blk in baseline_blocks(rollouts, i, t, n_samples, rng, retriever, tok, baseline):
-            ctx.append(rollouts[i].ids[:s] + list(blk) + cue)
-            gold.append(best[k])
-    rand = score_fn(ctx, gold).view(len(steps), n_samples).mean(-1)  # [S]
     ig = [[] for _ in rollouts]
     details = []
-    for k, (i, t) in enumerate(steps):
-        ig[i].append(real[k] - float(rand[k]))
-        details.append({"rollout": i, "step": t, "real": real[k], "baseline": float(rand[k]), "ig": ig[i][-1]})
+    for i, r in enumerate(rollouts):
+        aliases = [tok.encode(" " + a.strip(), add_special_tokens=False) for a in r.question["golden_answers"]]
+        for t, step in enumerate(r.searches):
+            s, e = step["info_span"]
+            real = r.ids[s:e] + cue
+            rand = [list(blk) + cue for blk in baseline_blocks(rollouts, i, t, n_samples, rng, retriever, tok, baseline)]
+            keep = max(0, max_context - max(len(x) for x in [real] + rand))  # prefix tokens beside the longest
+            real, rand = real[-max_context:], [x[-max_context:] for x in rand]  # a block longer than the limit
+            score = scorer(r.ids[max(0, s - keep):s])
+            real_scores = score([real] * len(aliases), aliases)                  # every alias in the real context
+            a = int(real_scores.argmax())
+            base = float(score(rand, [aliases[a]] * n_samples).mean())          # the best alias, N blocks
+            ig[i].append(float(real_scores[a]) - base)
+            details.append({"rollout": i, "step": t, "real": float(real_scores[a]), "baseline": base, "ig": ig[i][-1]})
     return ig, details
 
 

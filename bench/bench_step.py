@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import grpo  # noqa: E402
 import igsearch  # noqa: E402
 import retrieve  # noqa: E402
+import rewards  # noqa: E402
 
 
 def time_variant(model, ref_model, tok, retriever, rollouts, cfg, reward, seed):
@@ -35,6 +36,24 @@ def time_variant(model, ref_model, tok, retriever, rollouts, cfg, reward, seed):
                                         random.Random(seed), rollouts=copy.deepcopy(rollouts))
     total = time.perf_counter() - t
     return {"scoring": metrics["time_scoring"], "update": metrics["time_update"], "total": total}, metrics
+
+
+def ig_prefix_sharing(model, tok, retriever, rollouts, cfg, seed):
+    """IG-Search scoring time with the shared prefix cache (rewards.gold_scorer) against scoring each of a
+    step's 1 + N contexts whole, as written in METHOD §4.1; same blocks drawn (same seed), same IG up to float
+    error. Returns (shared s, whole s, max |IG difference|)."""
+    shared = lambda prefix: rewards.gold_scorer(model, prefix, cfg.ig_head_tokens, cfg.ig_head_weight,
+                                                cfg.micro_batch)
+    whole_scores = lambda prefix: lambda suffixes, golds: rewards.gold_scorer(
+        model, [], cfg.ig_head_tokens, cfg.ig_head_weight, cfg.micro_batch)([prefix + s for s in suffixes], golds)
+    out = []
+    for scorer in (shared, whole_scores):
+        t = time.perf_counter()
+        ig, _ = rewards.igsearch_information_gain(scorer, tok, rollouts, retriever, cfg.ig_samples, cfg.ig_baseline,
+                                                  random.Random(seed), cfg.ig_max_context)
+        out.append((time.perf_counter() - t, [g for gains in ig for g in gains]))
+    diff = max((abs(a - b) for a, b in zip(out[0][1], out[1][1])), default=0.0)
+    return out[0][0], out[1][0], diff
 
 
 def engine_vs_generate(model, tok, prompts, new_tokens, seed):
@@ -110,6 +129,8 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=3, help="steps measured (fresh rollouts each)")
     p.add_argument("--scripted-searches", type=int, default=0,
                    help="replace sampled rollouts by scripted ones with this many searches (1 or 2)")
+    p.add_argument("--ig-whole", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time IG-Search scoring without the shared prefix cache, for the ratio")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     args = p.parse_args(argv)
@@ -137,6 +158,7 @@ def main(argv=None):
     rows = {v: {"scoring": 0.0, "update": 0.0} for v in variants}
     sample_s = retrieval_s = 0.0
     searches = n_roll = past = extra_tok = 0
+    share = [0.0, 0.0, 0.0]  # IG scoring: shared prefix s, whole contexts s, max |IG difference|
     for rep in range(args.repeats):
         questions = rng.sample(train_q, cfg.questions_per_step)
         batch_q = [q for q in questions for _ in range(cfg.group_size)]
@@ -160,6 +182,9 @@ def main(argv=None):
             rows[v]["update"] += times["update"]
             if v == "inforeasoner":
                 extra_tok += metrics.get("ir_extra_tokens", 0.0)
+        if "igsearch" in variants and args.ig_whole:
+            a, b, d = ig_prefix_sharing(model, tok, retriever, rollouts, cfg, args.seed)
+            share = [share[0] + a, share[1] + b, max(share[2], d)]
 
     shared = sample_s + retrieval_s
     base = shared + rows[variants[0]]["scoring"] + rows[variants[0]]["update"]
@@ -176,6 +201,9 @@ def main(argv=None):
     if "inforeasoner" in variants:
         print(f"inforeasoner extra generated tokens per rollout: {extra_tok / args.repeats:.1f}")
     print(f"tokens kept past a stop tag: {past} (must be 0)")
+    if "igsearch" in variants and args.ig_whole and searches:
+        print(f"IG-Search scoring with the shared prefix cache {share[0] / args.repeats:.2f} s vs each context whole "
+              f"{share[1] / args.repeats:.2f} s: ratio {share[0] / share[1]:.2f} (max |IG difference| {share[2]:.1e})")
 
     prompts = [grpo.prompt_ids(tok, q["question"]) for q in train_q[:8]]
     ours, theirs = engine_vs_generate(model, tok, prompts, 64, args.seed)

@@ -77,19 +77,31 @@ def block_ids(tok, docs):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 1. gold_scores: s(a* | C) under a model whose log-probs are a table (METHOD §4.1)
+# 1. gold_scorer: s(a* | C) under a model whose log-probs are a table (METHOD §4.1)
+
+class _FirstTokens:
+    """The fake's KV cache: all a table model needs of the past is each row's first token."""
+
+    def __init__(self, first):
+        self.first = first  # [B, 1]
+
+    def batch_repeat_interleave(self, n):
+        self.first = self.first.repeat_interleave(n, 0)
+
 
 class _Hidden(nn.Module):
-    """Hidden state = [one-hot of the token, one-hot of the row's first token]."""
+    """Hidden state = [one-hot of the token, one-hot of the row's first token]; with a cache, the first token
+    is the cached prefix's."""
 
     def __init__(self, V):
         super().__init__()
         self.V = V
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None):
-        first = input_ids[:, :1].expand_as(input_ids)
-        h = torch.cat([nn.functional.one_hot(input_ids, self.V), nn.functional.one_hot(first, self.V)], -1)
-        return SimpleNamespace(last_hidden_state=h.float())
+    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False):
+        first = past_key_values.first if past_key_values is not None else input_ids[:, :1]
+        h = torch.cat([nn.functional.one_hot(input_ids, self.V),
+                       nn.functional.one_hot(first.expand_as(input_ids), self.V)], -1)
+        return SimpleNamespace(last_hidden_state=h.float(), past_key_values=_FirstTokens(first) if use_cache else None)
 
 
 class TableLM(nn.Module):
@@ -148,6 +160,11 @@ def test_head_weights():
     assert rewards.head_weights(3, head_tokens=0).tolist() == [1, 1, 1]
 
 
+def score_whole(model, contexts, golds, **kw):
+    """s(a* | C) of whole contexts: no shared prefix."""
+    return rewards.gold_scorer(model, [], **kw)(contexts, golds)
+
+
 def test_gold_score_by_hand():
     model = TableLM(table())
     ctx, gold = [0, 1, 2], [3, 4, 5, 3, 3]
@@ -155,32 +172,36 @@ def test_gold_score_by_hand():
     logs = [math.log(0.5), math.log(0.25), math.log(0.125), math.log(0.1), math.log(0.2)]
     default = (3 * (logs[0] + logs[1] + logs[2]) + logs[3] + logs[4]) / 11
     assert default == pytest.approx(-1.4898790, abs=1e-6)
-    got = rewards.gold_scores(model, [ctx], [gold])
+    got = score_whole(model, [ctx], [gold])
     assert got.shape == (1,)
     assert float(got[0]) == pytest.approx(default, abs=1e-5)
     # non-default head: w = 5, 1, 1, 1, 1
     custom = (5 * logs[0] + sum(logs[1:])) / 9
-    assert float(rewards.gold_scores(model, [ctx], [gold], head_tokens=1, head_weight=5.0)[0]) == \
+    assert float(score_whole(model, [ctx], [gold], head_tokens=1, head_weight=5.0)[0]) == \
         pytest.approx(custom, abs=1e-5)
     # no head: the plain mean; a gold shorter than the head: also the plain mean
-    assert float(rewards.gold_scores(model, [ctx], [gold], head_tokens=0)[0]) == pytest.approx(sum(logs) / 5, abs=1e-5)
-    assert float(rewards.gold_scores(model, [ctx], [[3, 4]])[0]) == pytest.approx((logs[0] + logs[1]) / 2, abs=1e-5)
+    assert float(score_whole(model, [ctx], [gold], head_tokens=0)[0]) == pytest.approx(sum(logs) / 5, abs=1e-5)
+    assert float(score_whole(model, [ctx], [[3, 4]])[0]) == pytest.approx((logs[0] + logs[1]) / 2, abs=1e-5)
     # a one-token gold: the log-prob of that token after the context's last token
-    assert float(rewards.gold_scores(model, [[4, 2]], [[3]])[0]) == pytest.approx(math.log(0.5), abs=1e-5)
+    assert float(score_whole(model, [[4, 2]], [[3]])[0]) == pytest.approx(math.log(0.5), abs=1e-5)
+    with pytest.raises(ValueError, match="empty context"):
+        score_whole(model, [[]], [[3]])
 
 
-def test_gold_score_left_truncation():
-    F = torch.tensor([[0.3 * f * n for n in range(V)] for f in range(V)])  # the first token matters
-    model = TableLM(table(), F)
-    P = table()
-    long_ctx, gold = [5, 1, 0, 2], [3, 4, 5]
-    cut = rewards.gold_scores(model, [long_ctx], [gold], max_context=3)
-    suffix = rewards.gold_scores(model, [[1, 0, 2]], [gold], max_context=100)
-    assert float(cut[0]) == pytest.approx(reference_score(P, F, [1, 0, 2], gold), abs=1e-5)
-    assert float(cut[0]) == float(suffix[0])
-    full = rewards.gold_scores(model, [long_ctx], [gold], max_context=4)  # exactly at the limit: not cut
-    assert float(full[0]) == pytest.approx(reference_score(P, F, long_ctx, gold), abs=1e-5)
-    assert abs(float(full[0]) - float(cut[0])) > 0.05 # the first token does change the score
+def test_gold_score_with_a_shared_prefix_by_hand():
+    """The prefix's cache must carry what the suffixes depend on: here, the row's first token (F != 0)."""
+    F = torch.tensor([[0.3 * f * n for n in range(V)] for f in range(V)])
+    model, P = TableLM(table(), F), table()
+    prefix = [5, 1]
+    suffixes, golds = [[0, 2], [4], [], [3, 3, 3, 2]], [[3, 4, 5], [5, 3], [0, 3], [3]]
+    got = rewards.gold_scorer(model, prefix, micro_batch=3)(suffixes, golds)
+    for b, (s, g) in enumerate(zip(suffixes, golds)):
+        # an empty suffix: the gold's first token is predicted by the prefix's last token
+        assert float(got[b]) == pytest.approx(reference_score(P, F, prefix + s, g), abs=1e-5)
+        assert float(got[b]) == pytest.approx(float(score_whole(model, [prefix + s], [g])[0]), abs=1e-6)
+    # the first token does change the score: a prefix of another first token gives other numbers
+    other = rewards.gold_scorer(model, [2, 1])([[0, 2]], [golds[0]])
+    assert abs(float(other[0]) - float(got[0])) > 0.05
 
 
 def test_gold_score_batched_equals_one_by_one_table():
@@ -189,45 +210,67 @@ def test_gold_score_batched_equals_one_by_one_table():
     P = table()
     ctxs = [[0, 1, 2], [4], [5, 3, 3, 1, 0, 2, 4], [2, 2]]
     golds = [[3, 4, 5, 3, 3], [5], [3, 4], [3, 3, 3, 3]]
-    batched = rewards.gold_scores(model, ctxs, golds, micro_batch=3)
+    batched = score_whole(model, ctxs, golds, micro_batch=3)
     assert batched.shape == (4,)
     for b, (c, g) in enumerate(zip(ctxs, golds)):
         assert float(batched[b]) == pytest.approx(reference_score(P, F, c, g), abs=1e-5)
-        assert float(batched[b]) == pytest.approx(float(rewards.gold_scores(model, [c], [g])[0]), abs=1e-6)
+        assert float(batched[b]) == pytest.approx(float(score_whole(model, [c], [g])[0]), abs=1e-6)
 
 
-def test_gold_score_batched_equals_one_by_one_real_model(tiny):
+def test_gold_score_prefix_cache_equals_whole_contexts_real_model(tiny):
+    """On a real transformer: continuing from the prefix's KV cache, in micro-batches of suffixes of unequal
+    length, gives the scores of the whole contexts run one by one."""
     model, _ = tiny
     g = torch.Generator().manual_seed(1)
-    lens = [(5, 1), (40, 4), (17, 2), (3, 6)]
-    ctxs = [torch.randint(0, 5000, (n,), generator=g).tolist() for n, _ in lens]
+    prefix = torch.randint(0, 5000, (23,), generator=g).tolist()
+    lens = [(5, 1), (40, 4), (17, 2), (0, 6), (3, 3)]
+    sufs = [torch.randint(0, 5000, (n,), generator=g).tolist() for n, _ in lens]
     golds = [torch.randint(0, 5000, (m,), generator=g).tolist() for _, m in lens]
-    batched = rewards.gold_scores(model, ctxs, golds, micro_batch=3)
-    single = torch.cat([rewards.gold_scores(model, [c], [a]) for c, a in zip(ctxs, golds)])
-    assert torch.isfinite(batched).all()
-    assert torch.allclose(batched, single, atol=1e-5)
-    # left truncation on the real model: the last 10 tokens of a context are exactly that context
-    cut = rewards.gold_scores(model, [ctxs[1]], [golds[1]], max_context=10)
-    assert torch.allclose(cut, rewards.gold_scores(model, [ctxs[1][-10:]], [golds[1]]), atol=1e-6)
+    score = rewards.gold_scorer(model, prefix, micro_batch=2)
+    shared = score(sufs, golds)
+    again = score(sufs[::-1], golds[::-1])  # the prefix cache is reused, not consumed
+    whole = torch.cat([score_whole(model, [prefix + s], [a]) for s, a in zip(sufs, golds)])
+    assert torch.isfinite(shared).all()
+    assert torch.allclose(shared, whole, atol=1e-5)
+    assert torch.allclose(again.flip(0), whole, atol=1e-5)
+    # the same through grpo.token_logprobs on the whole sequences (the loss's own log-prob path)
+    seq = prefix + sufs[1] + golds[1]
+    mask = torch.zeros(1, len(seq), dtype=torch.bool)
+    mask[0, -len(golds[1]):] = True
+    with torch.no_grad():
+        lp = grpo.token_logprobs(model, torch.tensor([seq]), torch.ones(1, len(seq), dtype=torch.long), mask)[0, -4:]
+    w = rewards.head_weights(4)
+    assert float(shared[1]) == pytest.approx(float((lp * w).sum() / w.sum()), abs=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------------
 # 2. igsearch_information_gain with a fake scorer (METHOD §4.2)
 
 class FakeScorer:
-    """s(a* | C) = 0 when the alias text appears in the decoded context, -2 otherwise, plus bonus[alias].
-    Records every call (contexts, golds)."""
+    """scorer(prefix) -> score(suffixes, golds): s(a* | C) = 0 when the alias text appears in the decoded context
+    C = prefix + suffix, -2 otherwise, plus bonus[alias]. Records each step's prefix and every score call as
+    (contexts, golds); a step scores its real context first, then its baselines (`passes`)."""
 
     def __init__(self, tok, bonus=None):
-        self.tok, self.bonus, self.calls = tok, bonus or {}, []
+        self.tok, self.bonus, self.prefixes, self.calls = tok, bonus or {}, [], []
 
     def value(self, ctx, gold):
         alias = self.tok.decode(gold).strip()
         return (0.0 if alias in self.tok.decode(ctx) else -2.0) + self.bonus.get(alias, 0.0)
 
-    def __call__(self, contexts, golds):
-        self.calls.append(([list(c) for c in contexts], [list(g) for g in golds]))
-        return torch.tensor([self.value(c, g) for c, g in zip(contexts, golds)])
+    def __call__(self, prefix):
+        self.prefixes.append(list(prefix))
+
+        def score(suffixes, golds):
+            contexts = [list(prefix) + list(s) for s in suffixes]
+            self.calls.append((contexts, [list(g) for g in golds]))
+            return torch.tensor([self.value(c, g) for c, g in zip(contexts, golds)])
+        return score
+
+    def passes(self, k):
+        """(contexts, golds) of every step's real (k = 0) or baseline (k = 1) call, in step order."""
+        calls = self.calls[k::2]
+        return [c for cs, _ in calls for c in cs], [g for _, gs in calls for g in gs]
 
 
 # group 0: Q1 three times (the answer's document, a useless one, no search); group 1: Q2 twice (the answer's
@@ -281,10 +324,12 @@ def test_ig_contexts_and_golds(tok, retriever):
     scorer = FakeScorer(tok, bonus={"Ostrand Republic": 1.0})
     N = 4
     rewards.igsearch_information_gain(scorer, tok, rs, retriever, n_samples=N, rng=random.Random(3))
-    assert len(scorer.calls) == 2  # one batched pass for the real contexts, one for the baselines
     steps = [(0, 0), (1, 0), (3, 0), (4, 0), (4, 1)]
+    # one prefix per step, run once and shared by its real and baseline calls: the ids before step t's block
+    assert scorer.prefixes == [rs[i].ids[:rs[i].searches[t]["info_span"][0]] for i, t in steps]
+    assert len(scorer.calls) == 2 * len(steps)
     # pass 1: every step with every alias; C_t^real = ids up to the end of step t's block, then "<answer>"
-    ctx1, gold1 = scorer.calls[0]
+    ctx1, gold1 = scorer.passes(0)
     exp_ctx, exp_gold = [], []
     for i, t in steps:
         end = rs[i].searches[t]["info_span"][1]
@@ -294,7 +339,7 @@ def test_ig_contexts_and_golds(tok, retriever):
     assert ctx1 == exp_ctx and gold1 == exp_gold
     assert rs[4].searches[0]["info_span"][1] <= rs[4].searches[1]["query_span"][0]  # C_0 of r4 stops before step 1
     # pass 2: N per step, scored with the alias that had the best real score
-    ctx2, gold2 = scorer.calls[1]
+    ctx2, gold2 = scorer.passes(1)
     best = ["Zorvath", "Zorvath", "Ostrand", "Ostrand Republic", "Ostrand"]
     assert gold2 == [gold_ids(tok, a) for a in best for _ in range(N)]
     assert len(ctx2) == len(steps) * N
@@ -320,7 +365,7 @@ def test_batch_baseline_never_draws_the_same_question(tok, retriever):
     scorer = FakeScorer(tok)
     N = 20
     rewards.igsearch_information_gain(scorer, tok, rs, retriever, n_samples=N, rng=random.Random(0))
-    ctx2, _ = scorer.calls[1]
+    ctx2, _ = scorer.passes(1)
     drawn = {i: [split_baseline(tok, rs[i], 0, ctx2[i * N + j]) for j in range(N)] for i in range(5)}
     allowed = {0: [blocks[2], blocks[4]], 1: [blocks[2], blocks[4]], 2: [blocks[0], blocks[1], blocks[3], blocks[4]],
                3: [blocks[2], blocks[4]], 4: [blocks[0], blocks[1], blocks[2], blocks[3]]}
@@ -343,7 +388,7 @@ def test_empty_pool_falls_back_to_corpus_documents(tok, retriever):
     # the real block holds Zorvath (0); the random documents never include the real ones, so never the
     # Quendia article (-2): IG = 2 for both steps
     assert ig == [[2.0], [2.0], []]
-    ctx2, _ = scorer.calls[1]
+    ctx2, _ = scorer.passes(1)
     assert len(ctx2) == 2 * N
     seen = set()
     for k in range(2 * N):
@@ -363,7 +408,7 @@ def test_corpus_baseline_when_asked_even_with_a_pool(tok, retriever):
     N = 6
     rewards.igsearch_information_gain(scorer, tok, rs, retriever, n_samples=N, baseline="corpus",
                                       rng=random.Random(0))
-    ctx2, _ = scorer.calls[1]
+    ctx2, _ = scorer.passes(1)
     steps = [(0, 0), (1, 0), (3, 0), (4, 0), (4, 1)]
     not_pool = 0
     for k, (i, t) in enumerate(steps):
@@ -389,16 +434,16 @@ def test_empty_information_block(tok, retriever):
     scorer = FakeScorer(tok)
     ig, details = rewards.igsearch_information_gain(scorer, tok, rs, retriever, n_samples=2, rng=random.Random(0))
     assert ig == [[0.0], [2.0]]
-    ctx1, _ = scorer.calls[0]
+    ctx1, _ = scorer.passes(0)
     assert ctx1[0] == rs[0].ids[:s["info_span"][1]] + cue(tok)
-    ctx2, _ = scorer.calls[1]
+    ctx2, _ = scorer.passes(1)
     mirelle = rs[1].ids[slice(*rs[1].searches[0]["info_span"])]
     assert [split_baseline(tok, rs[0], 0, c) for c in ctx2[:2]] == [mirelle, mirelle]
     # corpus baseline: an empty real block still gets one random document (k = max(0, 1))
     scorer = FakeScorer(tok)
     ig, details = rewards.igsearch_information_gain(scorer, tok, rs[:1], retriever, n_samples=3,
                                                     baseline="corpus", rng=random.Random(0))
-    ctx2, _ = scorer.calls[1]
+    ctx2, _ = scorer.passes(1)
     vals = []
     for c in ctx2:
         blk = split_baseline(tok, rs[0], 0, c)
@@ -425,13 +470,67 @@ def test_no_search_anywhere(tok, retriever):
     rs = scripted(tok, retriever, [(Q1, 0, ["<answer> a </answer>"]), (Q2, 1, ["<answer> b </answer>"])])
     scorer = FakeScorer(tok)
     assert rewards.igsearch_information_gain(scorer, tok, rs, retriever, rng=random.Random(0)) == ([[], []], [])
-    assert scorer.calls == []  # no forward pass at all
+    assert scorer.prefixes == [] and scorer.calls == []  # no forward pass at all
 
 
 def test_ig_default_rng_works(tok, retriever):
     rs = scripted(tok, retriever, MAIN)
     ig, _ = rewards.igsearch_information_gain(FakeScorer(tok), tok, rs, retriever)
     assert ig[0] == [2.0]
+
+
+def test_left_truncation_cuts_a_step_at_one_point(tok, retriever):
+    """METHOD §4.1: contexts longer than the limit are cut from the left, all contexts of a step at the same
+    point (so they still differ only in the evidence): the prefix keeps max_context - longest suffix tokens."""
+    rs = scripted(tok, retriever, MAIN)
+    c = len(cue(tok))
+    i, t = 4, 1                                          # the second step of r4: the longest prefix
+    s, e = rs[i].searches[t]["info_span"]
+    full = FakeScorer(tok)
+    rewards.igsearch_information_gain(full, tok, rs[3:5], retriever, n_samples=3, rng=random.Random(0))
+    # r4 step 1: after r3's step and r4's step 0, two aliases (Q2) each in the real pass, N = 3 in the baseline's
+    ctx_real, ctx_base = full.passes(0)[0][4], full.passes(1)[0][6:9]
+    longest = max(len(x) - s for x in [ctx_real] + ctx_base)       # block + cue
+    limit = longest + 7
+    cut = FakeScorer(tok)
+    rewards.igsearch_information_gain(cut, tok, rs[3:5], retriever, n_samples=3, rng=random.Random(0),
+                                      max_context=limit)
+    assert cut.prefixes[2] == rs[i].ids[s - 7:s]          # 7 prefix tokens fit beside the longest suffix
+    real, base = cut.passes(0)[0][4], cut.passes(1)[0][6:9]
+    assert real == ctx_real[s - 7:] and base == [x[s - 7:] for x in ctx_base]
+    assert max(len(x) for x in [real] + base) == limit   # the longest context is exactly at the limit
+    assert real[-c:] == cue(tok)
+    # not cut when everything fits exactly
+    fits = FakeScorer(tok)
+    rewards.igsearch_information_gain(fits, tok, rs[3:5], retriever, n_samples=3, rng=random.Random(0),
+                                      max_context=longest + s)
+    assert fits.prefixes[2] == rs[i].ids[:s]
+    # a block longer than the limit: no prefix left, and the block itself is cut from the left
+    tiny_limit = c + 2
+    short = FakeScorer(tok)
+    rewards.igsearch_information_gain(short, tok, rs[3:5], retriever, n_samples=3, rng=random.Random(0),
+                                      max_context=tiny_limit)
+    assert all(p == [] for p in short.prefixes)
+    assert short.passes(0)[0][4] == ctx_real[-tiny_limit:]
+
+
+def test_left_truncation_on_the_real_model(tiny, retriever):
+    """With a limit, each score is the score of the cut context run whole."""
+    model, tok = tiny
+    rs = scripted(tok, retriever, MAIN)[3:5]
+    rec = FakeScorer(tok)
+    rewards.igsearch_information_gain(rec, tok, rs, retriever, n_samples=2, rng=random.Random(0), max_context=60)
+    scorer = lambda prefix: rewards.gold_scorer(model, prefix, micro_batch=2)
+    ig, details = rewards.igsearch_information_gain(scorer, tok, rs, retriever, n_samples=2, rng=random.Random(0),
+                                                    max_context=60)
+    (real_ctx, real_gold), (base_ctx, _) = rec.passes(0), rec.passes(1)
+    assert all(len(x) <= 60 for x in real_ctx + base_ctx) and any(len(x) == 60 for x in real_ctx + base_ctx)
+    whole_real = score_whole(model, real_ctx, real_gold)
+    for j, d in enumerate(details):                       # Q2 has two aliases; the same blocks were drawn
+        best = 2 * j + int(whole_real[2 * j:2 * j + 2].argmax())
+        assert d["real"] == pytest.approx(float(whole_real[best]), abs=1e-5)
+        whole = score_whole(model, base_ctx[2 * j:2 * j + 2], [real_gold[best]] * 2)
+        assert d["baseline"] == pytest.approx(float(whole.mean()), abs=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -626,10 +725,10 @@ def test_train_step_igsearch_on_scripted_rollouts(tiny, retriever, monkeypatch):
     assert [len(r.searches) for r in rs] == [1, 1, 1, 2]
     assert metrics["ig_steps"] == 5
 
-    score_fn = lambda c, g: rewards.gold_scores(before, c, g, cfg.ig_head_tokens, cfg.ig_head_weight,
-                                                cfg.ig_max_context, cfg.micro_batch)
-    ig, details = rewards.igsearch_information_gain(score_fn, tok, rs, retriever, cfg.ig_samples, cfg.ig_baseline,
-                                                    random.Random(11))
+    scorer = lambda prefix: rewards.gold_scorer(before, prefix, cfg.ig_head_tokens, cfg.ig_head_weight,
+                                                cfg.micro_batch)
+    ig, details = rewards.igsearch_information_gain(scorer, tok, rs, retriever, cfg.ig_samples, cfg.ig_baseline,
+                                                    random.Random(11), cfg.ig_max_context)
     assert metrics["ig_mean"] == pytest.approx(sum(d["ig"] for d in details) / 5, abs=1e-6)
     R = [rewards.exact_match(r.answer, r.question["golden_answers"]) for r in rs]
     assert R == [1.0, 0.0, 1.0, 1.0]
@@ -641,11 +740,11 @@ def test_train_step_igsearch_on_scripted_rollouts(tiny, retriever, monkeypatch):
     assert not torch.equal(A, grpo.token_advantages(adv, batch.roles))  # some step got past the dead zone
 
 
-def test_information_gain_with_gold_scores_on_the_tiny_model(tiny, retriever):
+def test_information_gain_with_gold_scorer_on_the_tiny_model(tiny, retriever):
     model, tok = tiny
     rs = scripted(tok, retriever, MAIN)
-    score_fn = lambda c, g: rewards.gold_scores(model, c, g, micro_batch=4)
-    ig, details = rewards.igsearch_information_gain(score_fn, tok, rs, retriever, n_samples=2, rng=random.Random(0))
+    scorer = lambda prefix: rewards.gold_scorer(model, prefix, micro_batch=4)
+    ig, details = rewards.igsearch_information_gain(scorer, tok, rs, retriever, n_samples=2, rng=random.Random(0))
     assert [len(x) for x in ig] == [1, 1, 0, 1, 2]
     assert len(details) == 5
     for d in details:
@@ -656,5 +755,5 @@ def test_information_gain_with_gold_scores_on_the_tiny_model(tiny, retriever):
         # the real score is the best alias's score of C_t^real, scored alone
         r = rs[d["rollout"]]
         ctx = r.ids[:r.searches[d["step"]]["info_span"][1]] + cue(tok)
-        alone = max(float(rewards.gold_scores(model, [ctx], [gold_ids(tok, a)])[0]) for a in r.question["golden_answers"])
+        alone = max(float(score_whole(model, [ctx], [gold_ids(tok, a)])[0]) for a in r.question["golden_answers"])
         assert d["real"] == pytest.approx(alone, abs=1e-5)
