@@ -4,6 +4,8 @@ against plain model.generate. Everything is measured side by side in one run and
     python bench/bench_step.py                                    # tiny random Qwen3 (smoke model)
     python bench/bench_step.py --model PATH/SmolLM2-135M-Instruct.Q4_1.gguf
     python bench/bench_step.py --rewards outcome,igsearch --repeats 2
+    python bench/bench_step.py --model ... --force-search          # the model writes queries in every turn
+    python bench/bench_step.py --model ... --scripted-searches 2   # scripted texts: no sampling cost at all
 
 The rollouts of a step are sampled once (seeded) and every variant scores and updates from the same weights
 on those same rollouts, so the ratio "step time / outcome step time" isolates what the variant adds.
@@ -116,6 +118,26 @@ def scripted_rollouts(tok, questions, groups, retriever, cfg, n_searches):
                                   turn_fn=grpo.scripted_turns(tok, scripts))
 
 
+def forced_search_turns(model, tok, cfg, generator):
+    """A turn_fn in which the policy searches in every turn but the last, answer-only one: the engine writes
+    "<search>" to open the turn, the model writes the query (and its answer in the last turn), and a query that
+    the turn budget or EOS cuts off is closed with " </search>" (a turn that answers keeps its answer). Sampling then costs what it costs for a policy
+    that searches, which untrained SmolLM2 never does by itself."""
+    opener = tok.encode("<search>", add_special_tokens=False)
+    closer = tok.encode(" </search>", add_special_tokens=False)
+    eos_ids = grpo.stop_ids(tok, model)
+
+    def turn_fn(active, seqs, budget, stops):
+        if "</search>" not in stops:  # the answer-only turn: the model alone
+            return grpo.generate_turn(model, tok, seqs, budget, stops, eos_ids, cfg.temperature, generator)
+        room = [max(1, b - len(opener) - len(closer)) for b in budget]
+        gens, why = grpo.generate_turn(model, tok, [s + opener for s in seqs], room, stops, eos_ids,
+                                       cfg.temperature, generator)
+        gens = [opener + g + (closer if w not in stops else []) for g, w in zip(gens, why)]
+        return gens, [w if w in stops else "</search>" for w in why]  # an answer still ends the episode
+    return turn_fn
+
+
 def peak_memory_mb(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
@@ -129,6 +151,8 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=3, help="steps measured (fresh rollouts each)")
     p.add_argument("--scripted-searches", type=int, default=0,
                    help="replace sampled rollouts by scripted ones with this many searches (1 or 2)")
+    p.add_argument("--force-search", action="store_true",
+                   help="sampled rollouts that search in every turn but the last (the engine opens the tag)")
     p.add_argument("--ig-whole", action=argparse.BooleanOptionalAction, default=True,
                    help="also time IG-Search scoring without the shared prefix cache, for the ratio")
     p.add_argument("--seed", type=int, default=0)
@@ -167,6 +191,11 @@ def main(argv=None):
         t = time.perf_counter()
         if args.scripted_searches:
             rollouts = scripted_rollouts(tok, batch_q, groups, retriever, cfg, args.scripted_searches)
+        elif args.force_search:
+            gen = torch.Generator().manual_seed(args.seed + rep)
+            rollouts = grpo.generate_rollouts(model, tok, batch_q, groups, retriever,
+                                              **igsearch.rollout_kwargs(cfg, cfg.temperature, gen),
+                                              turn_fn=forced_search_turns(model, tok, cfg, gen))
         else:
             rollouts = grpo.generate_rollouts(model, tok, batch_q, groups, retriever,
                                               **igsearch.rollout_kwargs(cfg, cfg.temperature,
@@ -188,7 +217,8 @@ def main(argv=None):
 
     shared = sample_s + retrieval_s
     base = shared + rows[variants[0]]["scoring"] + rows[variants[0]]["update"]
-    kind = f"scripted, {args.scripted_searches} searches each" if args.scripted_searches else "sampled"
+    kind = (f"scripted, {args.scripted_searches} searches each" if args.scripted_searches
+            else "sampled, searches forced" if args.force_search else "sampled")
     print(f"\nPer step, mean of {args.repeats} (same {kind} rollouts for every variant; {searches / n_roll:.2f} searches "
           f"per rollout; rollout sampling {sample_s / args.repeats:.2f} s, retrieval {retrieval_s / args.repeats:.3f} s)")
     print(f"{'reward':<14}{'rollout s':>10}{'retrieval s':>12}{'scoring s':>10}{'update s':>10}{'step s':>9}"
