@@ -1,0 +1,40 @@
+"""The step benchmark's rollout regimes: searches forced on a sampling model must go through the real
+bookkeeping like any search (the bench's ratios are only as good as the rollouts they time)."""
+import dataclasses
+import sys
+
+import torch
+
+import grpo
+import igsearch
+from conftest import ROOT
+from retrieve import Retriever
+
+sys.path.insert(0, str(ROOT / "bench"))
+import bench_step  # noqa: E402
+
+DOCS = [{"id": f"d{i}", "title": f"Doc{i}", "text": f"Doc{i} is about topic number {i} and more."} for i in range(8)]
+Q = {"id": "q", "question": "What is topic number 3 about?", "golden_answers": ["more"]}
+
+
+def test_forced_search_turns_search_in_every_turn_but_the_last(tmp_path):
+    model, tok = igsearch.tiny_random_model(seed=0)
+    retriever = Retriever(DOCS, cache_dir=tmp_path)
+    cfg = dataclasses.replace(igsearch.Config(), max_turns=2, topk=1, max_turn_tokens=12, max_response_tokens=400)
+    gen = torch.Generator().manual_seed(0)
+    rs = grpo.generate_rollouts(model, tok, [Q] * 3, [0, 0, 0], retriever,
+                                **igsearch.rollout_kwargs(cfg, 1.0, gen),
+                                turn_fn=bench_step.forced_search_turns(model, tok, cfg, gen))
+    for r in rs:
+        assert len(r.searches) == 2  # random weights never close the tag: the turn budget does, twice
+        for s in r.searches:
+            q = tok.decode(r.ids[slice(*s["query_span"])])
+            assert q.startswith("<search>") and q.endswith(" </search>")
+            assert s["query"] == q[len("<search>"):-len("</search>")].strip()
+            assert set(r.roles[slice(*s["query_span"])]) == {grpo.POLICY}  # the opener counts as the policy's
+            assert r.ids[slice(*s["info_span"])] == tok.encode(grpo.information_block(s["docs"]),
+                                                               add_special_tokens=False)
+        # the last turn is the model's alone: no opener
+        last = max(k for k, role in enumerate(r.roles) if role != grpo.POLICY) + 1
+        assert not tok.decode(r.ids[last:]).startswith("<search>")
+    assert bench_step.tokens_past_stop(rs, tok) == 0
