@@ -121,8 +121,8 @@ def scripted_rollouts(tok, questions, groups, retriever, cfg, n_searches):
 def forced_search_turns(model, tok, cfg, generator):
     """A turn_fn in which the policy searches in every turn but the last, answer-only one: the engine writes
     "<search>" to open the turn, the model writes the query (and its answer in the last turn), and a query that
-    the turn budget or EOS cuts off is closed with " </search>" (a turn that answers keeps its answer). Sampling then costs what it costs for a policy
-    that searches, which untrained SmolLM2 never does by itself."""
+    the turn budget or EOS cuts off is closed with " </search>" (a turn that answers keeps its answer).
+    Sampling then costs what it costs for a policy that searches, which untrained SmolLM2 never does alone."""
     opener = tok.encode("<search>", add_special_tokens=False)
     closer = tok.encode(" </search>", add_special_tokens=False)
     eos_ids = grpo.stop_ids(tok, model)
