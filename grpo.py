@@ -320,6 +320,12 @@ def token_advantages(adv, roles):
     return adv[:, None] * (roles == POLICY).float()
 
 
+def head_logprobs(head, h, tokens):
+    """log π(tokens[n] | state h[n]): the vocabulary projection of only the states whose next token is read.
+    h [n, H], tokens [n] -> [n]"""
+    return head(h).float().log_softmax(-1).gather(-1, tokens[:, None]).squeeze(-1)
+
+
 def token_logprobs(model, ids, attention_mask, mask, micro_batch=4):
     """log π(ids[b, k] | ids[b, <k]) where mask[b, k], 0 elsewhere. # [B, T]
 
@@ -332,8 +338,7 @@ def token_logprobs(model, ids, attention_mask, mask, micro_batch=4):
         pos = (a.cumsum(-1) - 1).clamp(min=0)
         h = model.base_model(input_ids=i, attention_mask=a, position_ids=pos).last_hidden_state  # [b, T, H]
         target = m[:, 1:]                                  # token k is predicted at position k - 1
-        logits = head(h[:, :-1][target]).float()            # [n, V]
-        lp = logits.log_softmax(-1).gather(-1, i[:, 1:][target][:, None]).squeeze(-1)  # [n]
+        lp = head_logprobs(head, h[:, :-1][target], i[:, 1:][target])  # [n]
         out = torch.zeros(i.shape, dtype=torch.float32, device=ids.device)
         out[:, 1:][target] = lp
         chunks.append(out)

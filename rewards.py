@@ -134,7 +134,7 @@ def gold_scorer(model, prefix, head_tokens=3, head_weight=3.0, micro_batch=8):
                 h = torch.cat([last.expand(B, 1, -1), h[:, :-1]], 1)   # [B, T, H]: the state that predicts token k
             else:
                 h, ids, target = h[:, :-1], ids[:, 1:], target[:, 1:]  # without a prefix, token 0 has no prediction
-            lp = head(h[target]).float().log_softmax(-1).gather(-1, ids[target][:, None]).squeeze(-1).cpu()  # [n]
+            lp = grpo.head_logprobs(head, h[target], ids[target]).cpu()  # [n]
             k = 0
             for g in golds[s:s + micro_batch]:
                 w = head_weights(len(g), head_tokens, head_weight)

@@ -110,6 +110,16 @@ def test_two_search_trajectory_token_by_token(tok, retriever):
     assert r.n_policy == len(enc(tok, TURN0)) + len(enc(tok, TURN1_CUT)) + len(enc(tok, TURN2))
 
 
+def test_show_rollout_tags_each_stretch_of_one_role(tok, retriever):
+    r, = run_scripts(tok, retriever, [[TURN0, TURN2]], max_turns=1, topk=1)
+    r.reward = 1.0
+    docs = r.searches[0]["docs"]
+    prompt = tok.decode(grpo.prompt_ids(tok, QUESTION["question"]))
+    assert grpo.show_rollout(r, tok) == (
+        f"[prompt]{prompt}[policy]{TURN0}[obs]{grpo.information_block(docs)}[policy]{TURN2}"
+        "\n[answer='Paris' reward=1.000 searches=1]")
+
+
 def test_query_span_with_a_space_before_the_tag(tok, retriever):
     # "</think> <search>": the tag may share a token with the space before it; the span still starts at it
     r, = run_scripts(tok, retriever, [["</think> <search> Berlin </search>", "<answer> x </answer>"]], max_turns=1)
