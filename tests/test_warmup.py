@@ -1,0 +1,199 @@
+"""The format warm-up (METHOD §6): the loss by hand on a scripted trajectory, the oracle scripts, and that no
+dev or test question reaches it. Expectations come from a plain forward pass and written-out sums."""
+import dataclasses
+import json
+import random
+
+import pytest
+import torch
+
+import grpo
+import igsearch
+import retrieve
+import warmup
+from grpo import OBS, POLICY, PROMPT
+
+DOCS = [
+    {"id": "d0", "title": "Paris", "text": "Paris is the capital and largest city of France."},
+    {"id": "d1", "title": "Seine", "text": "The Seine is the river that flows through Paris."},
+    {"id": "d2", "title": "Berlin", "text": "Berlin is the capital of Germany."},
+    {"id": "d3", "title": "Danube", "text": "The Danube flows through Vienna and Budapest."},
+    {"id": "d4", "title": "France", "text": "France is a country in Western Europe."},
+]
+QUESTION = {"id": "q0", "question": "What is the capital of France?", "golden_answers": ["Paris"]}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # bit-level comparisons below: one thread, one summation order
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model, tok = igsearch.tiny_random_model(0)
+    return model.eval(), tok
+
+
+@pytest.fixture
+def retriever(tmp_path):
+    return retrieve.Retriever(DOCS, cache_dir=tmp_path)
+
+
+def scripted(tok, retriever, scripts, questions=None):
+    questions = questions or [QUESTION] * len(scripts)
+    return grpo.generate_rollouts(None, tok, questions, list(range(len(scripts))), retriever, max_turns=2, topk=2,
+                                  turn_fn=grpo.scripted_turns(tok, scripts))
+
+
+def test_warmup_loss_by_hand_on_a_table():
+    logp = torch.tensor([[-0.5, -1.0, -2.0, -3.0],
+                         [-9.0, -4.0, -0.25, 0.0]])
+    mask = torch.tensor([[False, True, False, True],
+                         [False, True, True, False]])
+    # policy positions: -1, -3, -4, -0.25 -> -(−8.25) / 4; the -0.5, -2, -9 elsewhere never count
+    assert grpo.warmup_loss(logp, mask).item() == pytest.approx(8.25 / 4)
+    # micro-batches with the batch's divisor add up to the batch loss
+    parts = [grpo.warmup_loss(logp[i:i + 1], mask[i:i + 1], norm=mask.sum()) for i in range(2)]
+    assert float(sum(parts)) == pytest.approx(8.25 / 4)
+    assert grpo.warmup_loss(logp, torch.zeros_like(mask)).item() == 0.0  # no policy token: 0, not NaN
+
+
+def test_warmup_loss_on_a_scripted_trajectory_counts_policy_tokens_only(tiny, retriever):
+    model, tok = tiny
+    r, = scripted(tok, retriever, [["<think> look </think>\n<search> capital of France </search>",
+                                    "<answer> Paris </answer>"]])
+    assert r.roles.count(OBS) > 20 and r.roles.count(POLICY) > 5    # a real observation between two turns
+    batch = grpo.collate([r], tok.pad_token_id)
+    mask = batch.policy_mask
+    with torch.no_grad():
+        lsm = model(input_ids=torch.tensor([r.ids])).logits[0].float().log_softmax(-1)   # [T, V], one plain pass
+    # written-out sum over the positions whose token the policy wrote
+    terms = [float(lsm[k - 1, r.ids[k]]) for k in range(1, len(r.ids)) if r.roles[k] == POLICY]
+    expected = -sum(terms) / len(terms)
+    with torch.no_grad():
+        logp = grpo.token_logprobs(model, batch.ids, batch.attention_mask, mask)
+        got = grpo.warmup_loss(logp, mask).item()
+    assert got == pytest.approx(expected, abs=1e-5)
+    # the same sum over observation or prompt positions is a different number: they are left out, not diluted
+    obs = [float(lsm[k - 1, r.ids[k]]) for k in range(1, len(r.ids)) if r.roles[k] in (OBS, PROMPT)]
+    assert abs(-(sum(terms) + sum(obs)) / (len(terms) + len(obs)) - expected) > 1e-3
+
+
+def test_warmup_gradient_is_minus_one_over_P_at_policy_positions_and_zero_elsewhere(tiny, retriever):
+    _, tok = tiny
+    r, = scripted(tok, retriever, [["<search> capital of France </search>", "<answer> Paris </answer>"]])
+    batch = grpo.collate([r, r], tok.pad_token_id)
+    batch.roles[1, -3:] = grpo.PAD                                   # a shorter second row: padding too
+    logp = torch.randn(batch.ids.shape).requires_grad_(True)         # any values: the loss is linear in them
+    grpo.warmup_loss(logp, batch.policy_mask).backward()
+    n_policy = int((batch.roles == POLICY).sum())
+    for b in range(2):
+        for k in range(batch.ids.shape[1]):
+            expected = -1.0 / n_policy if batch.roles[b, k] == POLICY else 0.0
+            assert float(logp.grad[b, k]) == pytest.approx(expected, abs=1e-9), (b, k, int(batch.roles[b, k]))
+
+
+def test_oracle_scripts_strong_weak_and_bridge(retriever):
+    strong = warmup.oracle_script(QUESTION, retriever, random.Random(0), topk=2, max_turns=2, weak_frac=0.0)
+    assert strong == [f"{warmup.THINK_FIRST}<search> What is the capital of France </search>",
+                      f"{warmup.THINK_ANSWER}<answer> Paris </answer>"]
+    # a weak query that misses the answer's document is followed by a search with the question
+    rng = random.Random(0)
+    for _ in range(30):
+        turns = warmup.oracle_script(QUESTION, retriever, rng, topk=1, max_turns=2, weak_frac=1.0)
+        query = turns[0].split("<search>")[1].split("</search>")[0].strip()
+        assert 2 <= len(query.split()) <= 4 and query in "What is the capital of France"
+        hit = retriever.search([query], 1)[0]
+        if "Paris" in hit[0]["title"] + hit[0]["text"]:
+            assert len(turns) == 2
+        else:
+            assert turns[1] == f"{warmup.THINK_AGAIN}<search> What is the capital of France </search>"
+    # two supporting articles: the one that is not the answer is searched for by its title
+    bridge = {**QUESTION, "supporting_titles": ["Seine", "Paris"]}
+    turns = warmup.oracle_script(bridge, retriever, random.Random(0), topk=2, max_turns=2, weak_frac=0.0)
+    assert turns[1] == warmup.THINK_BRIDGE.format("Seine") + "<search> Seine </search>"
+    assert turns[-1].endswith("<answer> Paris </answer>") and len(turns) == 3
+    # max_turns bounds the searches
+    turns = warmup.oracle_script(bridge, retriever, random.Random(0), topk=2, max_turns=1, weak_frac=0.0)
+    assert len(turns) == 2
+
+
+def test_oracle_rollouts_go_through_the_agent_loop(tiny, retriever):
+    _, tok = tiny
+    bridge = {**QUESTION, "supporting_titles": ["Seine", "Paris"]}
+    rs = warmup.warmup_rollouts(tok, retriever, [QUESTION, bridge], random.Random(0), max_turns=2, topk=2,
+                                max_turn_tokens=64, max_response_tokens=400)
+    assert [len(r.searches) for r in rs] == [1, 2] and [r.answer for r in rs] == ["Paris", "Paris"]
+    assert rs[1].searches[1]["query"] == "Seine" and rs[1].searches[1]["docs"][0]["title"] == "Seine"
+    # the observation is the real retrieved block, as ids with the OBS role
+    s, e = rs[0].searches[0]["info_span"]
+    assert tok.decode(rs[0].ids[s:e]) == grpo.information_block(rs[0].searches[0]["docs"])
+    assert set(rs[0].roles[s:e]) == {OBS}
+    # a trajectory cut by the token budget has no answer and is dropped
+    assert warmup.warmup_rollouts(tok, retriever, [bridge], random.Random(0), max_turns=2, topk=2,
+                                  max_turn_tokens=64, max_response_tokens=60) == []
+
+
+# ----------------------------------------------------------------------------------------------------
+# The warm-up inside a run: train split only, saved with save_pretrained, RL starts from it
+
+QA = [(f"Which document number {i} names the capital of France?", "Paris") for i in range(20)]
+
+
+@pytest.fixture
+def qa_files(tmp_path):
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps({"id": f"q{i}", "question": q, "golden_answers": [a]}) + "\n"
+                            for i, (q, a) in enumerate(QA)))
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"id": d["id"], "contents": f'"{d["title"]}"\n{d["text"]}'}) + "\n"
+                              for d in DOCS))
+    return data, corpus
+
+
+def test_no_dev_or_test_question_reaches_the_warmup(monkeypatch, tmp_path, qa_files):
+    data, corpus = qa_files
+    seen = []
+    real = warmup.warmup_rollouts
+
+    def recording(tok, retriever, questions, rng, **kw):
+        seen.extend(q["id"] for q in questions)
+        return real(tok, retriever, questions, rng, **kw)
+
+    monkeypatch.setattr(warmup, "warmup_rollouts", recording)
+    cfg = igsearch.Config(model="tiny-random", corpus=f"jsonl:{corpus}", data=str(data), out=str(tmp_path / "run"),
+                          device="cpu", steps=1, questions_per_step=1, group_size=2, max_turns=1, max_turn_tokens=48,
+                          max_response_tokens=200, eval_questions=2, show_every=0, warmup_steps=3, warmup_batch=8)
+    result = igsearch.train(cfg)
+    splits = igsearch.load_data(cfg.data, None, cfg.seed)
+    train_ids = {q["id"] for q in splits["train"]}
+    held_out = {q["id"] for s in ("dev", "test") for q in splits[s]}
+    assert len(seen) == 3 * 8 and set(seen) <= train_ids and not set(seen) & held_out and held_out
+    # the warmed-up model was saved as a loadable model directory, and the run reports the three evaluations
+    assert (tmp_path / "run" / "warmup" / "model" / "config.json").is_file()
+    assert {"before", "warm-up", "after"} <= set(result)
+    done = json.loads((tmp_path / "run" / "warmup" / "done.json").read_text())
+    assert len(done["losses"]) == 3 and all(x > 0 for x in done["losses"])
+
+
+def test_rl_starts_from_the_warmed_model_and_a_resume_skips_the_warmup(monkeypatch, tmp_path, qa_files):
+    data, corpus = qa_files
+    loaded, calls = [], []
+    real_load, real_warmup = igsearch.load_model, warmup.warmup
+    monkeypatch.setattr(igsearch, "load_model", lambda name, *a, **kw: loaded.append(name) or real_load(name, *a, **kw))
+    monkeypatch.setattr(warmup, "warmup", lambda *a, **kw: calls.append(1) or real_warmup(*a, **kw))
+    cfg = igsearch.Config(model="tiny-random", corpus=f"jsonl:{corpus}", data=str(data), out=str(tmp_path / "run"),
+                          device="cpu", steps=1, questions_per_step=1, group_size=2, max_turns=1, max_turn_tokens=48,
+                          max_response_tokens=200, eval_questions=1, show_every=0, warmup_steps=1, warmup_batch=2)
+    igsearch.train(cfg)
+    warm = str(tmp_path / "run" / "warmup" / "model")
+    assert loaded == ["tiny-random", warm] and calls == [1]
+    # the RL start (and so the reference) holds the warmed weights, not the initial ones
+    init = igsearch.tiny_random_model(0)[0].state_dict()
+    warmed = real_load(warm, torch.device("cpu"))[0].state_dict()
+    assert any(not torch.equal(init[k], warmed[k]) for k in init if k in warmed)
+    igsearch.train(dataclasses.replace(cfg, steps=2), resume=True)
+    assert loaded[2:] == [warm] and calls == [1]

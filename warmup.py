@@ -1,0 +1,128 @@
+"""Format warm-up (METHOD §6, our addition to the papers): a short supervised cold start before GRPO.
+
+The IG papers start RL from 3B-7B models that already follow the tag format. A 135M chat model does not: it
+never writes <search> or <answer>, so every reward is 0, every group's advantage is 0 and nothing learns.
+R1-style pipelines call the cure a cold start. Here it is a few steps of next-token loss on the policy
+tokens of oracle trajectories, built through the real agent loop (grpo.generate_rollouts with
+grpo.scripted_turns), so that their ids, roles and observations are exactly those RL later trains on:
+
+    <think> ... </think> <search> query </search>   [the real BM25 block]   <think> ... </think> <answer> gold </answer>
+
+It teaches the format, not the task. Only train questions are used. The written queries vary in quality so
+that RL still has query quality to learn (METHOD §6):
+    - half search with the question as asked, half with a weaker query: a few of its words;
+    - a first search whose documents miss the answer is followed by a second, with the question;
+    - a bridge question (two supporting articles) searches for its bridge article too.
+
+    rollouts = warmup_rollouts(tok, retriever, train_questions, rng, ...)   # scripted, real observations
+    losses = warmup(model, tok, retriever, train_questions, cfg, rng)       # grpo.warmup_loss, AdamW
+"""
+import re
+
+import torch
+
+import grpo
+import rewards
+
+THINK_FIRST = "<think> I need to look this up. </think>\n"
+THINK_AGAIN = "<think> The documents do not say it yet. </think>\n"
+THINK_BRIDGE = "<think> I also need to know about {}. </think>\n"
+THINK_ANSWER = "<think> The documents give the answer. </think>\n"
+QUERY_WORDS = 40        # a query longer than this many words is cut: a turn has a token budget
+
+
+def words(text):
+    return re.findall(r"\w+(?:['-]\w+)*", text)
+
+
+def strong_query(question):
+    """The question as asked, as one line of at most QUERY_WORDS words.
+
+    >>> strong_query('What is X, described as "French city", in: "X is on the Seine."?')
+    'What is X described as French city in X is on the Seine'
+    """
+    return " ".join(words(question)[:QUERY_WORDS])
+
+
+def weak_query(question, rng, n=(2, 4)):
+    """A vaguer query: a window of 2-4 consecutive words of the question, which may miss the answer.
+
+    >>> import random; weak_query("Who painted the Mona Lisa in Florence", random.Random(0))
+    'Mona Lisa in'
+    """
+    w = words(question)
+    k = min(rng.randint(*n), len(w))
+    start = rng.randrange(len(w) - k + 1)
+    return " ".join(w[start:start + k])
+
+
+def mentions_answer(docs, golds):
+    """Does a gold alias appear, as whole normalized words, in the title or text of a document?"""
+    texts = [" " + rewards.normalize_answer(d["title"] + " " + d["text"]) + " " for d in docs]
+    norm = [rewards.normalize_answer(g) for g in golds]
+    return any(g and f" {g} " in t for g in norm for t in texts)
+
+
+def oracle_script(question, retriever, rng, topk=3, max_turns=2, weak_frac=0.5):
+    """The turn texts of one oracle trajectory for `question` (a QA dict), for grpo.scripted_turns.
+
+    Retrieval is run here on the same retriever the agent loop will call, so the script knows what each
+    search returns (BM25 is deterministic): a first search that misses the answer is followed by a second.
+    At most max_turns searches, then the answer turn."""
+    golds = question["golden_answers"]
+    first = weak_query(question["question"], rng) if rng.random() < weak_frac else strong_query(question["question"])
+    turns = [f"{THINK_FIRST}<search> {first} </search>"]
+    found = mentions_answer(retriever.search([first], topk)[0], golds)
+    norm_golds = {rewards.normalize_answer(g) for g in golds}
+    bridges = [t for t in question.get("supporting_titles", []) if rewards.normalize_answer(t) not in norm_golds]
+    if len(turns) < max_turns and bridges:                      # two hops: look up the bridge article too
+        turns.append(f"{THINK_BRIDGE.format(bridges[0])}<search> {bridges[0]} </search>")
+    if len(turns) < max_turns and not found and first != strong_query(question["question"]):
+        turns.append(f"{THINK_AGAIN}<search> {strong_query(question['question'])} </search>")
+    turns.append(f"{THINK_ANSWER}<answer> {golds[0].strip()} </answer>")
+    return turns
+
+
+def warmup_rollouts(tok, retriever, questions, rng, *, max_turns=2, topk=3, max_turn_tokens=128,
+                    max_response_tokens=1024, weak_frac=0.5):
+    """Oracle trajectories of `questions` through the real agent loop; the ones cut by a token budget (no
+    answer) are dropped, since they would teach the model to stop mid-way."""
+    scripts = [oracle_script(q, retriever, rng, topk, max_turns, weak_frac) for q in questions]
+    rollouts = grpo.generate_rollouts(None, tok, questions, list(range(len(questions))), retriever,
+                                      max_turns=max_turns, topk=topk, max_turn_tokens=max_turn_tokens,
+                                      max_response_tokens=max_response_tokens,
+                                      turn_fn=grpo.scripted_turns(tok, scripts))
+    return [r for r in rollouts if r.answer is not None and not r.invalid_turns]
+
+
+def warmup(model, tok, retriever, questions, cfg, rng, log=print):
+    """cfg.warmup_steps AdamW steps of grpo.warmup_loss (METHOD §6) on cfg.warmup_batch oracle trajectories
+    each, drawn from `questions` (the train split). Returns the loss of each step."""
+    device = next(model.parameters()).device
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.warmup_lr, weight_decay=0.0)
+    losses = []
+    for step in range(cfg.warmup_steps):
+        qs = rng.sample(questions, min(cfg.warmup_batch, len(questions)))
+        rollouts = warmup_rollouts(tok, retriever, qs, rng, max_turns=cfg.max_turns, topk=cfg.topk,
+                                   max_turn_tokens=cfg.max_turn_tokens,
+                                   max_response_tokens=cfg.max_response_tokens)
+        if not rollouts:
+            continue
+        batch = grpo.collate(rollouts, tok.pad_token_id)
+        ids, attn, mask = batch.ids.to(device), batch.attention_mask.to(device), batch.policy_mask.to(device)
+        norm = mask.sum().clamp(min=1)                  # the whole batch's policy tokens: micro-batches add up
+        opt.zero_grad(set_to_none=True)
+        total = 0.0
+        for s in range(0, ids.shape[0], cfg.micro_batch):
+            sl = slice(s, s + cfg.micro_batch)
+            with grpo.autocast(cfg.precision, device):
+                logp = grpo.token_logprobs(model, ids[sl], attn[sl], mask[sl], cfg.micro_batch)  # [b, T]
+            loss = grpo.warmup_loss(logp, mask[sl], norm)
+            loss.backward()
+            total += loss.item()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        losses.append(total)
+        log(f"warm-up step {step + 1}/{cfg.warmup_steps}: loss {total:.4f} over {int(norm)} policy tokens "
+            f"of {len(rollouts)} trajectories, {sum(len(r.searches) for r in rollouts) / len(rollouts):.2f} searches each")
+    return losses
