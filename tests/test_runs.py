@@ -1,6 +1,8 @@
 """Run directories: checkpoints every step, --resume, a killed run, damaged checkpoints."""
+import dataclasses
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -13,6 +15,8 @@ import torch
 from safetensors.torch import load_file
 
 import igsearch
+import runs
+import views
 from conftest import ROOT
 
 
@@ -77,12 +81,12 @@ def test_a_damaged_checkpoint_is_refused_and_the_previous_one_used(tmp_path, cap
     trained.mkdir()
     data, corpus = write_fixtures(tmp_path)
     cfg = igsearch.Config(model="tiny-random", data=str(data), corpus=f"jsonl:{corpus}", eval_questions=0, steps=2)
-    (trained / "config.json").write_text(json.dumps(igsearch.dataclasses.asdict(cfg)))
+    (trained / "config.json").write_text(json.dumps(dataclasses.asdict(cfg)))
     (trained / "metrics.jsonl").write_text('{"step": 0}\n{"step": 1}\n')
-    model, tok = igsearch.tiny_random_model()
-    opt, gen, rng = torch.optim.AdamW(model.parameters()), torch.Generator(), igsearch.random.Random(0)
-    igsearch.save_checkpoint(trained, 1, model, tok, opt, gen, rng)
-    igsearch.save_checkpoint(trained, 2, model, tok, opt, gen, rng)
+    model, tok = runs.tiny_random_model()
+    opt, gen, rng = torch.optim.AdamW(model.parameters()), torch.Generator(), random.Random(0)
+    runs.save_checkpoint(trained, 1, model, tok, opt, gen, rng)
+    runs.save_checkpoint(trained, 2, model, tok, opt, gen, rng)
     for damage, message in [("truncate", "model/model.safetensors has"), ("delete", "is missing optimizer.pt"),
                             ("manifest", "no manifest.json")]:
         run = tmp_path / damage
@@ -119,7 +123,7 @@ def test_resume_without_a_checkpoint_is_a_one_line_error(tmp_path, capsys):
 def test_keep_metrics_drops_later_and_half_written_lines(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 0}\n{"step": 1}\n{"step": 2}\n{"st')
-    igsearch.keep_metrics(path, 2)
+    runs.keep_metrics(path, 2)
     assert path.read_text() == '{"step": 0}\n{"step": 1}\n'
 
 
@@ -185,12 +189,12 @@ def test_eval_of_a_run_loads_its_last_intact_checkpoint(tmp_path, capsys, script
     run = tmp_path / "run"
     run.mkdir()
     cfg = igsearch.Config(model="tiny-random", data=str(data), corpus=f"jsonl:{corpus}", max_turns=1)
-    (run / "config.json").write_text(json.dumps(igsearch.dataclasses.asdict(cfg)))
-    model, tok = igsearch.tiny_random_model()
+    (run / "config.json").write_text(json.dumps(dataclasses.asdict(cfg)))
+    model, tok = runs.tiny_random_model()
     opt = torch.optim.AdamW(model.parameters())
-    gen, rng = torch.Generator().manual_seed(0), igsearch.random.Random(0)
-    igsearch.save_checkpoint(run, 1, model, tok, opt, gen, rng)
-    igsearch.save_checkpoint(run, 2, model, tok, opt, gen, rng)
+    gen, rng = torch.Generator().manual_seed(0), random.Random(0)
+    runs.save_checkpoint(run, 1, model, tok, opt, gen, rng)
+    runs.save_checkpoint(run, 2, model, tok, opt, gen, rng)
     (run / "ckpt" / "step_000002" / "optimizer.pt").write_bytes(b"")
     assert igsearch.main(["eval", "--model", str(run), "--limit", "2"]) == 0
     out, err = capsys.readouterr()
@@ -216,13 +220,13 @@ def fake_run(path, ig_key):
 
 
 def test_curves_read_ig_or_inforeasoner_ig(tmp_path):
-    ig = igsearch.curves(fake_run(tmp_path / "ig", "ig_mean"))
-    ir = igsearch.curves(fake_run(tmp_path / "ir", "ir_ig_mean"))
-    out = igsearch.curves(fake_run(tmp_path / "out", None))
+    ig = views.curves(fake_run(tmp_path / "ig", "ig_mean"))
+    ir = views.curves(fake_run(tmp_path / "ir", "ir_ig_mean"))
+    out = views.curves(fake_run(tmp_path / "out", None))
     assert ig["information gain"] == ([0, 1, 2, 3], [0.0, 0.2, 0.4, pytest.approx(0.6)])
     assert ir["information gain"][1][1] == 0.2
     assert "information gain" not in out and out["EM"][0] == [0, 1, 2, 3]   # the half-written line is skipped
-    assert set(ig) == {t for t, _ in igsearch.CURVES}
+    assert set(ig) == {t for t, _ in views.CURVES}
 
 
 def test_plot_writes_a_png_or_says_matplotlib_is_missing(tmp_path, capsys, monkeypatch):
@@ -295,15 +299,15 @@ def test_compare_on_the_tiny_preset_really_trains_all_three(tmp_path, capsys, mo
 
 
 def test_a_save_clears_what_a_killed_save_left(tmp_path):
-    model, tok = igsearch.tiny_random_model(0)
+    model, tok = runs.tiny_random_model(0)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     stale = tmp_path / "ckpt" / ".tmp-step_000001-99999"     # a save killed half-way, by another process
     (stale / "model").mkdir(parents=True)
     (stale / "model" / "model.safetensors").write_bytes(b"half")
-    assert igsearch.checkpoints(tmp_path) == []                # never taken for a checkpoint
-    final = igsearch.save_checkpoint(tmp_path, 1, model, tok, opt, torch.Generator(), __import__("random").Random(0))
+    assert runs.checkpoints(tmp_path) == []                # never taken for a checkpoint
+    final = runs.save_checkpoint(tmp_path, 1, model, tok, opt, torch.Generator(), __import__("random").Random(0))
     assert not stale.exists()
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["step_000001"] and final.name == "step_000001"
-    path, weights, _, state = igsearch.last_checkpoint(tmp_path)
+    path, weights, _, state = runs.last_checkpoint(tmp_path)
     assert path == final and state["step"] == 1
     assert torch.equal(weights["model.embed_tokens.weight"], model.model.embed_tokens.weight)
