@@ -1,5 +1,6 @@
 """Run directories: checkpoints every step, --resume, a killed run, damaged checkpoints."""
 import dataclasses
+import importlib.util
 import json
 import os
 import random
@@ -232,9 +233,7 @@ def test_curves_read_ig_or_inforeasoner_ig(tmp_path):
 def test_plot_writes_a_png_or_says_matplotlib_is_missing(tmp_path, capsys, monkeypatch):
     runs = [str(fake_run(tmp_path / "a", "ig_mean")), str(fake_run(tmp_path / "b", None))]
     png = tmp_path / "c.png"
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("matplotlib") is None:
         assert igsearch.main(["plot", "--run", *runs, "--out", str(png)]) == 2
         err = capsys.readouterr().err.strip()
         assert err == "error: plot needs matplotlib, which is not installed: pip install matplotlib"
