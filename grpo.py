@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-import rewards
 from retrieve import format_docs
 
 # Roles of positions in a trajectory: what put the token there.
@@ -34,6 +33,22 @@ INSTRUCTION = (
 )
 INVALID_ACTION = ("\nThat was neither a search nor an answer. Write <search> query </search> to search, "
                   "or <answer> short answer </answer> to answer.\n")
+
+
+def extract_answer(response):
+    """The last complete <answer>...</answer> of the response, stripped; None when there is none.
+
+    Pass the response only: the prompt holds an example answer (METHOD §1).
+    >>> extract_answer("<answer>Lyon</answer> no, <answer> Paris </answer><answer>unfinished")
+    'Paris'
+    """
+    end = response.rfind("</answer>")
+    if end < 0:
+        return None
+    start = response.rfind("<answer>", 0, end)
+    if start < 0:
+        return None
+    return response[start + len("<answer>"):end].strip()
 
 
 def information_block(docs):
@@ -213,7 +228,7 @@ def generate_rollouts(model, tok, questions, groups, retriever, *, max_turns=4, 
             r = rollouts[i]
             start, _ = _append(r, gen, POLICY)
             text = tok.decode(gen)
-            answer = rewards.extract_answer(text)
+            answer = extract_answer(text)
             if w == "</answer>" or answer is not None:
                 r.answer, done[i] = answer, True
             elif w == "</search>" and "<search>" in text:

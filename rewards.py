@@ -1,6 +1,5 @@
 """Rewards: the outcome reward (EM/F1) and the two step-level information-gain rewards.
 
-    extract_answer("<think>..</think><answer> Paris </answer>")   -> "Paris"
     exact_match("the Paris!", ["Paris"])                          -> 1.0
     f1_score("Paris France", ["Paris"])                           -> 0.667
 
@@ -16,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-import grpo  # rollouts, spans and log-probs (grpo imports this module back for extract_answer)
+import grpo  # rollouts, spans and log-probs
 from retrieve import DataError, format_docs
 
 
@@ -58,22 +57,6 @@ def f1_score(prediction, golds):
         elif not pred and not gold:  # both empty after normalization (e.g. "The" vs "a"): equal
             best = max(best, 1.0)
     return best
-
-
-def extract_answer(response):
-    """The last complete <answer>...</answer> of the response, stripped; None when there is none.
-
-    Pass the response only: the prompt holds an example answer (METHOD §1).
-    >>> extract_answer("<answer>Lyon</answer> no, <answer> Paris </answer><answer>unfinished")
-    'Paris'
-    """
-    end = response.rfind("</answer>")
-    if end < 0:
-        return None
-    start = response.rfind("<answer>", 0, end)
-    if start < 0:
-        return None
-    return response[start + len("<answer>"):end].strip()
 
 
 # ----------------------------------------------------------------------------------------------------

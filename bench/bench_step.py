@@ -26,6 +26,7 @@ import grpo  # noqa: E402
 import igsearch  # noqa: E402
 import retrieve  # noqa: E402
 import rewards  # noqa: E402
+import runs  # noqa: E402
 
 
 def time_variant(model, ref_model, tok, retriever, rollouts, cfg, reward, seed):
@@ -160,13 +161,13 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     cfg = dataclasses.replace(igsearch.Config(), **igsearch.PRESETS["tiny"], model=args.model, seed=args.seed)
-    device = igsearch.pick_device(args.device)
+    device = runs.pick_device(args.device)
     igsearch.seed_everything(args.seed)
     retriever = retrieve.Retriever(retrieve.load_vital_articles())
     from data.prepare import load_tiny_qa
     train_q = load_tiny_qa()["train"]
     t = time.perf_counter()
-    model, tok, smoke = igsearch.load_model(args.model, device, args.seed)
+    model, tok, smoke = runs.load_model(args.model, device, args.seed)
     load_s = time.perf_counter() - t
     ref_model = copy.deepcopy(model).requires_grad_(False)
     variants = [v for v in args.rewards.split(",") if v]

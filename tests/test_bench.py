@@ -7,6 +7,7 @@ import torch
 
 import grpo
 import igsearch
+import runs
 from conftest import ROOT
 from retrieve import Retriever
 
@@ -18,7 +19,7 @@ Q = {"id": "q", "question": "What is topic number 3 about?", "golden_answers": [
 
 
 def test_forced_search_turns_search_in_every_turn_but_the_last(tmp_path):
-    model, tok = igsearch.tiny_random_model(seed=0)
+    model, tok = runs.tiny_random_model(seed=0)
     retriever = Retriever(DOCS, cache_dir=tmp_path)
     cfg = dataclasses.replace(igsearch.Config(), max_turns=2, topk=1, max_turn_tokens=12, max_response_tokens=400)
     gen = torch.Generator().manual_seed(0)

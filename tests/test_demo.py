@@ -2,17 +2,19 @@
 query finds the answer, while outcome-only GRPO does not move at all."""
 import pytest
 
+import demo
 import igsearch
+import runs
 
 
 @pytest.fixture(scope="module")
 def tok():
-    return igsearch.qwen_tokenizer()
+    return runs.qwen_tokenizer()
 
 
 def test_igsearch_moves_toward_the_good_query_and_outcome_does_not(tok, tmp_path):
-    ig = igsearch.credit_assignment_demo("igsearch", steps=30, tok=tok, cache_dir=tmp_path)
-    out = igsearch.credit_assignment_demo("outcome", steps=30, tok=tok, cache_dir=tmp_path)
+    ig = demo.credit_assignment_demo("igsearch", steps=30, tok=tok, cache_dir=tmp_path)
+    out = demo.credit_assignment_demo("outcome", steps=30, tok=tok, cache_dir=tmp_path)
     assert len(ig) == len(out) == 30
     # outcome-only: Â = 0 for every rollout, so A = 0 everywhere and θ never changes: exactly 0.5
     assert all(p == 0.5 for p in out)
@@ -23,9 +25,9 @@ def test_igsearch_moves_toward_the_good_query_and_outcome_does_not(tok, tmp_path
 
 
 def test_demo_is_reproducible(tok, tmp_path):
-    a = igsearch.credit_assignment_demo("igsearch", steps=5, tok=tok, cache_dir=tmp_path)
-    b = igsearch.credit_assignment_demo("igsearch", steps=5, tok=tok, cache_dir=tmp_path)
-    c = igsearch.credit_assignment_demo("igsearch", steps=5, tok=tok, cache_dir=tmp_path, seed=1)
+    a = demo.credit_assignment_demo("igsearch", steps=5, tok=tok, cache_dir=tmp_path)
+    b = demo.credit_assignment_demo("igsearch", steps=5, tok=tok, cache_dir=tmp_path)
+    c = demo.credit_assignment_demo("igsearch", steps=5, tok=tok, cache_dir=tmp_path, seed=1)
     assert a == b
     assert a != c
 

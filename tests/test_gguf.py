@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import grpo
-import igsearch
 import retrieve
+import runs
 
 
 def smollm2_file():
@@ -20,12 +20,12 @@ def smollm2_file():
 
 
 def test_gguf_model_checkpoints_and_reloads_bit_for_bit(tmp_path):
-    model, tok, smoke = igsearch.load_model(str(smollm2_file()), torch.device("cpu"))
+    model, tok, smoke = runs.load_model(str(smollm2_file()), torch.device("cpu"))
     assert not smoke and tok.chat_template and type(model).__name__ == "LlamaForCausalLM"
     # save_pretrained used to refuse a GGUF-loaded model (a leftover quantizer); a checkpoint must work
     model.save_pretrained(tmp_path / "m")
     tok.save_pretrained(tmp_path / "m")
-    again, tok2, smoke2 = igsearch.load_model(str(tmp_path / "m"), torch.device("cpu"))
+    again, tok2, smoke2 = runs.load_model(str(tmp_path / "m"), torch.device("cpu"))
     assert not smoke2
     prompt = grpo.prompt_ids(tok, "What is the capital of France?")
     assert prompt == grpo.prompt_ids(tok2, "What is the capital of France?")
@@ -40,5 +40,5 @@ def test_gguf_model_checkpoints_and_reloads_bit_for_bit(tmp_path):
 
 def test_missing_gguf_file_is_a_one_line_error(tmp_path):
     with pytest.raises(retrieve.DataError) as err:
-        igsearch.load_model(str(tmp_path / "nope.gguf"), torch.device("cpu"))
+        runs.load_model(str(tmp_path / "nope.gguf"), torch.device("cpu"))
     assert "GGUF file not found" in str(err.value) and "\n" not in str(err.value)

@@ -3,7 +3,7 @@ gradients, log-probs, a learning check, seeded repeatability and the command lin
 
 Every expectation is worked out by hand or by an independent computation (a plain full forward pass, a
 step-by-step argmax, Python float arithmetic), never by calling the function under test a second time.
-The model is igsearch.tiny_random_model: a 2-layer random Qwen3 with the real Qwen3 tokenizer (offline).
+The model is runs.tiny_random_model: a 2-layer random Qwen3 with the real Qwen3 tokenizer (offline).
 """
 import copy
 import json
@@ -16,6 +16,8 @@ import torch
 import grpo
 import igsearch
 import retrieve
+import rewards
+import runs
 from grpo import OBS, PAD, POLICY, PROMPT
 
 DOCS = [
@@ -41,7 +43,7 @@ def _one_thread():
 @pytest.fixture(scope="module")
 def tiny():
     """(model, tok): shared by the tests that do not change the weights (the others deep-copy the model)."""
-    model, tok = igsearch.tiny_random_model(0)
+    model, tok = runs.tiny_random_model(0)
     return model.eval(), tok
 
 
@@ -481,7 +483,7 @@ def test_groups_never_mix(tok, retriever):
     rs = run_scripts(tok, retriever, [["<answer> Paris </answer>"], ["<answer> Lyon </answer>"],
                                       ["<answer> Paris </answer>"], ["<answer> Paris </answer>"]],
                      questions=[QUESTION] * 4, groups=[0, 0, 1, 1])
-    R = [igsearch.rewards.exact_match(r.answer, r.question["golden_answers"]) for r in rs]
+    R = [rewards.exact_match(r.answer, r.question["golden_answers"]) for r in rs]
     assert R == [1.0, 0.0, 1.0, 1.0] and [r.group for r in rs] == [0, 0, 1, 1]
     adv = grpo.group_advantages(R, [r.group for r in rs])
     a = 0.5 / (math.sqrt(0.5) + 1e-6)
@@ -722,7 +724,7 @@ def qa_files(tmp_path):
     return data, corpus
 
 
-_LOAD_MODEL, _TRAIN_STEP = igsearch.load_model, igsearch.train_step
+_LOAD_MODEL, _TRAIN_STEP = runs.load_model, igsearch.train_step
 
 
 def _run(monkeypatch, tmp_path, data, corpus, seed, name, steps=2):
@@ -746,7 +748,7 @@ def _run(monkeypatch, tmp_path, data, corpus, seed, name, steps=2):
         em = [float(r.ids[r.roles.index(POLICY)] % 2) for r in rollouts]
         return em, em
 
-    monkeypatch.setattr(igsearch, "load_model", capture_model)
+    monkeypatch.setattr(runs, "load_model", capture_model)
     monkeypatch.setattr(igsearch, "train_step", capture_step)
     monkeypatch.setattr(igsearch, "score_outcome", parity_reward)
     cfg = igsearch.Config(model="tiny-random", corpus=f"jsonl:{corpus}", data=str(data), seed=seed,
@@ -770,7 +772,7 @@ def test_seeded_runs_repeat_exactly(monkeypatch, tmp_path, qa_files):
     assert w_a.keys() == w_b.keys() and all(torch.equal(w_a[n], w_b[n]) for n in w_a)
     # the run did learn something (otherwise equal weights would prove nothing)
     assert any(line["grad_norm"] > 0 for line in lines_a)
-    init = dict(igsearch.tiny_random_model(0)[0].named_parameters())
+    init = dict(runs.tiny_random_model(0)[0].named_parameters())
     assert not all(torch.equal(w_a[n], init[n]) for n in w_a)
     # another seed samples other rollouts
     _, lines_c, ids_c, _ = _run(monkeypatch, tmp_path, data, corpus, 1, "c", steps=1)
@@ -810,7 +812,7 @@ def test_cli_tiny_random_runs_offline(capsys, monkeypatch, tmp_path, qa_files):
 
     monkeypatch.setattr(socket, "create_connection", no_network)
     monkeypatch.setattr(socket.socket, "connect", lambda self, *a: no_network(*a))
-    monkeypatch.setattr(igsearch, "hub_reachable", lambda *a, **kw: attempts.append("hub_reachable") or False)
+    monkeypatch.setattr(runs, "hub_reachable", lambda *a, **kw: attempts.append("hub_reachable") or False)
     out = tmp_path / "run"
     rc = igsearch.main(["--model", "tiny-random", "--corpus", f"jsonl:{corpus}", "--data", str(data),
                         "--steps", "1", "--questions-per-step", "1", "--group-size", "2", "--max-turns", "1",

@@ -17,6 +17,7 @@ from torch import nn
 import grpo
 import igsearch
 import rewards
+import runs
 from retrieve import Retriever
 
 
@@ -25,7 +26,7 @@ from retrieve import Retriever
 
 @pytest.fixture(scope="module")
 def tiny():
-    model, tok = igsearch.tiny_random_model(seed=0)
+    model, tok = runs.tiny_random_model(seed=0)
     return model.eval(), tok
 
 

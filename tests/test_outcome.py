@@ -1,7 +1,8 @@
 """The outcome reward (METHOD §2): SQuAD normalization, exact match, token F1 and answer extraction."""
 import pytest
 
-from rewards import exact_match, extract_answer, f1_score, normalize_answer
+from grpo import extract_answer
+from rewards import exact_match, f1_score, normalize_answer
 
 
 # ----------------------------------------------------------------------------------------------------

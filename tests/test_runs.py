@@ -1,6 +1,9 @@
 """Run directories: checkpoints every step, --resume, a killed run, damaged checkpoints."""
+import dataclasses
+import importlib.util
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -13,6 +16,8 @@ import torch
 from safetensors.torch import load_file
 
 import igsearch
+import runs
+import views
 from conftest import ROOT
 
 
@@ -77,12 +82,12 @@ def test_a_damaged_checkpoint_is_refused_and_the_previous_one_used(tmp_path, cap
     trained.mkdir()
     data, corpus = write_fixtures(tmp_path)
     cfg = igsearch.Config(model="tiny-random", data=str(data), corpus=f"jsonl:{corpus}", eval_questions=0, steps=2)
-    (trained / "config.json").write_text(json.dumps(igsearch.dataclasses.asdict(cfg)))
+    (trained / "config.json").write_text(json.dumps(dataclasses.asdict(cfg)))
     (trained / "metrics.jsonl").write_text('{"step": 0}\n{"step": 1}\n')
-    model, tok = igsearch.tiny_random_model()
-    opt, gen, rng = torch.optim.AdamW(model.parameters()), torch.Generator(), igsearch.random.Random(0)
-    igsearch.save_checkpoint(trained, 1, model, tok, opt, gen, rng)
-    igsearch.save_checkpoint(trained, 2, model, tok, opt, gen, rng)
+    model, tok = runs.tiny_random_model()
+    opt, gen, rng = torch.optim.AdamW(model.parameters()), torch.Generator(), random.Random(0)
+    runs.save_checkpoint(trained, 1, model, tok, opt, gen, rng)
+    runs.save_checkpoint(trained, 2, model, tok, opt, gen, rng)
     for damage, message in [("truncate", "model/model.safetensors has"), ("delete", "is missing optimizer.pt"),
                             ("manifest", "no manifest.json")]:
         run = tmp_path / damage
@@ -119,7 +124,7 @@ def test_resume_without_a_checkpoint_is_a_one_line_error(tmp_path, capsys):
 def test_keep_metrics_drops_later_and_half_written_lines(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 0}\n{"step": 1}\n{"step": 2}\n{"st')
-    igsearch.keep_metrics(path, 2)
+    runs.keep_metrics(path, 2)
     assert path.read_text() == '{"step": 0}\n{"step": 1}\n'
 
 
@@ -185,12 +190,12 @@ def test_eval_of_a_run_loads_its_last_intact_checkpoint(tmp_path, capsys, script
     run = tmp_path / "run"
     run.mkdir()
     cfg = igsearch.Config(model="tiny-random", data=str(data), corpus=f"jsonl:{corpus}", max_turns=1)
-    (run / "config.json").write_text(json.dumps(igsearch.dataclasses.asdict(cfg)))
-    model, tok = igsearch.tiny_random_model()
+    (run / "config.json").write_text(json.dumps(dataclasses.asdict(cfg)))
+    model, tok = runs.tiny_random_model()
     opt = torch.optim.AdamW(model.parameters())
-    gen, rng = torch.Generator().manual_seed(0), igsearch.random.Random(0)
-    igsearch.save_checkpoint(run, 1, model, tok, opt, gen, rng)
-    igsearch.save_checkpoint(run, 2, model, tok, opt, gen, rng)
+    gen, rng = torch.Generator().manual_seed(0), random.Random(0)
+    runs.save_checkpoint(run, 1, model, tok, opt, gen, rng)
+    runs.save_checkpoint(run, 2, model, tok, opt, gen, rng)
     (run / "ckpt" / "step_000002" / "optimizer.pt").write_bytes(b"")
     assert igsearch.main(["eval", "--model", str(run), "--limit", "2"]) == 0
     out, err = capsys.readouterr()
@@ -216,21 +221,19 @@ def fake_run(path, ig_key):
 
 
 def test_curves_read_ig_or_inforeasoner_ig(tmp_path):
-    ig = igsearch.curves(fake_run(tmp_path / "ig", "ig_mean"))
-    ir = igsearch.curves(fake_run(tmp_path / "ir", "ir_ig_mean"))
-    out = igsearch.curves(fake_run(tmp_path / "out", None))
+    ig = views.curves(fake_run(tmp_path / "ig", "ig_mean"))
+    ir = views.curves(fake_run(tmp_path / "ir", "ir_ig_mean"))
+    out = views.curves(fake_run(tmp_path / "out", None))
     assert ig["information gain"] == ([0, 1, 2, 3], [0.0, 0.2, 0.4, pytest.approx(0.6)])
     assert ir["information gain"][1][1] == 0.2
     assert "information gain" not in out and out["EM"][0] == [0, 1, 2, 3]   # the half-written line is skipped
-    assert set(ig) == {t for t, _ in igsearch.CURVES}
+    assert set(ig) == {t for t, _ in views.CURVES}
 
 
 def test_plot_writes_a_png_or_says_matplotlib_is_missing(tmp_path, capsys, monkeypatch):
     runs = [str(fake_run(tmp_path / "a", "ig_mean")), str(fake_run(tmp_path / "b", None))]
     png = tmp_path / "c.png"
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("matplotlib") is None:
         assert igsearch.main(["plot", "--run", *runs, "--out", str(png)]) == 2
         err = capsys.readouterr().err.strip()
         assert err == "error: plot needs matplotlib, which is not installed: pip install matplotlib"
@@ -250,60 +253,91 @@ def test_plot_of_a_missing_run_is_a_one_line_error(tmp_path, capsys):
 # ----------------------------------------------------------------------------------------------------
 # python igsearch.py compare
 
-def test_compare_trains_the_three_rewards_alike_and_prints_one_table(tmp_path, capsys, monkeypatch):
-    seen = []
+def _summary(em):
+    return {"n": 4, "em": em, "em_ci": [em / 2, em], "f1": em, "f1_ci": [0.0, 1.0], "answered": 1.0,
+            "answered_ci": [1.0, 1.0], "searches": 1.5, "searches_ci": [1.0, 2.0],
+            "by_hops": {"1": {"n": 2, "em": em, "em_ci": [0.0, 1.0], "f1": em, "f1_ci": [0.0, 1.0]}}}
 
-    def fake_train(cfg, resume=False):  # the real train() is covered above; this checks the orchestration
-        seen.append(cfg)
+
+def test_compare_starts_every_run_from_one_warmup_and_resumes(tmp_path, capsys, monkeypatch):
+    seen, warmed = [], []
+
+    def fake_warm_start(cfg, out, *a):
+        warmed.append(out)
+        return "WARM-DIR", {"before": _summary(0.0), "warm-up": _summary(0.25), "smoke": False}
+
+    def fake_train(cfg, resume=False, before=None):  # the real train() is covered above; this checks the orchestration
+        seen.append((cfg, resume, before))
         out = Path(cfg.out)
-        out.mkdir(parents=True)
+        out.mkdir(parents=True, exist_ok=True)
         ig = {"igsearch": "ig_mean", "inforeasoner": "ir_ig_mean"}.get(cfg.reward)
         (out / "metrics.jsonl").write_text("".join(json.dumps(
-            {"step": s, "reward": 0.0, "em": 0.0, "kl": 0.0, "response_len": 9, "searches": 1.0,
-             "time_rollout": 1.0, "time_update": 0.5, **({ig: 0.1} if ig else {})}) + "\n" for s in range(2)))
-        return {"before": {"em": 0.0, "f1": 0.1, "searches": 0.0},
-                "after": {"em": 0.5, "f1": 0.6, "searches": 1.5}, "out": str(out)}
+            {"step": s, "reward": 0.5, "em": 0.0, "kl": 0.0, "response_len": 9, "searches": 1.0,
+             "time_rollout": 1.0, "time_update": 0.5, **({ig: 0.1 * (s + 1)} if ig else {})}) + "\n" for s in range(2)))
+        (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg)))
+        (out / "eval_before.json").write_text(json.dumps(before))
+        (out / "eval_after.json").write_text(json.dumps(_summary(0.5)))
+        return {"before": before, "after": _summary(0.5), "out": str(out)}
+
+    monkeypatch.setattr(igsearch, "warm_start", fake_warm_start)
     monkeypatch.setattr(igsearch, "train", fake_train)
-    assert igsearch.main(["compare", "--tiny", "--seed", "3", "--out", str(tmp_path / "cmp")]) == 0
-    assert [c.reward for c in seen] == ["outcome", "igsearch", "inforeasoner"]
-    assert {c.seed for c in seen} == {3} and {c.steps for c in seen} == {igsearch.PRESETS["tiny"]["steps"]}
-    assert [c.out for c in seen] == [str(tmp_path / "cmp" / r) for r in igsearch.REWARDS]
+    argv = ["compare", "--tiny", "--seeds", "3,4", "--out", str(tmp_path / "cmp")]
+    assert igsearch.main(argv) == 0
+    assert warmed == [tmp_path / "cmp"]                       # one warm-up for all six runs
+    assert [(c.reward, c.seed) for c, _, _ in seen] == [(r, s) for s in (3, 4) for r in igsearch.REWARDS]
+    assert all(c.model == "WARM-DIR" and c.warmup_steps == 0 and not resume and before == _summary(0.25)
+               for c, resume, before in seen)
+    assert {c.steps for c, _, _ in seen} == {igsearch.PRESETS["tiny"]["steps"]}
+    assert [c.out for c, _, _ in seen] == [str(tmp_path / "cmp" / f"{r}-s{s}") for s in (3, 4) for r in igsearch.REWARDS]
     out = capsys.readouterr().out
-    table = out[out.index("reward  "):].splitlines()
-    assert table[0].split() == ["reward", "em_before", "f1_before", "em_after", "f1_after", "searches", "s_per_step"]
-    assert table[2].split() == ["igsearch", "0.000", "0.100", "0.500", "0.600", "1.500", "1.500"]
-    assert ("curves:" in out) or ("no curves: plot needs matplotlib" in out)
-    assert len(json.loads((tmp_path / "cmp" / "compare.json").read_text())) == 3
+    assert "| warm-up (start of every run) | 4 | 0.250 [0.12, 0.25] |" in out
+    assert "| igsearch-s3 | 4 | 0.500 [0.25, 0.50] |" in out
+    rows = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    assert [r["model"] for r in rows][:2] == ["before warm-up", "warm-up (start of every run)"] and len(rows) == 8
+    ig = {r["model"]: r["mean_ig"] for r in rows[2:]}
+    assert ig["outcome-s3"] is None and ig["igsearch-s3"] == pytest.approx(0.15) and ig["inforeasoner-s4"] == pytest.approx(0.15)
+    assert all(r["train_reward"] == 0.5 and r["s_per_step"] == 1.5 for r in rows[2:])
+    assert (tmp_path / "cmp" / "compare.md").read_text().count("\n| ") == 9   # header + 8 rows
+    # run again: every run is finished, so nothing is trained twice
+    seen.clear()
+    assert igsearch.main(argv) == 0 and seen == []
+    # a run cut off (no eval_after.json) is resumed from its checkpoint when it has one
+    (tmp_path / "cmp" / "igsearch-s4" / "eval_after.json").unlink()
+    (tmp_path / "cmp" / "igsearch-s4" / "ckpt" / "step_000001").mkdir(parents=True)
+    assert igsearch.main(argv) == 0
+    assert [(c.reward, c.seed, resume) for c, resume, _ in seen] == [("igsearch", 4, True)]
 
 
 def test_compare_on_the_tiny_preset_really_trains_all_three(tmp_path, capsys, monkeypatch):
-    # the real train() for each reward: the --tiny preset (Vital Articles, generated QA set), cut to one step
+    # the real warm-up and train() for each reward: the --tiny preset (Vital Articles, generated QA set), cut short
     monkeypatch.setenv("IGSEARCH_DATA_DIR", str(tmp_path / "data"))
     argv = ["compare", "--tiny", "--model", "tiny-random", "--steps", "1", "--eval-questions", "2",
             "--max-turn-tokens", "6", "--max-response-tokens", "24", "--ir-samples", "2", "--ir-max-tokens", "3",
-            "--out", str(tmp_path / "cmp")]
+            "--warmup-steps", "1", "--warmup-batch", "2", "--out", str(tmp_path / "cmp")]
     assert igsearch.main(argv) == 0
     out = capsys.readouterr().out
-    table = out[out.index("reward  "):].splitlines()
-    assert [row.split()[0] for row in table[1:4]] == ["outcome", "igsearch", "inforeasoner"]
+    assert (tmp_path / "cmp" / "warmup" / "model" / "config.json").is_file()
     for reward in igsearch.REWARDS:
-        lines = (tmp_path / "cmp" / reward / "metrics.jsonl").read_text().splitlines()
+        run = tmp_path / "cmp" / f"{reward}-s0"
+        lines = (run / "metrics.jsonl").read_text().splitlines()
         assert len(lines) == 1 and json.loads(lines[0])["step"] == 0
-        assert json.loads((tmp_path / "cmp" / reward / "config.json").read_text())["reward"] == reward
+        cfg = json.loads((run / "config.json").read_text())
+        assert cfg["reward"] == reward and cfg["model"] == str(tmp_path / "cmp" / "warmup" / "model")
+        assert f"| {reward}-s0 | 2 |" in out
     rows = json.loads((tmp_path / "cmp" / "compare.json").read_text())
-    assert all(r["em_after"] == 0.0 and r["s_per_step"] > 0 for r in rows)  # random weights: no answer is right
+    assert all(r["em"] == 0.0 for r in rows)  # random weights: no answer is right
 
 
 def test_a_save_clears_what_a_killed_save_left(tmp_path):
-    model, tok = igsearch.tiny_random_model(0)
+    model, tok = runs.tiny_random_model(0)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     stale = tmp_path / "ckpt" / ".tmp-step_000001-99999"     # a save killed half-way, by another process
     (stale / "model").mkdir(parents=True)
     (stale / "model" / "model.safetensors").write_bytes(b"half")
-    assert igsearch.checkpoints(tmp_path) == []                # never taken for a checkpoint
-    final = igsearch.save_checkpoint(tmp_path, 1, model, tok, opt, torch.Generator(), __import__("random").Random(0))
+    assert runs.checkpoints(tmp_path) == []                # never taken for a checkpoint
+    final = runs.save_checkpoint(tmp_path, 1, model, tok, opt, torch.Generator(), __import__("random").Random(0))
     assert not stale.exists()
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["step_000001"] and final.name == "step_000001"
-    path, weights, _, state = igsearch.last_checkpoint(tmp_path)
+    path, weights, _, state = runs.last_checkpoint(tmp_path)
     assert path == final and state["step"] == 1
     assert torch.equal(weights["model.embed_tokens.weight"], model.model.embed_tokens.weight)

@@ -12,6 +12,8 @@ import torch
 import grpo
 import igsearch
 import retrieve
+import runs
+import views
 
 DOCS = [{"id": "d0", "title": "Marie Curie", "text": "Marie Curie discovered polonium."},
         {"id": "d1", "title": "Isaac Newton", "text": "Newton wrote the Principia & <Opticks>."}]
@@ -22,7 +24,7 @@ SCRIPTS = [["<search> who discovered polonium </search>", "<answer> Marie Curie 
 
 @pytest.fixture(scope="module")
 def tok():
-    return igsearch.qwen_tokenizer()
+    return runs.qwen_tokenizer()
 
 
 @pytest.fixture
@@ -53,7 +55,7 @@ def rows_of(page):
 
 def test_html_has_every_token_in_order_with_its_colour(group, tok):
     rollouts, A = group
-    page = igsearch.render_html(rollouts, A, tok, "a scripted group")
+    page = views.render_html(rollouts, A, tok, "a scripted group")
     assert "<script" not in page and "http" not in page.lower()
     rows = rows_of(page)
     assert len(rows) == 2
@@ -66,7 +68,7 @@ def test_html_has_every_token_in_order_with_its_colour(group, tok):
             assert grey == (role != grpo.POLICY)
             if role == grpo.POLICY:
                 assert a == pytest.approx(float(A[b, k]), abs=1e-3)
-                assert rgb == igsearch.adv_rgb(float(A[b, k]), scale)
+                assert rgb == views.adv_rgb(float(A[b, k]), scale)
     qs, qe = rollouts[0].searches[0]["query_span"]
     assert rows[0][qs][2] == (255, 0, 0)                  # the query: A = 1.21 = full red
     assert rows[0][qe][2] is None                         # the information block after it: grey
@@ -79,25 +81,25 @@ def test_html_has_every_token_in_order_with_its_colour(group, tok):
 
 
 def test_colour_scale():
-    assert igsearch.adv_rgb(0.0, 1.0) == (255, 255, 255)
-    assert igsearch.adv_rgb(2.0, 1.0) == (255, 0, 0)
-    assert igsearch.adv_rgb(-1.0, 1.0) == (0, 0, 255)
-    assert igsearch.adv_rgb(0.5, 1.0) == (255, 128, 128)
+    assert views.adv_rgb(0.0, 1.0) == (255, 255, 255)
+    assert views.adv_rgb(2.0, 1.0) == (255, 0, 0)
+    assert views.adv_rgb(-1.0, 1.0) == (0, 0, 255)
+    assert views.adv_rgb(0.5, 1.0) == (255, 128, 128)
 
 
 def test_ansi_view(group, tok):
     rollouts, A = group
-    text = igsearch.render_ansi(rollouts, A, tok, "t")
+    text = views.render_ansi(rollouts, A, tok, "t")
     assert "\x1b[48;2;255;0;0m" in text and "\x1b[48;2;150;150;255m" in text and "[IG +0.420]" in text
     plain = lambda s: re.sub(r"\x1b\[[\d;]*m", "", s)
     assert "Answer the question" not in plain(text)      # the prompt only on request
-    assert "Answer the question" in plain(igsearch.render_ansi(rollouts, A, tok, "t", prompt=True))
+    assert "Answer the question" in plain(views.render_ansi(rollouts, A, tok, "t", prompt=True))
 
 
 def test_show_renders_a_saved_step(group, tok, tmp_path, capsys):
     rollouts, A = group
     run = tmp_path / "run"
-    igsearch.save_view(run, 3, rollouts, A, tok)
+    views.save_view(run, 3, rollouts, A, tok)
     saved = json.loads((run / "views" / "step_3.json").read_text())
     assert saved["A"][0] == A[0, :len(rollouts[0].ids)].tolist()
     assert igsearch.main(["show", "--run", str(run), "--step", "3", "--html", str(tmp_path / "v.html")]) == 0
@@ -117,7 +119,7 @@ CHROMIUM = Path("/usr/bin/chromium")
 def test_html_screenshot(group, tok, tmp_path):
     rollouts, A = group
     page = tmp_path / "view.html"
-    page.write_text(igsearch.render_html(rollouts, A, tok, "screenshot"))
+    page.write_text(views.render_html(rollouts, A, tok, "screenshot"))
     png = tmp_path / "view.png"
     subprocess.run([str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", f"--screenshot={png}",
                     "--window-size=1200,900", page.as_uri()], check=True, timeout=60, capture_output=True)

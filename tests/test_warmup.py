@@ -10,6 +10,7 @@ import torch
 import grpo
 import igsearch
 import retrieve
+import runs
 import warmup
 from grpo import OBS, POLICY, PROMPT
 
@@ -33,7 +34,7 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def tiny():
-    model, tok = igsearch.tiny_random_model(0)
+    model, tok = runs.tiny_random_model(0)
     return model.eval(), tok
 
 
@@ -182,8 +183,8 @@ def test_no_dev_or_test_question_reaches_the_warmup(monkeypatch, tmp_path, qa_fi
 def test_rl_starts_from_the_warmed_model_and_a_resume_skips_the_warmup(monkeypatch, tmp_path, qa_files):
     data, corpus = qa_files
     loaded, calls = [], []
-    real_load, real_warmup = igsearch.load_model, warmup.warmup
-    monkeypatch.setattr(igsearch, "load_model", lambda name, *a, **kw: loaded.append(name) or real_load(name, *a, **kw))
+    real_load, real_warmup = runs.load_model, warmup.warmup
+    monkeypatch.setattr(runs, "load_model", lambda name, *a, **kw: loaded.append(name) or real_load(name, *a, **kw))
     monkeypatch.setattr(warmup, "warmup", lambda *a, **kw: calls.append(1) or real_warmup(*a, **kw))
     cfg = igsearch.Config(model="tiny-random", corpus=f"jsonl:{corpus}", data=str(data), out=str(tmp_path / "run"),
                           device="cpu", steps=1, questions_per_step=1, group_size=2, max_turns=1, max_turn_tokens=48,
@@ -192,7 +193,7 @@ def test_rl_starts_from_the_warmed_model_and_a_resume_skips_the_warmup(monkeypat
     warm = str(tmp_path / "run" / "warmup" / "model")
     assert loaded == ["tiny-random", warm] and calls == [1]
     # the RL start (and so the reference) holds the warmed weights, not the initial ones
-    init = igsearch.tiny_random_model(0)[0].state_dict()
+    init = runs.tiny_random_model(0)[0].state_dict()
     warmed = real_load(warm, torch.device("cpu"))[0].state_dict()
     assert any(not torch.equal(init[k], warmed[k]) for k in init if k in warmed)
     igsearch.train(dataclasses.replace(cfg, steps=2), resume=True)

@@ -1,0 +1,299 @@
+"""What a run looks like: the per-token advantage views (HTML and terminal), tables, training curves.
+
+    python igsearch.py show --run runs/igsearch-s0 --step 0          # tokens coloured by their advantage A[i, k]
+    python igsearch.py plot --run runs/outcome-s0 runs/igsearch-s0   # training curves, overlaid
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import grpo
+from retrieve import DataError
+from runs import read_metrics
+
+
+# ----------------------------------------------------------------------------------------------------
+# The per-token advantage view: A [B, T] drawn over the tokens (python igsearch.py show --run DIR --step N)
+
+def view_records(rollouts, tok):
+    """Rollouts as plain JSON-able dicts, each token decoded on its own (so `show` needs no tokenizer)."""
+    return [{"question": r.question["question"], "golds": r.question["golden_answers"], "group": r.group,
+             "tokens": [tok.decode([t]) for t in r.ids], "roles": list(r.roles), "answer": r.answer,
+             "reward": float(r.reward),
+             "searches": [{"query": s["query"], "query_span": list(s["query_span"]), "ig": s.get("ig")}
+                          for s in r.searches]} for r in rollouts]
+
+
+def adv_rgb(a, scale):
+    """Diverging scale: blue (-scale) .. white (0) .. red (+scale)."""
+    t = max(-1.0, min(1.0, a / scale)) if scale > 0 else 0.0
+    fade = round(255 * (1 - abs(t)))
+    return (255, fade, fade) if t > 0 else (fade, fade, 255)
+
+
+def _spans(rec):
+    """Token index -> (search step, IG) for tokens inside a query span."""
+    where = {}
+    for t, s in enumerate(rec["searches"]):
+        for k in range(*s["query_span"]):
+            where[k] = (t, s["ig"])
+    return where
+
+
+def html_from_records(records, A, title, scale=None):
+    import html
+    A = torch.as_tensor(A, dtype=torch.float32)
+    scale = scale or float(A.abs().max()) or 1.0
+    legend = "".join(f'<span class="t" style="background:rgb{adv_rgb(v * scale, scale)}">{v * scale:+.2f}</span>'
+                     for v in (-1, -0.5, 0, 0.5, 1))
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>"
+             "body{font-family:sans-serif;margin:1em} .roll{border-top:1px solid #ccc;padding:.5em 0}"
+             ".toks{font-family:monospace;white-space:pre-wrap;line-height:1.9}"
+             ".t{padding:1px 0} .grey{color:#999;background:#f3f3f3} "
+             ".query{outline:2px solid #222;outline-offset:1px} .ig{font-size:75%;font-weight:bold;"
+             "background:#ffd;border:1px solid #222;margin-left:3px;padding:0 2px}</style></head><body>",
+             f"<h2>{html.escape(title)}</h2><p>Per-token advantage A[i, k] on policy tokens: "
+             f"{legend} (blue negative, white 0, red positive). Prompt and observation tokens are grey; "
+             "query spans are outlined, with their information gain.</p>"]
+    for i, rec in enumerate(records):
+        q = _spans(rec)
+        parts.append(f"<div class='roll'><b>rollout {i}</b> (group {rec['group']}) &nbsp; reward "
+                     f"{rec['reward']:.3f} &nbsp; answer {html.escape(repr(rec['answer']))} &nbsp; gold "
+                     f"{html.escape(' | '.join(rec['golds']))}<div class='toks'>")
+        in_prompt = False
+        for k, (text, role) in enumerate(zip(rec["tokens"], rec["roles"])):
+            if role == grpo.PROMPT and not in_prompt:
+                parts.append("<details><summary>prompt</summary>")
+                in_prompt = True
+            if role != grpo.PROMPT and in_prompt:
+                parts.append("</details>")
+                in_prompt = False
+            if k in q and (k == 0 or q.get(k - 1, (None,))[0] != q[k][0]):
+                parts.append(f"<span class='query' title='search step {q[k][0]}'>")
+            a = float(A[i, k]) if k < A.shape[1] else 0.0
+            if role == grpo.POLICY:
+                parts.append(f'<span class="t" style="background:rgb{adv_rgb(a, scale)}" title="A={a:+.3f}">'
+                             f"{html.escape(text)}</span>")
+            else:
+                parts.append(f'<span class="t grey">{html.escape(text)}</span>')
+            if k in q and q.get(k + 1, (None,))[0] != q[k][0]:
+                ig = q[k][1]
+                parts.append("</span>" + (f"<span class='ig'>IG {ig:+.3f}</span>" if ig is not None else ""))
+        parts.append(("</details>" if in_prompt else "") + "</div></div>")
+    parts.append("</body></html>")
+    return "".join(parts)
+
+
+def render_html(rollouts, A, tok, title="", scale=None):
+    """A self-contained HTML page (no script, no network) of a group's rollouts coloured by A [B, T]."""
+    return html_from_records(view_records(rollouts, tok), A, title, scale)
+
+
+def ansi_from_records(records, A, title, scale=None, prompt=False):
+    A = torch.as_tensor(A, dtype=torch.float32)
+    scale = scale or float(A.abs().max()) or 1.0
+    lines = [f"{title}  (background: A, blue < 0 < red, |A| = {scale:.3f} is full colour; grey: prompt/obs; "
+             "underlined: query)"]
+    for i, rec in enumerate(records):
+        q = _spans(rec)
+        lines.append(f"\n== rollout {i} (group {rec['group']})  reward {rec['reward']:.3f}  answer {rec['answer']!r}")
+        out = []
+        for k, (text, role) in enumerate(zip(rec["tokens"], rec["roles"])):
+            if role == grpo.PROMPT and not prompt:
+                continue
+            under = "\x1b[4m" if k in q else ""
+            if role == grpo.POLICY:
+                r, g, b = adv_rgb(float(A[i, k]), scale)
+                out.append(f"\x1b[48;2;{r};{g};{b}m\x1b[30m{under}{text}\x1b[0m")
+            else:
+                out.append(f"\x1b[90m{text}\x1b[0m")
+            if k in q and q.get(k + 1, (None,))[0] != q[k][0] and q[k][1] is not None:
+                out.append(f"\x1b[1m[IG {q[k][1]:+.3f}]\x1b[0m")
+        lines.append("".join(out))
+    return "\n".join(lines) + "\n"
+
+
+def render_ansi(rollouts, A, tok, title="", scale=None, prompt=False):
+    """The terminal version of render_html (24-bit colour escapes); the prompt is left out unless asked."""
+    return ansi_from_records(view_records(rollouts, tok), A, title, scale, prompt)
+
+
+def save_view(out, step, rollouts, A, tok):
+    """views/step_N.json (tokens, roles, spans, IG, rewards, A) and views/step_N.html."""
+    views = Path(out) / "views"
+    views.mkdir(parents=True, exist_ok=True)
+    records = view_records(rollouts, tok)
+    rows = [A[i, :len(rec["tokens"])].tolist() for i, rec in enumerate(records)]
+    (views / f"step_{step}.json").write_text(json.dumps({"step": step, "rollouts": records, "A": rows}))
+    (views / f"step_{step}.html").write_text(html_from_records(records, pad_rows(rows), f"{out} step {step}"))
+
+
+def pad_rows(rows):
+    T = max(len(r) for r in rows)
+    return [r + [0.0] * (T - len(r)) for r in rows]
+
+
+def show_command(argv):
+    p = argparse.ArgumentParser(prog="igsearch.py show", description="Render a saved training step: tokens "
+                                "coloured by their advantage A[i, k]")
+    p.add_argument("--run", required=True)
+    p.add_argument("--step", type=int, default=None, help="default: the last saved step")
+    p.add_argument("--html", default=None, help="write the HTML page here (default: print to the terminal)")
+    p.add_argument("--prompt", action="store_true", help="show the prompt tokens in the terminal too")
+    args = p.parse_args(argv)
+    views = Path(args.run) / "views"
+    saved = sorted(views.glob("step_*.json"), key=lambda f: int(f.stem.split("_")[1])) if views.is_dir() else []
+    if not saved:
+        raise DataError(f"{args.run}: no saved steps (views/step_N.json); train with --show-every 1")
+    path = views / f"step_{args.step}.json" if args.step is not None else saved[-1]
+    if not path.is_file():
+        have = ", ".join(f.stem.split("_")[1] for f in saved)
+        raise DataError(f"{args.run}: step {args.step} was not saved (saved steps: {have})")
+    view = json.loads(path.read_text())
+    A, title = pad_rows(view["A"]), f"{args.run} step {view['step']}"
+    if args.html:
+        Path(args.html).write_text(html_from_records(view["rollouts"], A, title))
+        print(f"wrote {args.html}")
+    else:
+        sys.stdout.write(ansi_from_records(view["rollouts"], A, title, prompt=args.prompt))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tables
+
+def print_table(rows, columns):
+    widths = [max(len(c), *(len(f"{r.get(c, ''):.3f}" if isinstance(r.get(c), float) else str(r.get(c, ''))) for r in rows))
+              for c in columns]
+    line = lambda vals: "  ".join(str(v).ljust(w) for v, w in zip(vals, widths))
+    print(line(columns))
+    for r in rows:
+        print(line([f"{r[c]:.3f}" if isinstance(r.get(c), float) else r.get(c, "") for c in columns]))
+
+
+# ----------------------------------------------------------------------------------------------------
+# python igsearch.py plot --run DIR [DIR ...]: training curves, runs overlaid
+
+CURVES = [("reward", ("reward",)), ("EM", ("em",)), ("information gain", ("ig_mean", "ir_ig_mean")),
+          ("KL to reference", ("kl",)), ("response length (tokens)", ("response_len",)),
+          ("searches per rollout", ("searches",))]
+
+
+def curves(run_dir):
+    """{panel title: (steps, values)} of one run; the IG panel reads ig_mean (IG-Search) or ir_ig_mean
+    (InfoReasoner), and a run without either has no IG curve."""
+    rows = read_metrics(run_dir)
+    out = {}
+    for title, keys in CURVES:
+        key = next((k for k in keys if any(k in r for r in rows)), None)
+        if key is not None:
+            pts = [(r["step"], r[key]) for r in rows if key in r]
+            out[title] = ([s for s, _ in pts], [v for _, v in pts])
+    return out
+
+
+def plot_runs(runs, out):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise DataError("plot needs matplotlib, which is not installed: pip install matplotlib") from None
+    data = {str(r): curves(r) for r in runs}
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
+    for ax, (title, _) in zip(axes.flat, CURVES):
+        for i, (run, c) in enumerate(data.items()):
+            if title in c:  # a fixed colour per run: a run missing from one panel must not shift the others
+                ax.plot(*c[title], color=f"C{i}", label=Path(run).name, marker="." if len(c[title][0]) < 30 else None)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes.flat[0].legend(handles=[plt.Line2D([], [], color=f"C{i}", label=Path(r).name) for i, r in enumerate(data)])
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def plot_command(argv):
+    p = argparse.ArgumentParser(prog="igsearch.py plot", description="Training curves of runs, overlaid: reward, "
+                                "EM, IG, KL, response length, searches per rollout vs step")
+    p.add_argument("--run", nargs="+", required=True, help="run directories")
+    p.add_argument("--out", default=None, help="PNG file (default RUN/curves.png for one run, else curves.png)")
+    args = p.parse_args(argv)
+    out = args.out or (str(Path(args.run[0]) / "curves.png") if len(args.run) == 1 else "curves.png")
+    for r in args.run:
+        read_metrics(r)  # a bad directory fails before matplotlib is asked for
+    print(f"wrote {plot_runs(args.run, out)}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# python igsearch.py compare --tiny: one row per reward, one table, the curves overlaid
+
+EVAL_METRICS = ("em", "f1", "answered", "searches")  # what evaluate() reports per question
+
+
+def bootstrap_ci(values, n_boot=2000, seed=0):
+    """The 95% percentile-bootstrap interval of the mean over questions (resampled with replacement).
+
+    >>> bootstrap_ci([1.0] * 10)
+    [1.0, 1.0]
+    """
+    v = np.asarray(values, dtype=float)
+    if not len(v):
+        return [float("nan"), float("nan")]
+    means = v[np.random.default_rng(seed).integers(0, len(v), (n_boot, len(v)))].mean(1)   # [n_boot]
+    return [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
+
+
+def print_evals(rows, columns=EVAL_METRICS):
+    """One line per (name, evaluation summary): each metric as mean [95% interval]."""
+    cell = lambda s, k: f"{s[k]:.3f} [{s[k + '_ci'][0]:.2f}, {s[k + '_ci'][1]:.2f}]" if k + "_ci" in s else ""
+    print_table([{"when": name, "n": s.get("n", 0), **{k: cell(s, k) for k in columns}} for name, s in rows],
+                ["when", *columns, "n"])
+
+
+def compare_rows(runs, results, evals):
+    """One row per evaluated model: the start (and the model before the warm-up), then each run."""
+    rows = []
+    if evals:
+        rows += [{"model": "before warm-up", **flat_eval(evals["before"])},
+                 {"model": "warm-up (start of every run)", **flat_eval(evals["warm-up"])}]
+    elif runs:
+        rows.append({"model": "start", **flat_eval(results[runs[0]]["before"])})
+    for run in runs:
+        steps = read_metrics(run)
+        ig = [m[k] for m in steps for k in ("ig_mean", "ir_ig_mean") if k in m]
+        rows.append({"model": run.name, **flat_eval(results[run]["after"]),
+                     "mean_ig": float(np.mean(ig)) if ig else None, "mean_ig_ci": bootstrap_ci(ig) if ig else None,
+                     "train_reward": float(np.mean([m["reward"] for m in steps])) if steps else None,
+                     "s_per_step": float(np.mean([sum(v for k, v in m.items() if k.startswith("time_"))
+                                                  for m in steps])) if steps else None})
+    return rows
+
+
+def flat_eval(summary):
+    """An evaluation summary as one flat row: all questions, then 1-hop and 2-hop apart (h1_em, h2_em, ...)."""
+    row = {k: summary.get(k) for k in ("n", *EVAL_METRICS, *(m + "_ci" for m in EVAL_METRICS))}
+    for h, s in summary.get("by_hops", {}).items():
+        row.update({f"h{h}_{k}": s.get(k) for k in ("n", "em", "em_ci", "f1", "f1_ci")})
+    return row
+
+
+def markdown_table(rows):
+    """compare's rows as a Markdown table: mean [95% interval] per cell."""
+    def cell(r, k):
+        v, ci = r.get(k), r.get(k + "_ci")
+        if v is None:
+            return "–"
+        return f"{v:.3f} [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else (f"{v:.3f}" if isinstance(v, float) else str(v))
+    cols = [("EM", "em"), ("F1", "f1"), ("answered", "answered"), ("searches", "searches"),
+            ("EM 1-hop", "h1_em"), ("EM 2-hop", "h2_em"), ("mean IG (train)", "mean_ig"),
+            ("train reward", "train_reward"), ("s/step", "s_per_step")]
+    lines = ["| model | n | " + " | ".join(c for c, _ in cols) + " |", "|---" * (len(cols) + 2) + "|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r.get('n')} | " + " | ".join(cell(r, k) for _, k in cols) + " |")
+    return "\n".join(lines)
