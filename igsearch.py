@@ -322,8 +322,10 @@ def update_policy(model, ref_model, opt, batch, A, cfg):
 def evaluate(model, tok, retriever, questions, cfg):
     """Greedy rollouts -> (summary, rollouts). The summary holds EM, F1, answered-in-format and searches per
     question, each with a 95% bootstrap interval, for all questions and, where they say, by hops."""
+    from tqdm import tqdm
     rollouts = []
-    for s in range(0, len(questions), cfg.eval_batch):
+    for s in tqdm(range(0, len(questions), cfg.eval_batch), desc=f"eval {len(questions)} questions", disable=None,
+                  leave=False):
         qs = questions[s:s + cfg.eval_batch]
         with grpo.autocast(cfg.precision, next(model.parameters()).device):
             rollouts += grpo.generate_rollouts(model, tok, qs, list(range(len(qs))), retriever,

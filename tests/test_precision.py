@@ -1,0 +1,103 @@
+"""bf16 autocast (grpo.autocast): the forward matmuls in bfloat16, the vocabulary projection, log-softmax, loss
+and weights in fp32. Losses, log-probs and IG scores agree with fp32 to a stated tolerance on the tiny model."""
+import pytest
+import torch
+
+import grpo
+import rewards
+import runs
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model, tok = runs.tiny_random_model(0)
+    return model.eval(), tok
+
+
+def batch(tok):
+    texts = ["<think> The Seine flows through Paris. </think> <search> river Paris </search>",
+             "<answer> Paris </answer> is the capital of France and its largest city by far"]
+    seqs = [tok.encode(t, add_special_tokens=False) for t in texts]
+    T = max(len(s) for s in seqs)
+    ids = torch.full((2, T), tok.pad_token_id)
+    attn = torch.zeros((2, T), dtype=torch.long)
+    for b, s in enumerate(seqs):
+        ids[b, :len(s)], attn[b, :len(s)] = torch.tensor(s), 1
+    mask = attn.bool().clone()
+    mask[:, 0] = False
+    return ids, attn, mask
+
+
+def test_autocast_choices():
+    assert not torch.is_autocast_enabled("cpu")
+    with grpo.autocast("bf16", CPU):
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    with grpo.autocast("fp32", CPU):
+        assert not torch.is_autocast_enabled("cpu")
+    with grpo.autocast("auto", CPU):   # tests pin "auto" to fp32 (conftest); a run takes bf16 where native
+        assert not torch.is_autocast_enabled("cpu")
+
+
+def test_head_runs_in_fp32_inside_bf16_autocast(tiny):
+    model, _ = tiny
+    h = torch.randn(5, model.config.hidden_size)
+    head = model.get_output_embeddings()
+    with torch.no_grad():
+        exact = head(h).float()
+        with grpo.autocast("bf16", CPU):
+            got = grpo.head_logits(head, h)
+            plain = head(h)              # what autocast alone would give: bf16 logits
+    assert got.dtype == torch.float32 and torch.equal(got, exact)
+    assert plain.dtype == torch.bfloat16 and not torch.equal(plain.float(), exact)
+
+
+def test_bf16_logprobs_and_loss_agree_with_fp32(tiny):
+    model, tok = tiny
+    ids, attn, mask = batch(tok)
+    A = torch.where(mask, torch.linspace(-1, 1, ids.numel()).view(ids.shape), torch.zeros(()))
+    with torch.no_grad():
+        lp32 = grpo.token_logprobs(model, ids, attn, mask)
+        with grpo.autocast("bf16", CPU):
+            lp16 = grpo.token_logprobs(model, ids, attn, mask)
+    assert lp16.dtype == torch.float32
+    assert (lp16 - lp32).abs().max() < 0.05                 # per token, nats
+    assert (lp16 - lp32).abs().max() > 0                    # bf16 really ran
+    ref = lp32 - 0.1
+    loss32, _ = grpo.grpo_loss(lp32, lp32, ref, A, mask, beta_kl=0.1)
+    loss16, _ = grpo.grpo_loss(lp16, lp16, ref, A, mask, beta_kl=0.1)
+    assert float(loss16) == pytest.approx(float(loss32), abs=5e-3)
+    w32, w16 = grpo.warmup_loss(lp32, mask), grpo.warmup_loss(lp16, mask)
+    assert float(w16) == pytest.approx(float(w32), abs=0.02)
+
+
+def test_bf16_gradients_point_the_same_way(tiny):
+    model, tok = tiny
+    ids, attn, mask = batch(tok)
+    grads = {}
+    for prec in ("fp32", "bf16"):
+        model.zero_grad()
+        with grpo.autocast(prec, CPU):
+            lp = grpo.token_logprobs(model, ids, attn, mask)
+        grpo.warmup_loss(lp, mask).backward()
+        grads[prec] = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        assert all(p.dtype == torch.float32 for p in model.parameters())   # master weights stay fp32
+    model.zero_grad()
+    cos = torch.nn.functional.cosine_similarity(grads["fp32"], grads["bf16"], dim=0)
+    assert cos > 0.99
+
+
+def test_bf16_ig_scores_agree_with_fp32(tiny):
+    model, tok = tiny
+    prefix = tok.encode("Question: who wrote Hamlet? <search> Hamlet author </search>", add_special_tokens=False)
+    suffixes = [tok.encode(t, add_special_tokens=False) for t in
+                ["<information> Hamlet is a play by William Shakespeare. </information> <answer>",
+                 "<information> The Danube flows through Vienna. </information> <answer>"]]
+    golds = [tok.encode(" William Shakespeare", add_special_tokens=False)] * 2
+    s32 = rewards.gold_scorer(model, prefix)(suffixes, golds)
+    with grpo.autocast("bf16", CPU):
+        s16 = rewards.gold_scorer(model, prefix)(suffixes, golds)
+    assert (s16 - s32).abs().max() < 0.05
+    ig32, ig16 = float(s32[0] - s32[1]), float(s16[0] - s16[1])   # the IG of the real block over the other
+    assert ig16 == pytest.approx(ig32, abs=0.05)
