@@ -100,10 +100,10 @@ class Config:
 # few GRPO steps, evaluated before and after on 50 dev questions: minutes on a laptop GPU, about 15 on a 2-core
 # CPU. --preset cpu: the learning experiment of `compare --preset cpu` (README, "Learning"), hours there.
 PRESETS = {
-    "tiny": dict(steps=4, questions_per_step=2, group_size=4, max_turns=2, topk=3, max_turn_tokens=128,
+    "tiny": dict(steps=4, questions_per_step=2, group_size=4, max_turns=2, topk=3, max_turn_tokens=64,
                  max_response_tokens=1024, lr=1e-5, eval_questions=50, eval_batch=25, micro_batch=4, show_every=1,
                  warmup_steps=8, warmup_batch=4),
-    "cpu": dict(steps=10, questions_per_step=4, group_size=4, max_turns=2, topk=3, max_turn_tokens=128,
+    "cpu": dict(steps=10, questions_per_step=4, group_size=4, max_turns=2, topk=3, max_turn_tokens=64,
                 max_response_tokens=1024, lr=1e-5, eval_questions=200, eval_batch=25, micro_batch=4, show_every=4,
                 warmup_steps=12, warmup_batch=8),
 }
@@ -443,16 +443,18 @@ def train(cfg, resume=False, before=None):
     return {"before": before, "after": after, "out": str(out), **({"warm-up": evals["warm-up"]} if evals else {})}
 
 
-def warm_start(cfg, out, retriever, splits, dev, device):
+def warm_start(cfg, out, retriever, splits, dev, device, eval_before=True):
     """METHOD §6, once per run directory: evaluate the model as loaded ("before"), warm it up for
     cfg.warmup_steps steps on oracle trajectories of the train split (never dev or test), save it with
     save_pretrained to OUT/warmup/model and evaluate it again ("warm-up"). A run that finds OUT/warmup/done.json
-    starts from the saved model. Returns (the model directory, {"before", "warm-up", "smoke"})."""
+    starts from the saved model. eval_before=False skips the first evaluation (compare: a model that does not
+    follow the format rambles to every token limit, and the warm-up's own row says where RL starts).
+    Returns (the model directory, {"before", "warm-up", "smoke"}); "before" is {} when skipped."""
     wdir = out / "warmup"
     done = wdir / "done.json"
     if not done.is_file():
         model, tok, smoke = runs.load_model(cfg.model, device, cfg.seed)
-        before = evaluate(model, tok, retriever, dev, cfg)[0] if dev else {}
+        before = evaluate(model, tok, retriever, dev, cfg)[0] if dev and eval_before else {}
         print(f"format warm-up: {cfg.warmup_steps} steps of {cfg.warmup_batch} oracle trajectories (METHOD §6)")
         losses = warmup.warmup(model, tok, retriever, splits["train"], cfg, random.Random(cfg.seed))
         runs.save_model(model, tok, wdir / "model")
@@ -541,7 +543,7 @@ def compare_command(argv):
     start, evals = cfg.model, {}
     if cfg.warmup_steps > 0:  # one warm-up, shared: every run starts from the same weights
         device, retriever, splits, dev = setup(cfg)
-        start, evals = warm_start(cfg, root, retriever, splits, dev, device)
+        start, evals = warm_start(cfg, root, retriever, splits, dev, device, eval_before=False)
     run_dirs, results = [], {}
     for seed in seeds:
         for reward in REWARDS:

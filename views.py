@@ -260,8 +260,8 @@ def compare_rows(runs, results, evals):
     """One row per evaluated model: the start (and the model before the warm-up), then each run."""
     rows = []
     if evals:
-        rows += [{"model": "before warm-up", **flat_eval(evals["before"])},
-                 {"model": "warm-up (start of every run)", **flat_eval(evals["warm-up"])}]
+        rows += [{"model": "before warm-up", **flat_eval(evals["before"])}] if evals["before"] else []
+        rows += [{"model": "warm-up (start of every run)", **flat_eval(evals["warm-up"])}]
     elif runs:
         rows.append({"model": "start", **flat_eval(results[runs[0]]["before"])})
     for run in runs:
