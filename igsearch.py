@@ -101,10 +101,10 @@ class Config:
 # CPU. --preset cpu: the learning experiment of `compare --preset cpu` (README, "Learning"), hours there.
 PRESETS = {
     "tiny": dict(steps=4, questions_per_step=2, group_size=4, max_turns=2, topk=3, max_turn_tokens=64,
-                 max_response_tokens=1024, lr=1e-5, eval_questions=50, eval_batch=25, micro_batch=4, show_every=1,
+                 max_response_tokens=1024, lr=1e-5, eval_questions=50, eval_batch=25, micro_batch=2, show_every=1,
                  warmup_steps=8, warmup_batch=4),
     "cpu": dict(steps=10, questions_per_step=4, group_size=4, max_turns=2, topk=3, max_turn_tokens=64,
-                max_response_tokens=1024, lr=1e-5, eval_questions=200, eval_batch=25, micro_batch=4, show_every=4,
+                max_response_tokens=1024, lr=1e-5, eval_questions=200, eval_batch=25, micro_batch=2, show_every=4,
                 warmup_steps=12, warmup_batch=8),
 }
 
