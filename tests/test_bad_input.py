@@ -684,6 +684,19 @@ def test_an_unusable_cache_directory_is_not_fatal(tmp_path, files, capsys, untou
     assert rc == 0, err
 
 
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads a directory whatever its mode")
+def test_an_unreadable_cache_directory_is_rebuilt_around(tmp_path):
+    cache = tmp_path / "locked"
+    retrieve.Retriever(DOCS, cache_dir=cache)
+    cache.chmod(0)
+    try:
+        with pytest.warns(UserWarning):
+            r = retrieve.Retriever(DOCS, cache_dir=cache)
+    finally:
+        cache.chmod(0o755)
+    assert r.search(["born in City3"], k=1)[0][0]["id"] == "d3"
+
+
 def test_ctrl_c_ends_in_one_line_and_the_run_resumes(tmp_path, files):
     data, corpus = files
     run = tmp_path / "run"
