@@ -386,16 +386,34 @@ def token_logprobs(model, ids, attention_mask, mask, micro_batch=4):
     return out
 
 
-def grpo_loss(logp, logp_old, logp_ref, A, mask, clip_eps=0.2, beta_kl=0.0, agg="token-mean", norm=None):
+def grpo_loss(logp, logp_old, logp_ref, A, mask, clip_eps=0.2, beta_kl=0.0, agg="token-mean", norm=None,
+              clip_ratio_c=0.0):
     """METHOD §3.3: PPO-clip on per-token advantages plus a k3 KL to the reference, masked mean.
 
     All inputs [B, T]; logp_ref may be None when beta_kl = 0. agg = "token-mean" (every policy token of
-    the batch weighs the same) or "seq-mean-token-mean" (mean per sequence, then over sequences). When this
-    is one micro-batch of a larger batch, `norm` is the batch's divisor (its policy-token count, or its
-    number of sequences), so that the micro-batch losses add up to the batch loss. Returns (loss, stats)."""
+    the batch weighs the same) or "seq-mean-token-mean" (mean per sequence, then over sequences; a row with
+    no policy token adds 0 and still counts in the divisor, the number of rows, as in verl's agg_loss). When
+    this is one micro-batch of a larger batch, `norm` is the batch's divisor (its policy-token count, or its
+    number of sequences), so that the micro-batch losses add up to the batch loss.
+
+    clip_ratio_c > 1 turns on verl's dual clip (Ye et al. 2020): where A < 0 the token loss is also capped at
+    -A * c, so a ratio far above 1 + eps cannot make one bad token's loss unbounded; 0 (the default) = off.
+
+    Returns (loss, stats). stats["clip_frac"] is the fraction of policy tokens on which the clip binds, i.e.
+    the clipped term is the one taken: ratio > 1 + eps with A > 0, or ratio < 1 - eps with A < 0. This is
+    verl's pg_clipfrac and TRL's clip ratio; a token outside [1 - eps, 1 + eps] on the other side (or with
+    A = 0) keeps its gradient and is not counted. stats["dual_clip_frac"]: tokens where the dual clip binds
+    (verl's pg_clipfrac_lower)."""
     mask = mask.float()
     ratio = torch.exp(logp - logp_old)
-    pg = -torch.min(ratio * A, torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * A)
+    unclipped = -ratio * A
+    clipped = -torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * A
+    pg = torch.maximum(unclipped, clipped)                       # = -min(r A, clip(r) A)
+    dual = torch.zeros_like(pg, dtype=torch.bool)
+    if clip_ratio_c > 0:
+        cap = -A * clip_ratio_c
+        dual = (A < 0) & (pg > cap)
+        pg = torch.where(A < 0, torch.minimum(pg, cap), pg)
     loss_tok = pg
     kl = torch.zeros_like(logp)
     if beta_kl > 0:
@@ -405,15 +423,15 @@ def grpo_loss(logp, logp_old, logp_ref, A, mask, clip_eps=0.2, beta_kl=0.0, agg=
     if agg == "token-mean":
         loss = (loss_tok * mask).sum() / (norm if norm is not None else mask.sum().clamp(min=1))
     elif agg == "seq-mean-token-mean":
-        per_seq = (loss_tok * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+        per_seq = (loss_tok * mask).sum(-1) / mask.sum(-1).clamp(min=1)   # a row without policy tokens: 0
         loss = per_seq.sum() / (norm if norm is not None else mask.shape[0])
     else:
         raise ValueError(f"unknown loss aggregation {agg!r}; use token-mean or seq-mean-token-mean")
     with torch.no_grad():
         n = mask.sum().clamp(min=1)
-        clipped = ((ratio - 1).abs() > clip_eps).float()
-        stats = {"kl": float((kl * mask).sum() / n), "clip_frac": float((clipped * mask).sum() / n),
-                 "n_tokens": float(mask.sum())}
+        binds = (clipped > unclipped).float()                    # the clip binds: its term is the max
+        stats = {"kl": float((kl * mask).sum() / n), "clip_frac": float((binds * mask).sum() / n),
+                 "dual_clip_frac": float((dual.float() * mask).sum() / n), "n_tokens": float(mask.sum())}
     return loss, stats
 
 

@@ -18,8 +18,10 @@ import argparse
 import copy
 import dataclasses
 import json
+import math
+import os
 import random
-import shutil
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -67,6 +69,7 @@ class Config:
     lr: float = 1e-6
     beta_kl: float = 0.001
     clip_eps: float = 0.2
+    clip_ratio_c: float = 0.0         # verl's dual clip: the loss of a token with A < 0 is capped at -A * c (> 1; 0 = off)
     ppo_epochs: int = 1               # μ
     loss_agg: str = "token-mean"      # token-mean | seq-mean-token-mean
     grad_clip: float = 1.0
@@ -110,8 +113,8 @@ PRESETS = {
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = runs.ArgParser(prog="igsearch.py", description=__doc__.split("\n")[0],
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="the small preset (--preset tiny): " + json.dumps(PRESETS["tiny"]))
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="a named set of settings (flags given beside it override them): "
@@ -120,6 +123,8 @@ def parse_args(argv=None):
     p.add_argument("--resume", metavar="DIR", default=None,
                    help="continue the run in DIR from its last complete checkpoint (its config.json, "
                         "overridden by any flags given here, e.g. --steps)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in a run directory that holds a run: its files are deleted first")
     for f in dataclasses.fields(Config):
         flag, kind = "--" + f.name.replace("_", "-"), type(f.default)
         if kind is bool:  # a switch: absent leaves the preset's value, present turns it on
@@ -127,36 +132,102 @@ def parse_args(argv=None):
         else:
             p.add_argument(flag, type=kind, default=None, help=f"(default {f.default!r})")
     args = p.parse_args(argv)
-    cfg = Config()
+    if args.resume and args.overwrite:
+        raise DataError("--resume continues a run and --overwrite replaces it: give one of them")
+    cfg, source = Config(), None
     if args.resume:
-        cfg = run_config(args.resume)
+        cfg, source = run_config(args.resume), Path(args.resume) / "config.json"
         cfg = dataclasses.replace(cfg, out=args.resume)
     elif args.tiny or args.preset:
         cfg = dataclasses.replace(cfg, **PRESETS[args.preset or "tiny"])
     explicit = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if getattr(args, f.name) is not None}
     cfg = dataclasses.replace(cfg, **explicit)
-    check_config(cfg)
+    check_config(cfg, source, explicit)
     return cfg, args
 
 
-def check_config(cfg):
-    """Refuse settings that cannot work, in one line each."""
-    choices = {"reward": ("outcome", "igsearch", "inforeasoner"), "loss_agg": ("token-mean", "seq-mean-token-mean"),
-               "ig_baseline": ("batch", "corpus"), "ir_estimator": ("prob", "log", "entropy"),
-               "precision": ("auto", "bf16", "fp32")}
-    for name, allowed in choices.items():
+CHOICES = {"reward": ("outcome", "igsearch", "inforeasoner"), "loss_agg": ("token-mean", "seq-mean-token-mean"),
+           "ig_baseline": ("batch", "corpus"), "ir_estimator": ("prob", "log", "entropy"),
+           "precision": ("auto", "bf16", "fp32")}
+# the smallest value of each integer setting
+MIN_INT = {"steps": 0, "questions_per_step": 1, "group_size": 2, "max_turns": 1, "topk": 1, "max_turn_tokens": 1,
+           "max_response_tokens": 1, "warmup_steps": 0, "warmup_batch": 1, "ppo_epochs": 1, "micro_batch": 1,
+           "eval_questions": 0, "eval_batch": 1, "save_every": 1, "show_every": 0, "ig_samples": 1,
+           "ig_head_tokens": 0, "ig_max_context": 1, "ir_samples": 1, "ir_max_tokens": 1, "seed": 0}
+# each float setting: (lowest value, whether the lowest value itself is allowed); all must be finite
+MIN_FLOAT = {"temperature": (0, False), "ir_temperature": (0, True), "warmup_lr": (0, True), "lr": (0, True),
+             "beta_kl": (0, True), "clip_eps": (0, False), "clip_ratio_c": (0, True), "grad_clip": (0, False),
+             "ig_alpha": (0, True), "ig_delta": (0, True), "ig_rho": (0, True), "ig_clip": (0, False),
+             "ig_head_weight": (0, False), "ir_lambda": (0, True)}
+WHY = {"group_size": "GRPO compares rollouts within a group",
+       "temperature": "0 samples greedily, so every rollout of a group is the same and GRPO learns nothing",
+       "seed": "numpy takes seeds from 0 to 2**32 - 1"}
+
+
+def setting_error(name, value, what):
+    """A DataError about one setting, naming its flag; `.field` tells check_config's caller which one."""
+    e = DataError(f"--{name.replace('_', '-')} {value!r}: {what}")
+    e.field, e.what = name, what
+    return e
+
+
+def check_config(cfg, source=None, explicit=(), model=True):
+    """Refuse settings that cannot work, in one line each: a value of the wrong type (a hand-edited
+    config.json), out of range or not finite, a device this machine does not have, a --model path that is
+    not there (model=False skips that: eval of a run loads the run's checkpoint). A value that came from
+    `source` (a run's config.json; not among the `explicit` flags) is reported as that file's."""
+    try:
+        _check_config(cfg, model)
+    except DataError as e:
+        name = getattr(e, "field", None)
+        if source is None or name is None or name in explicit:
+            raise
+        raise DataError(f"{source}: {name} = {getattr(cfg, name)!r} cannot be used ({e.what}); "
+                        f"fix the file or override it with --{name.replace('_', '-')}") from None
+
+
+TYPES = {bool: "true or false", str: "a string", int: "an integer", float: "a number"}
+
+
+def _check_config(cfg, model):
+    for f in dataclasses.fields(Config):
+        v, kind = getattr(cfg, f.name), type(f.default)
+        if not (type(v) is kind or (kind is float and type(v) is int)):  # True is an int to Python: not here
+            raise setting_error(f.name, v, f"must be {TYPES[kind]}")
+    for name, allowed in CHOICES.items():
         if getattr(cfg, name) not in allowed:
-            raise DataError(f"--{name.replace('_', '-')} {getattr(cfg, name)!r} is not one of {', '.join(allowed)}")
-    if cfg.group_size < 2:
-        raise DataError("--group-size must be at least 2: GRPO compares rollouts within a group")
-    for name in ("steps", "questions_per_step", "micro_batch", "topk", "max_turn_tokens", "ppo_epochs", "save_every",
-                 "show_every", "ig_samples", "ig_max_context", "warmup_steps", "warmup_batch"):
-        if getattr(cfg, name) < (0 if name in ("steps", "show_every", "warmup_steps") else 1):
-            raise DataError(f"--{name.replace('_', '-')} must be positive")
+            raise setting_error(name, getattr(cfg, name), f"is not one of {', '.join(allowed)}")
+    for name, lowest in MIN_INT.items():
+        if getattr(cfg, name) < lowest:
+            raise setting_error(name, getattr(cfg, name), f"must be at least {lowest}" +
+                                (f" ({WHY[name]})" if name in WHY else ""))
+    for name, (lowest, inclusive) in MIN_FLOAT.items():
+        v = getattr(cfg, name)
+        if not math.isfinite(v) or v < lowest or (v == lowest and not inclusive):
+            raise setting_error(name, v, f"must be a finite number {'≥' if inclusive else '>'} {lowest}" +
+                                (f" ({WHY[name]})" if name in WHY else ""))
+    if cfg.seed >= 2 ** 32:
+        raise setting_error("seed", cfg.seed, f"must be below 2**32 ({WHY['seed']})")
+    if cfg.clip_eps >= 1:
+        raise setting_error("clip_eps", cfg.clip_eps, "must be below 1 (the ratio is clipped to [1 - eps, 1 + eps])")
+    if 0 < cfg.clip_ratio_c <= 1:
+        raise setting_error("clip_ratio_c", cfg.clip_ratio_c, "must be 0 (off) or above 1 (verl's dual clip: "
+                            "the loss of a token with A < 0 is capped at -A * c)")
+    for name in ("data", "corpus"):
+        if not getattr(cfg, name).strip():
+            raise setting_error(name, getattr(cfg, name), "is empty")
+    checks = {"device": runs.pick_device, **({"model": runs.check_model_name} if model else {})}
+    for name, check in checks.items():
+        try:
+            check(getattr(cfg, name))
+        except DataError as e:
+            e.field, e.what = name, str(e).split(": ", 1)[-1]
+            raise
 
 
 def run_config(run_dir):
-    """The Config saved in RUN/config.json (keys this version does not know are ignored)."""
+    """The Config saved in RUN/config.json (keys this version does not know are ignored: a run of another
+    version still loads; check_config then checks the values)."""
     known = {f.name for f in dataclasses.fields(Config)}
     return Config(**{k: v for k, v in runs.saved_config(run_dir).items() if k in known})
 
@@ -294,7 +365,7 @@ def update_policy(model, ref_model, opt, batch, A, cfg):
         # with one epoch the sampling policy is the current one, so old = current (detached, below)
         old = grpo.token_logprobs(model, ids, attn, mask, mb) if cfg.ppo_epochs > 1 else None
     norm = mask.sum().clamp(min=1) if cfg.loss_agg == "token-mean" else ids.shape[0]
-    totals = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "grad_norm": 0.0}
+    totals = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "dual_clip_frac": 0.0, "grad_norm": 0.0}
     for _ in range(cfg.ppo_epochs):
         opt.zero_grad(set_to_none=True)
         for s in range(0, ids.shape[0], mb):
@@ -303,12 +374,12 @@ def update_policy(model, ref_model, opt, batch, A, cfg):
                 logp = grpo.token_logprobs(model, ids[sl], attn[sl], mask[sl], mb)
             logp_old = old[sl] if old is not None else logp.detach()
             loss, st = grpo.grpo_loss(logp, logp_old, ref[sl], A[sl], mask[sl], cfg.clip_eps, cfg.beta_kl,
-                                      cfg.loss_agg, norm)
+                                      cfg.loss_agg, norm, cfg.clip_ratio_c)
             loss.backward()
             w = st["n_tokens"] / float(mask.sum().clamp(min=1))  # token-weighted mean of the micro-batch stats
             totals["loss"] += loss.item() / cfg.ppo_epochs
-            totals["kl"] += st["kl"] * w / cfg.ppo_epochs
-            totals["clip_frac"] += st["clip_frac"] * w / cfg.ppo_epochs
+            for k in ("kl", "clip_frac", "dual_clip_frac"):
+                totals[k] += st[k] * w / cfg.ppo_epochs
         gn = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         totals["grad_norm"] += float(gn) / cfg.ppo_epochs
         opt.step()
@@ -370,24 +441,32 @@ def setup(cfg):
     return device, retriever, splits, splits.get("dev", [])[: cfg.eval_questions]
 
 
-def train(cfg, resume=False, before=None):
-    """GRPO for cfg.steps steps, after the format warm-up when cfg.warmup_steps > 0; with resume=True, continue
-    the run in cfg.out from its last checkpoint. `before`: the evaluation of the starting model when the caller
-    has it already (compare starts every run from one warm-up)."""
-    from tqdm import tqdm
-    device, retriever, splits, dev = setup(cfg)
-    out = Path(cfg.out or f"runs/{cfg.reward}-s{cfg.seed}")
-    ckpt = runs.last_checkpoint(out) if resume else None  # read before anything is loaded: a bad run fails fast
-    out.mkdir(parents=True, exist_ok=True)
-    if not resume:  # a fresh run in an old directory: never mix its files with the old run's
-        if (out / "ckpt").exists():
-            print(f"replacing the previous run in {out} (--resume {out} continues it; --out DIR keeps both)")
-        for f in ("metrics.jsonl", "eval_before.json", "eval_after.json"):
-            (out / f).unlink(missing_ok=True)
-        for d in ("ckpt", "views", "warmup"):
-            shutil.rmtree(out / d, ignore_errors=True)
-    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+def run_path(cfg):
+    return Path(cfg.out or f"runs/{cfg.reward}-s{cfg.seed}")
 
+
+def train(cfg, resume=False, before=None, overwrite=False):
+    """GRPO for cfg.steps steps, after the format warm-up when cfg.warmup_steps > 0; with resume=True, continue
+    the run in cfg.out from its last checkpoint (from step 0 if it was cut before its first one). `before`: the
+    evaluation of the starting model when the caller has it already (compare starts every run from one
+    warm-up). A fresh run refuses a directory that holds a run unless overwrite=True, and a directory that
+    is not a run and not empty always (runs.claim_run_dir)."""
+    out = run_path(cfg)
+    runs.claim_run_dir(out, resume, overwrite)   # refused before anything is read or written
+    device, retriever, splits, dev = setup(cfg)  # data errors come before any model is loaded
+    with runs.locked(out):                        # one process writes a run directory
+        runs.claim_run_dir(out, resume, overwrite)  # again, under the lock
+        ckpt = runs.last_checkpoint(out) if resume else None  # read before any model: a bad run fails fast
+        if resume and (out / "metrics.jsonl").exists():
+            runs.read_metrics(out)
+        if not resume:
+            runs.clear_run(out)  # an old run's files (with --overwrite): never mixed with this run's
+        runs.write_json(out / "config.json", dataclasses.asdict(cfg), indent=2)
+        return _train(cfg, out, ckpt, resume, before, device, retriever, splits, dev)
+
+
+def _train(cfg, out, ckpt, resume, before, device, retriever, splits, dev):
+    from tqdm import tqdm
     start, evals = cfg.model, {}
     if cfg.warmup_steps > 0:  # METHOD §6: RL starts from the warmed-up model, and so does the reference
         start, evals = warm_start(cfg, out, retriever, splits, dev, device)
@@ -403,10 +482,10 @@ def train(cfg, resume=False, before=None):
     before_path = out / "eval_before.json"
     before = before if before is not None else evals.get("before")
     if before is None and resume and before_path.exists():
-        before = json.loads(before_path.read_text())
+        before = runs.read_json(before_path, "an evaluation summary")
     if before is None:
         before = evaluate(model, tok, retriever, dev, cfg)[0] if dev else {}
-    before_path.write_text(json.dumps(before))
+    runs.write_json(before_path, before)
 
     generator = torch.Generator().manual_seed(cfg.seed)  # sampling runs on CPU tensors: same seed, same tokens
     rng = random.Random(cfg.seed)
@@ -414,11 +493,19 @@ def train(cfg, resume=False, before=None):
     if ckpt is not None:
         path, weights, opt_state, state = ckpt
         runs.load_weights(model, weights)
-        opt.load_state_dict(opt_state)
+        try:
+            opt.load_state_dict(opt_state)
+        except (ValueError, KeyError, TypeError) as e:
+            raise DataError(f"{path}/optimizer.pt does not fit this model's optimizer ({e}); --overwrite starts "
+                            "the run again") from None
         runs.set_rng_states(state["rng"], generator, rng)
         first = state["step"]
-        runs.keep_metrics(out / "metrics.jsonl", first)
         print(f"resuming from {path} ({first} steps done)")
+    elif resume:
+        print(f"{out} has no checkpoint yet: starting it from step 0" +
+              (" (its warm-up is kept)" if cfg.warmup_steps > 0 else ""))
+    if resume:
+        runs.keep_metrics(out / "metrics.jsonl", first)
     train_q = splits["train"]
     with open(out / "metrics.jsonl", "a") as log:
         for step in tqdm(range(first, cfg.steps), desc=f"GRPO {cfg.reward}", disable=None,
@@ -434,7 +521,7 @@ def train(cfg, resume=False, before=None):
                 runs.save_checkpoint(out, step + 1, model, tok, opt, generator, rng)
 
     after = evaluate(model, tok, retriever, dev, cfg)[0] if dev else {}
-    (out / "eval_after.json").write_text(json.dumps(after))
+    runs.write_json(out / "eval_after.json", after)
     if dev:
         print(f"\nGreedy evaluation on {len(dev)} dev questions, 95% bootstrap intervals"
               + (" (smoke run: random weights)" if smoke else ""))
@@ -459,9 +546,14 @@ def warm_start(cfg, out, retriever, splits, dev, device, eval_before=True):
         losses = warmup.warmup(model, tok, retriever, splits["train"], cfg, random.Random(cfg.seed))
         runs.save_model(model, tok, wdir / "model")
         after = evaluate(model, tok, retriever, dev, cfg)[0] if dev else {}
-        done.write_text(json.dumps({"before": before, "warm-up": after, "losses": losses, "smoke": smoke,
-                                    "from": cfg.model}))
-    info = json.loads(done.read_text())
+        runs.write_json(done, {"before": before, "warm-up": after, "losses": losses, "smoke": smoke, "from": cfg.model})
+    info = runs.read_json(done, "the warm-up's summary")
+    if not (isinstance(info.get("before"), dict) and isinstance(info.get("warm-up"), dict)
+            and isinstance(info.get("smoke"), bool)):
+        raise DataError(f"{done}: not the summary this program writes; delete {wdir} to warm up again")
+    if info.get("from") != cfg.model:  # a warm-up of another model must not start this run
+        raise DataError(f"{done}: that warm-up started from {info.get('from')!r}, not from --model {cfg.model}; "
+                        f"use another --out, or delete {wdir} to warm up again")
     return str(wdir / "model"), {k: info[k] for k in ("before", "warm-up", "smoke")}
 
 
@@ -469,8 +561,8 @@ def warm_start(cfg, out, retriever, splits, dev, device, eval_before=True):
 # python igsearch.py eval --model PATH_OR_RUN --data FILE[,FILE...]
 
 def eval_command(argv):
-    p = argparse.ArgumentParser(prog="igsearch.py eval", description="Greedy evaluation of a model or a run's "
-                                "last checkpoint: EM, F1, searches, answer retrieved; predictions as JSONL")
+    p = runs.ArgParser(prog="igsearch.py eval", description="Greedy evaluation of a model or a run's "
+                       "last checkpoint: EM, F1, searches, answer retrieved; predictions as JSONL")
     p.add_argument("--model", required=True, help="hub id, model directory, .gguf, tiny-random, or a run directory")
     p.add_argument("--data", default=None, help="comma-separated: tiny | hotpotqa:PATH | FlashRAG JSONL "
                    "(default: the run's --data, else tiny)")
@@ -481,44 +573,84 @@ def eval_command(argv):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=None)
     p.add_argument("--device", default=None)
     args = p.parse_args(argv)
+    if args.limit < 0:
+        raise DataError(f"--limit {args.limit}: must be 0 (every question) or more")
 
     model_path = Path(args.model)
     is_run = (model_path / "ckpt").is_dir() or ((model_path / "config.json").is_file() and
                                                  (model_path / "metrics.jsonl").exists())
+    if not is_run:
+        check_run_typo(model_path)
     cfg = run_config(model_path) if is_run else Config()
     explicit = {k: v for k, v in vars(args).items() if k in {f.name for f in dataclasses.fields(Config)} and v is not None}
     cfg = dataclasses.replace(cfg, **explicit)
     if not is_run:
         cfg = dataclasses.replace(cfg, model=args.model)
+    check_config(cfg, model_path / "config.json" if is_run else None, explicit, model=not is_run)
     data = args.data or (cfg.data if is_run else "tiny")
-    sets = runs.eval_sets(data)
+    out = runs.output_file(args.out or (model_path / "eval.jsonl" if is_run else "eval.jsonl"), "--out", "predictions")
+    inputs = [part.split(":", 1)[-1] for part in (*data.split(","), cfg.corpus)]
+    if any(Path(i.strip()).resolve() == out.resolve() for i in inputs if i.strip()):
+        raise DataError(f"--out {out}: that is an input file of this evaluation; choose another --out")
+    sets = runs.eval_sets(data)                      # data errors come before any model is loaded
     docs = load_corpus(cfg.corpus)
     retriever = retrieve.Retriever(docs, stopwords=cfg.stopwords)
-    name = str(runs.latest_model_dir(model_path)) if is_run else cfg.model
     seed_everything(cfg.seed)
-    model, tok, smoke = runs.load_model(name, runs.pick_device(cfg.device), cfg.seed)
-    out = Path(args.out or (model_path / "eval.jsonl" if is_run else "eval.jsonl"))
+    device = runs.pick_device(cfg.device)
+    if is_run:  # the newest checkpoint that loads; a damaged one is reported and the previous one used
+        model, tok, smoke, name = runs.load_run_model(model_path, device, cfg.seed)
+    else:
+        (model, tok, smoke), name = runs.load_model(cfg.model, device, cfg.seed), cfg.model
     rows = []
-    with open(out, "w") as f:
-        for set_name, questions in sets:
-            questions = questions[: args.limit] if args.limit > 0 else questions
-            summary, rollouts = evaluate(model, tok, retriever, questions, cfg)
-            records = [runs.prediction_record(set_name, r) for r in rollouts]
-            for rec in records:
-                f.write(json.dumps(rec) + "\n")
-            rows.append({"dataset": set_name, "n": len(records), "em": summary["em"], "f1": summary["f1"],
-                         "searches": summary["searches"],
-                         "answer_retrieved": float(np.mean([rec["answer_retrieved"] for rec in records]))})
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")  # renamed at the end: an interrupted eval leaves no half file
+    try:
+        with open(tmp, "w") as f:
+            for set_name, questions in sets:
+                questions = questions[: args.limit] if args.limit > 0 else questions
+                summary, rollouts = evaluate(model, tok, retriever, questions, cfg)
+                records = [runs.prediction_record(set_name, r) for r in rollouts]
+                for rec in records:
+                    f.write(json.dumps(rec) + "\n")
+                rows.append({"dataset": set_name, "n": len(records), "em": summary["em"], "f1": summary["f1"],
+                             "searches": summary["searches"],
+                             "answer_retrieved": float(np.mean([rec["answer_retrieved"] for rec in records]))})
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
     print(f"Greedy evaluation of {name}" + (" (smoke run: random weights)" if smoke else ""))
     views.print_table(rows, ["dataset", "n", "em", "f1", "searches", "answer_retrieved"])
     print(f"predictions: {out}")
     return rows
 
 
+def check_run_typo(path):
+    """eval --model runs/outcme-s0: a path beside other runs that is not there is a typo, never a hub id."""
+    parent = path.parent
+    if path.exists() or parent == Path(".") or not parent.is_dir():
+        return
+    siblings = sorted(p.name for p in parent.iterdir() if runs.is_run_dir(p))
+    if siblings:
+        raise DataError(f"--model {path}: no such run; {parent}/ holds the runs {', '.join(siblings[:5])}")
+
+
 # ----------------------------------------------------------------------------------------------------
 # python igsearch.py compare --tiny: the three rewards from the same seed and data, one table
 
 REWARDS = ("outcome", "igsearch", "inforeasoner")
+COMPARE_FILES = ("compare.json", "compare.md", "curves.png", "warmup", runs.LOCK)
+
+
+def claim_compare_root(root):
+    """compare writes only into a new or empty directory, or one that it wrote (its files and runs)."""
+    if root.exists() and not root.is_dir():
+        raise DataError(f"--out {root}: is a file, not a directory; choose another --out")
+    if not root.is_dir():
+        return
+    own = re.compile(rf"({'|'.join(REWARDS)})-s\d+")
+    foreign = [p.name for p in root.iterdir() if p.name not in COMPARE_FILES and not own.fullmatch(p.name)]
+    if foreign:
+        raise DataError(f"--out {root}: the directory holds files compare did not write ({', '.join(sorted(foreign)[:3])}); "
+                        "choose a new or empty directory")
 
 
 def compare_command(argv):
@@ -532,14 +664,24 @@ def compare_command(argv):
     pre.add_argument("--seeds", default=None, help="comma-separated seeds (default: --seed)")
     extra, argv = pre.parse_known_args(argv)
     cfg, args = parse_args(argv)
-    if args.resume or args.demo:
-        raise DataError("compare takes training flags only (no --resume, --demo)")
+    if args.resume or args.demo or args.overwrite:
+        raise DataError("compare takes training flags only (no --resume, --demo, --overwrite): run it again to "
+                        "continue it")
     try:
         seeds = [int(s) for s in extra.seeds.split(",")] if extra.seeds else [cfg.seed]
     except ValueError:
         raise DataError(f"--seeds {extra.seeds!r}: give comma-separated integers, e.g. --seeds 0,1") from None
+    if len(set(seeds)) != len(seeds):
+        raise DataError(f"--seeds {extra.seeds}: a seed is repeated")
+    for seed in seeds:
+        check_config(dataclasses.replace(cfg, seed=seed))
     root = Path(cfg.out or f"runs/compare-{args.preset or ('tiny' if args.tiny else 's' + str(cfg.seed))}")
-    root.mkdir(parents=True, exist_ok=True)
+    claim_compare_root(root)
+    with runs.locked(root):
+        return _compare(cfg, args, seeds, root)
+
+
+def _compare(cfg, args, seeds, root):
     start, evals = cfg.model, {}
     if cfg.warmup_steps > 0:  # one warm-up, shared: every run starts from the same weights
         device, retriever, splits, dev = setup(cfg)
@@ -551,13 +693,14 @@ def compare_command(argv):
             rcfg = dataclasses.replace(cfg, reward=reward, seed=seed, model=start, warmup_steps=0, out=str(run))
             run_dirs.append(run)
             if (run / "eval_after.json").is_file() and runs.read_metrics(run) and \
-                    json.loads((run / "config.json").read_text()) == dataclasses.asdict(rcfg):
+                    runs.read_json(run / "config.json") == dataclasses.asdict(rcfg):
                 print(f"\n=== {run.name}: done, read back ===")
-                results[run] = {"before": json.loads((run / "eval_before.json").read_text()),
-                                "after": json.loads((run / "eval_after.json").read_text())}
+                results[run] = {"before": runs.read_json(run / "eval_before.json"),
+                                "after": runs.read_json(run / "eval_after.json")}
                 continue
             print(f"\n=== {run.name} ===")
-            results[run] = train(rcfg, resume=bool(runs.checkpoints(run)), before=evals.get("warm-up"))
+            # compare owns its runs: one cut before its first checkpoint starts again (overwrite)
+            results[run] = train(rcfg, resume=bool(runs.checkpoints(run)), before=evals.get("warm-up"), overwrite=True)
     rows = views.compare_rows(run_dirs, results, evals)
     title = (f"Same data ({cfg.data}), {cfg.steps} GRPO steps of {cfg.questions_per_step} questions x G = "
              f"{cfg.group_size}, seeds {seeds}; greedy evaluation on {cfg.eval_questions} dev questions at most, "
@@ -565,7 +708,7 @@ def compare_command(argv):
     print("\n" + title)
     table = views.markdown_table(rows)
     print(table)
-    (root / "compare.json").write_text(json.dumps(rows, indent=1))
+    runs.write_json(root / "compare.json", rows, indent=1)
     (root / "compare.md").write_text(f"{title}\n\n{table}\n")
     try:
         print(f"curves: {views.plot_runs(run_dirs, root / 'curves.png')}")
@@ -578,7 +721,11 @@ COMMANDS = {"eval": eval_command, "show": views.show_command, "plot": views.plot
 
 
 def main(argv=None):
+    """The command line. Every failure the user can fix ends in one line on stderr: `error: ...` and exit
+    code 2 (bad input, settings or files; a file system error; out of memory); Ctrl-C ends in one line and
+    exit code 130, and a training run stays resumable."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    cfg = None
     try:
         if argv and argv[0] in COMMANDS:
             COMMANDS[argv[0]](argv[1:])
@@ -587,11 +734,34 @@ def main(argv=None):
         if args.demo:
             demo.demo()
         else:
-            train(cfg, resume=bool(args.resume))
+            train(cfg, resume=bool(args.resume), overwrite=args.overwrite)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a disk that is full, a directory that cannot be written, ...
+        print(f"error: {e.filename or ''}{': ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
+        return 2
+    except (MemoryError, torch.cuda.OutOfMemoryError):
+        print("error: out of memory; lower --micro-batch, --eval-batch or --max-response-tokens", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(interrupted(argv, cfg), file=sys.stderr)
+        return 130
     return 0
+
+
+def interrupted(argv, cfg):
+    """The one line printed on Ctrl-C: what was kept, and how to go on."""
+    if argv and argv[0] == "compare":
+        return "interrupted: run the same compare command again to go on (finished runs are read back)"
+    if cfg is None or "--demo" in argv:
+        return "interrupted"
+    out = run_path(cfg)
+    if not (out / "config.json").is_file():
+        return "interrupted before the run started"
+    done = runs.checkpoints(out)
+    return (f"interrupted: {out} keeps {done[0].name if done else 'no checkpoint yet'}; "
+            f"python igsearch.py --resume {out} goes on")
 
 
 if __name__ == "__main__":

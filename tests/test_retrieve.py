@@ -209,8 +209,8 @@ def test_format_docs():
 
 def test_disk_cache_written_and_reused(tmp_path, monkeypatch):
     r1 = Retriever(TOY, cache_dir=tmp_path)
-    files = list(tmp_path.glob("bm25-*.pkl"))
-    assert files == [r1.cache_path] and r1.cache_path.name == f"bm25-{r1.key}.pkl"
+    files = list(tmp_path.glob("bm25-*.npz"))
+    assert files == [r1.cache_path] and r1.cache_path.name == f"bm25-{r1.key}.npz"
     assert not list(tmp_path.glob("*.tmp*"))
 
     def no_build(self, *a, **k):
@@ -237,7 +237,7 @@ def test_changed_corpus_gets_new_index(tmp_path):
     changed[2]["text"] = "Berlin is the capital of Germany and its largest city."
     r2 = Retriever(changed, cache_dir=tmp_path)
     assert r2.key != r1.key and r2.cache_path != r1.cache_path
-    assert len(list(tmp_path.glob("bm25-*.pkl"))) == 2
+    assert len(list(tmp_path.glob("bm25-*.npz"))) == 2
     for q in ["largest city", "capital of Germany"]:
         assert r2.scores(q).tolist() == pytest.approx(bm25_by_hand(changed, q))
     assert r1.scores("largest")[2] == 0 and r2.scores("largest")[2] > 0
@@ -251,7 +251,7 @@ def test_changed_corpus_gets_new_index(tmp_path):
 def test_stopwords_change_key_and_scores(tmp_path):
     plain = Retriever(TOY, cache_dir=tmp_path)
     stop = Retriever(TOY, stopwords=True, cache_dir=tmp_path)
-    assert stop.key != plain.key and len(list(tmp_path.glob("bm25-*.pkl"))) == 2
+    assert stop.key != plain.key and len(list(tmp_path.glob("bm25-*.npz"))) == 2
     assert "the" in plain.bm25.idf and "the" not in stop.bm25.idf
     assert stop.search(["the of is"], k=3) == [[]]
     assert len(plain.search(["the of is"], k=3)[0]) == 3
@@ -366,7 +366,7 @@ def test_load_jsonl_corpus_errors(tmp_path):
     p = write_jsonl(tmp_path / "odd.jsonl", [{"title": "a", "text": "b"}, {"title": "c", "body": "d"}])
     with pytest.raises(DataError) as err:
         load_jsonl_corpus(p)
-    assert "record 2" in one_line(err) and "contents" in str(err.value)
+    assert "odd.jsonl:2:" in one_line(err) and "contents" in str(err.value)
 
 
 HOTPOT = [
@@ -421,14 +421,14 @@ def test_load_hotpotqa_without_context(tmp_path):
     with pytest.raises(DataError) as err:
         load_hotpotqa(p)
     msg = one_line(err)
-    assert "record 2" in msg and "context" in msg and "hotpot_dev_distractor_v1.json" in msg
+    assert "fullwiki.jsonl:2:" in msg and "context" in msg and "hotpot_dev_distractor_v1.json" in msg
 
 
 def test_load_hotpotqa_without_answer(tmp_path):
     p = write_jsonl(tmp_path / "test.jsonl", [{k: v for k, v in HOTPOT[0].items() if k != "answer"}])
     with pytest.raises(DataError) as err:
         load_hotpotqa(p)
-    assert "record 1" in one_line(err) and "answer" in str(err.value)
+    assert "test.jsonl:1:" in one_line(err) and "answer" in str(err.value)
 
 
 def test_load_questions_flashrag(tmp_path):
@@ -449,11 +449,11 @@ def test_load_questions_errors(tmp_path):
     p = write_jsonl(tmp_path / "q.jsonl", [{"question": "a?", "golden_answers": ["b"]}, {"question": "c?"}])
     with pytest.raises(DataError) as err:
         load_questions(p)
-    assert "record 2" in one_line(err) and "golden_answers" in str(err.value)
+    assert "q.jsonl:2:" in one_line(err) and "golden_answers" in str(err.value)
     p = write_jsonl(tmp_path / "q2.jsonl", [{"question": "", "golden_answers": ["b"]}])
     with pytest.raises(DataError) as err:
         load_questions(p)
-    assert "record 1" in one_line(err)
+    assert "q2.jsonl:1:" in one_line(err)
 
 
 def test_empty_retriever():

@@ -72,7 +72,7 @@ def test_resume_gives_the_uninterrupted_run(tmp_path, varied_reward):
     assert not all(torch.equal(a[k], w2[k]) for k in a), "the weights must move, or the test proves nothing"
     # the two newest checkpoints are kept, each complete
     assert sorted(p.name for p in (split / "ckpt").iterdir()) == ["step_000002", "step_000003"]
-    state = torch.load(split / "ckpt" / "step_000003" / "state.pt", weights_only=False)
+    state = torch.load(split / "ckpt" / "step_000003" / "state.pt", weights_only=True)
     assert state["step"] == 3 and set(state["rng"]) >= {"python", "numpy", "torch", "generator", "rng"}
 
 
@@ -118,7 +118,15 @@ def test_resume_without_a_checkpoint_is_a_one_line_error(tmp_path, capsys):
     (run / "config.json").write_text(json.dumps({"model": "tiny-random"}))
     assert igsearch.main(["--resume", str(run)]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error:") and "no complete checkpoint" in err and "\n" not in err
+    assert err.startswith("error:") and "not the config.json of an igsearch run" in err and "\n" not in err
+    # a run whose checkpoints are all unreadable (a run with none resumes from step 0: tests/test_bad_input.py)
+    data, corpus = write_fixtures(tmp_path)
+    cfg = igsearch.Config(model="tiny-random", data=str(data), corpus=f"jsonl:{corpus}", eval_questions=0)
+    (run / "config.json").write_text(json.dumps(dataclasses.asdict(cfg)))
+    (run / "ckpt" / "step_000001").mkdir(parents=True)
+    assert igsearch.main(["--resume", str(run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "no checkpoint can be resumed from" in err and "\n" not in err
 
 
 def test_keep_metrics_drops_later_and_half_written_lines(tmp_path):
@@ -266,7 +274,8 @@ def test_compare_starts_every_run_from_one_warmup_and_resumes(tmp_path, capsys, 
         warmed.append(out)
         return "WARM-DIR", {"before": _summary(0.0), "warm-up": _summary(0.25), "smoke": False}
 
-    def fake_train(cfg, resume=False, before=None):  # the real train() is covered above; this checks the orchestration
+    def fake_train(cfg, resume=False, before=None, overwrite=False):  # the real train() is covered above
+        assert overwrite  # compare owns its runs: a run cut before its first checkpoint starts again
         seen.append((cfg, resume, before))
         out = Path(cfg.out)
         out.mkdir(parents=True, exist_ok=True)
