@@ -270,7 +270,7 @@ def _summary(em):
 def test_compare_starts_every_run_from_one_warmup_and_resumes(tmp_path, capsys, monkeypatch):
     seen, warmed = [], []
 
-    def fake_warm_start(cfg, out, *a):
+    def fake_warm_start(cfg, out, *a, **kw):
         warmed.append(out)
         return "WARM-DIR", {"before": _summary(0.0), "warm-up": _summary(0.25), "smoke": False}
 
