@@ -10,6 +10,7 @@ line makes some test fail.
     the defaults of Config, the --tiny preset and the formula functions, against METHOD"""
 import inspect
 import math
+import random
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ import torch
 import grpo
 import igsearch
 import rewards
-from retrieve import format_docs
+from retrieve import Retriever, format_docs
 
 PARIS = {"id": "paris", "title": "Paris", "text": "Paris is the capital and largest city of France."}
 LYON = {"id": "lyon", "title": "Lyon", "text": "Lyon is a city in France."}
@@ -114,6 +115,46 @@ def test_sample_answers_by_hand(tiny, monkeypatch):
     assert n == sum(len(s) for s in samples)
 
 
+@pytest.mark.parametrize("budget, rows", [(2, 2), (0, 1), (100, 6)])
+def test_sample_answers_batches_rows_within_the_token_budget(tiny, monkeypatch, budget, rows):
+    # IR_GEN_TOKENS bounds the prompt tokens of one generate_turn call: budget // prompt length rows per call
+    # (at least one); the samples come back in prompt order whatever the cut
+    model, tok = tiny
+    prompts = [rewards.brief_answer_prompt(tok, q) for q in ("Capital of France?", "Capital of Peru?")]
+    assert len(prompts[0]) == len(prompts[1])
+    monkeypatch.setattr(rewards, "IR_GEN_TOKENS", budget * len(prompts[0]) + 1)
+    calls, row = [], iter(range(6))
+    script_engine(monkeypatch, tok, lambda text, j: enc(tok, f"answer {next(row)}\n"), calls)
+    texts, _, _ = rewards.sample_answers(model, tok, prompts, ir_config(ir_samples=3),
+                                         torch.Generator().manual_seed(0))
+    assert [c["rows"] for c in calls] == [rows] * (6 // rows)
+    assert texts == [["answer 0", "answer 1", "answer 2"], ["answer 3", "answer 4", "answer 5"]]
+
+
+def test_weights_and_beliefs_of_far_apart_logprobs():
+    # mean log-probs 800 apart: e^800 overflows a float, so the softmax must subtract the largest; the second
+    # sample's weight underflows to exactly 0, and a class of zero mass adds nothing to H_sem (0 log 0 = 0)
+    answers, w = rewards.weigh_samples(["Paris", "Lyon"], [0.0, -800.0])
+    assert w == [1.0, 0.0]
+    b = rewards.belief(answers, w, ["Paris"])
+    assert (b.p_gold, b.entropy, b.n_classes) == (1.0, 0.0, 2)
+
+
+def test_nli_equivalence_needs_more_than_one_half_both_ways():
+    eq = rewards.nli_equivalent(lambda p, h: 0.5, "Q?")
+    assert not eq("Paris", "Paris")                                   # p > 0.5, strictly
+    eq = rewards.nli_equivalent(lambda p, h: 0.51, "Q?")
+    assert eq("Paris", "Paris")
+
+
+def test_clip_fraction_counts_ratios_strictly_outside_the_range():
+    # METHOD §3.3 (the statistic): |r - 1| > ε; at ratio exactly 1 and ε = 0 no token counts as clipped
+    logp = torch.tensor([[-1.0, -2.0, -0.5]])
+    mask = torch.tensor([[0, 1, 1]])
+    _, st = grpo.grpo_loss(logp, logp.clone(), None, torch.ones(1, 3), mask, clip_eps=0.0)
+    assert st["clip_frac"] == 0.0 and st["n_tokens"] == 2.0
+
+
 def test_belief_weights_are_the_softmax_of_mean_logprobs_end_to_end(tiny, monkeypatch):
     # K = 2: without evidence the reference answers "Paris" (1 token + newline) and a long wrong answer; with the
     # evidence, "Paris" twice. prob IG = 1 - ℓ_Paris, ℓ from the *mean* log-probs of a plain forward pass
@@ -130,6 +171,9 @@ def test_belief_weights_are_the_softmax_of_mean_logprobs_end_to_end(tiny, monkey
     w_short = math.exp(m_short) / (math.exp(m_short) + math.exp(m_long))
     assert extra["ir_p_gold_without"] == pytest.approx(w_short, abs=1e-5)
     assert ig == pytest.approx([1.0 - w_short], abs=1e-5)
+    # one rollout: the step's mean is its IG, the spread 0
+    assert extra["ir_ig_mean"] == pytest.approx(1.0 - w_short, abs=1e-5)
+    assert extra["ir_ig_std"] == 0.0 and extra["ir_frac_positive"] == 1.0
     # the long answer's *sum* is several times its mean: weights from sums would put almost all mass on Paris
     assert 0.05 < w_short < 0.95
 
@@ -162,9 +206,11 @@ def test_beliefs_are_conditioned_on_the_evidence_of_steps_one_to_t(tiny, monkeyp
     paris, london = enc(tok, "Paris\n"), enc(tok, "London\n")
     script_engine(monkeypatch, tok, lambda text, j: paris if PARIS["text"] in text else london)
     rs = [make_rollout(tok, Q, 0, [[PARIS], [LYON]]), make_rollout(tok, Q, 0, [[LYON], [PARIS]])]
-    ig, _ = rewards.inforeasoner_information_gain(model, tok, rs, ir_config(ir_estimator=estimator),
-                                                  torch.Generator().manual_seed(0))
+    ig, extra = rewards.inforeasoner_information_gain(model, tok, rs, ir_config(ir_estimator=estimator),
+                                                      torch.Generator().manual_seed(0))
     assert ig == pytest.approx(expected, abs=1e-9)
+    # the step's p(c*) "with" is read with all the evidence (C_T): Paris for both, whatever the estimator
+    assert extra["ir_p_gold_with"] == 1.0 and extra["ir_p_gold_without"] == 0.0
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -175,7 +221,7 @@ def test_inforeasoner_step_metrics_by_hand(tiny, monkeypatch):
     paris, london = enc(tok, "Paris\n"), enc(tok, "London\n")
     script_engine(monkeypatch, tok, lambda text, j: paris if PARIS["text"] in text else london)
     rs = [make_rollout(tok, Q, 0, [[PARIS]]), make_rollout(tok, Q, 0, [[LYON]]), make_rollout(tok, Q, 0, []),
-          make_rollout(tok, Q, 0, [[PARIS], [LYON]])]
+          make_rollout(tok, Q, 0, [[NICE], [PARIS]])]
     ig, extra = rewards.inforeasoner_information_gain(model, tok, rs, ir_config(), torch.Generator().manual_seed(0))
     assert ig == [1.0, 0.0, 0.0, 1.0]
     # mean 0.5; population std sqrt(4 · 0.25 / 4) = 0.5; two of four positive
@@ -183,9 +229,43 @@ def test_inforeasoner_step_metrics_by_hand(tiny, monkeypatch):
     # over the 3 searching rollouts: p(c*) with all the evidence 1, 0, 1; without 0, 0, 0
     assert extra["ir_p_gold_with"] == pytest.approx(2 / 3) and extra["ir_p_gold_without"] == 0.0
     assert extra["ir_h_before"] == 0.0 and extra["ir_h_after"] == 0.0
-    # K = 2 samples for the bare question and for each of 3 distinct evidence sets ([Paris] twice is one)
+    # K = 2 samples for the bare question and for each of 3 distinct evidence sets ([Paris] twice is one; prob
+    # reads only all the evidence, so [Nice] alone is never sampled)
     tokens = 2 * len(london) + 2 * (len(paris) + len(london) + len(paris))
     assert extra["ir_extra_tokens"] == tokens / 4
+
+
+def test_nli_model_setting_loads_the_classifier(tiny, monkeypatch):
+    # --nli-model: classes by the loaded classifier's bidirectional entailment (here one that entails anything)
+    model, tok = tiny
+    loaded = []
+    monkeypatch.setattr(rewards, "load_nli", lambda name, device: loaded.append(name) or (lambda p, h: 0.9))
+    script_engine(monkeypatch, tok, lambda text, j: enc(tok, "London\n"))
+    r = make_rollout(tok, Q, 0, [[PARIS]])
+    _, extra = rewards.inforeasoner_information_gain(model, tok, [r], ir_config(nli_model="some/mnli"),
+                                                     torch.Generator().manual_seed(0))
+    assert loaded == ["some/mnli"] and extra["ir_p_gold_without"] == 1.0   # "London" ~ "Paris" under this NLI
+
+
+def test_a_step_where_no_rollout_searched_samples_nothing(tiny, monkeypatch):
+    model, tok = tiny
+    calls = []
+    script_engine(monkeypatch, tok, lambda text, j: enc(tok, "Paris\n"), calls)
+    rs = [make_rollout(tok, Q, 0, []), make_rollout(tok, Q, 0, [])]
+    ig, extra = rewards.inforeasoner_information_gain(model, tok, rs, ir_config(), torch.Generator().manual_seed(0))
+    assert ig == [0.0, 0.0] and calls == []                                  # §5.4: no search, IG = 0, no cost
+    assert extra == {"ir_ig_mean": 0.0, "ir_ig_std": 0.0, "ir_frac_positive": 0.0, "ir_extra_tokens": 0.0}
+
+
+# ----------------------------------------------------------------------------------------------------
+# METHOD §4.1: without a shared prefix, an empty context leaves the first gold token unpredicted
+
+def test_gold_scorer_refuses_an_empty_context_in_any_row(tiny):
+    model, _ = tiny
+    score = rewards.gold_scorer(model, [], micro_batch=2)
+    for suffixes in ([[5, 6], []], [[], [5, 6]], [[5], [6], [7], []]):
+        with pytest.raises(ValueError, match="empty context"):
+            score(suffixes, [[3]] * len(suffixes))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -211,6 +291,74 @@ def test_igsearch_defaults_draw_three_blocks_of_other_questions(tiny):
         block = rs[other].ids[slice(*rs[other].searches[0]["info_span"])]
         for ctx in calls[2 * i + 1]:
             assert ctx[:s] == rs[i].ids[:s] and ctx[s:s + len(block)] == block
+
+
+def recording_scorer(calls):
+    def scorer(prefix):
+        def score(suffixes, golds):
+            calls.append(([list(prefix) + list(s) for s in suffixes], [list(g) for g in golds]))
+            return torch.zeros(len(suffixes))
+        return score
+    return scorer
+
+
+def test_igsearch_default_rng_is_seed_zero(tiny):
+    _, tok = tiny
+    qs = [{"question": f"Where is {d['title']}?", "golden_answers": [d["title"]]} for d in (PARIS, LYON, NICE)]
+    rs = [make_rollout(tok, q, i, [[d]]) for i, (q, d) in enumerate(zip(qs, (PARIS, LYON, NICE)))]
+    runs = []
+    for rng in (None, random.Random(0), random.Random(1)):
+        calls = []
+        rewards.igsearch_information_gain(recording_scorer(calls), tok, rs, None, n_samples=6, rng=rng)
+        runs.append(calls)
+    assert runs[0] == runs[1] and runs[1] != runs[2]
+
+
+BOS = 151644  # <|im_start|>: never in a block or an answer
+
+
+class BosTokenizer:
+    """The Qwen tokenizer, but with a BOS id in front when asked for special tokens (as Llama's adds one)."""
+
+    def __init__(self, tok):
+        self.tok = tok
+
+    def encode(self, text, add_special_tokens=True):
+        return ([BOS] if add_special_tokens else []) + self.tok.encode(text, add_special_tokens=False)
+
+    def decode(self, ids, **kw):
+        return self.tok.decode(ids, **kw)
+
+
+def test_igsearch_contexts_and_golds_are_plain_text_ids(tiny, tmp_path):
+    # "<answer>", the gold alias and a corpus block continue the rollout: no special token in front of any (§4.1)
+    _, tok = tiny
+    q2 = {"question": "Where is Nice?", "golden_answers": ["Riviera"]}
+    rs = [make_rollout(tok, Q, 0, [[PARIS]]), make_rollout(tok, q2, 1, [[NICE]])]
+    cue = enc(tok, "<answer>")
+    retriever = Retriever([PARIS, LYON, NICE], cache_dir=tmp_path)
+    for baseline in ("batch", "corpus"):
+        calls = []
+        rewards.igsearch_information_gain(recording_scorer(calls), BosTokenizer(tok), rs, retriever,
+                                          baseline=baseline)
+        for r, (ctxs, golds) in zip([rs[0], rs[0], rs[1], rs[1]], calls):
+            s = r.searches[0]["info_span"][0]
+            for ctx in ctxs:
+                assert ctx[-len(cue):] == cue and BOS not in ctx[s:]
+            assert golds == [enc(tok, " " + r.question["golden_answers"][0])] * len(ctxs)
+
+
+def test_igsearch_cuts_every_context_of_a_step_to_the_limit(tiny):
+    # a limit shorter than the blocks: no prefix at all, and every context, real or counterfactual, is the last
+    # `max_context` tokens of its block + "<answer>" (§4.1: cut from the left)
+    _, tok = tiny
+    q2 = {"question": "Where is Nice?", "golden_answers": ["Riviera"]}
+    rs = [make_rollout(tok, Q, 0, [[PARIS]]), make_rollout(tok, q2, 1, [[NICE]])]
+    calls = []
+    rewards.igsearch_information_gain(recording_scorer(calls), tok, rs, None, max_context=5)
+    blocks = [r.ids[slice(*r.searches[0]["info_span"])] + enc(tok, "<answer>") for r in rs]
+    assert [ctxs for ctxs, _ in calls] == [[blocks[0][-5:]], [blocks[1][-5:]] * 3,
+                                          [blocks[1][-5:]], [blocks[0][-5:]] * 3]
 
 
 # ----------------------------------------------------------------------------------------------------

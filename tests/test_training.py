@@ -137,6 +137,20 @@ def test_gradient_clipping_scales_the_step(batch):
         assert torch.allclose(pd - p0, (pf - p0) * min(1.0, 1.0 / (norm + 1e-6)), atol=1e-6)
 
 
+def test_a_batch_with_one_policy_token(batch):
+    # the normalizations divide by the batch's policy tokens: here 1 (and 2 sequences, one with none)
+    batch, A = batch
+    roles = batch.roles.clone()[:2]
+    roles[roles == POLICY] = OBS
+    roles[0, 4] = POLICY
+    one = grpo.Batch(batch.ids[:2], roles)
+    model, by_hand = small_lm(), small_lm()
+    got = run_update_policy(model, small_lm(seed=5), one, A[:2], 1.0, beta_kl=0.1, micro_batch=1)
+    stats = ppo_by_hand(by_hand, small_lm(seed=5), one, A[:2], epochs=1, lr=1.0, beta=0.1)
+    assert same_weights(model, by_hand, atol=1e-6)
+    assert got["loss"] == pytest.approx(stats[0][0], abs=1e-6) and got["kl"] == pytest.approx(stats[0][1], rel=1e-5)
+
+
 # ----------------------------------------------------------------------------------------------------
 # The reference model
 
