@@ -259,10 +259,10 @@ def generate_rollouts(model, tok, questions, groups, retriever, *, max_turns=4, 
 def scripted_turns(tok, scripts):
     """A turn_fn that plays fixed texts: scripts[i] is the list of turn texts of rollout i. Each text is
     tokenized and cut after the first stop string exactly as the engine would stop; the stop reason is that
-    string, "length" when the budget cuts it, else "eos".
+    string, "length" when the budget cuts it, else "eos". For one rollout that searches, then answers:
 
-    >>> rs = generate_rollouts(None, tok, [q], [0], retriever, turn_fn=scripted_turns(tok, [[
-    ...     "<search> capital of France </search>", "<answer> Paris </answer>"]]))
+        turns = scripted_turns(tok, [["<search> capital of France </search>", "<answer> Paris </answer>"]])
+        rollouts = generate_rollouts(None, tok, [question], [0], retriever, turn_fn=turns)
     """
     turn_no = [0] * len(scripts)
 
@@ -317,7 +317,7 @@ def group_advantages(rewards, groups, eps=1e-6):
     """METHOD §3.1: Â_i = (R_i - mean) / (std + eps) within each group; std unbiased; an all-equal group -> 0.
 
     >>> group_advantages([1., 0., 0., 5., 5.], [0, 0, 0, 1, 1])
-    tensor([ 1.1547, -0.5774, -0.5774,  0.0000,  0.0000])
+    tensor([ 1.1547, -0.5773, -0.5773,  0.0000,  0.0000])
     """
     rewards = torch.as_tensor(rewards, dtype=torch.float32)
     groups = torch.as_tensor(groups)

@@ -80,10 +80,11 @@ def gold_scorer(model, prefix, head_tokens=3, head_weight=3.0, micro_batch=8):
     The 1 + N contexts of a search step differ only from the information block on, so the shared prefix runs
     once and every context continues from its KV cache (METHOD §4.4: the cost is the suffixes, not 1 + N whole
     trajectories). Returns score(suffixes, golds) -> tensor [M] of s(golds[j] | prefix + suffixes[j]), the
-    suffixes batched in micro-batches. An empty prefix scores whole contexts.
+    suffixes batched in micro-batches. An empty prefix scores whole contexts. For a step whose block starts
+    at position s of the rollout's ids:
 
-    >>> score = gold_scorer(model, ids[:s])                     # once per step: ids up to its block
-    >>> score([real_block + cue, rand_block + cue], [gold, gold])  # tensor([-1.2, -3.4])
+        score = gold_scorer(model, ids[:s])                         # once per step: ids up to its block
+        score([real_block + cue, rand_block + cue], [gold, gold])   # a tensor of 2 scores, e.g. [-1.2, -3.4]
     """
     device = next(model.parameters()).device
     body, head = model.base_model, model.get_output_embeddings()

@@ -1,8 +1,11 @@
-"""Shared test set-up: the repository root on sys.path, and where the real QA data lives."""
+"""Shared test set-up: the repository root on sys.path, where the real QA data lives, one torch thread, and
+optional tools that CI must have."""
+import os
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -29,3 +32,23 @@ def _auto_precision_is_fp32(monkeypatch):
     # tests of bf16 ask for it by name (precision="bf16").
     import grpo
     monkeypatch.setattr(grpo, "bf16_native", lambda device: False)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # One intra-op thread in every test: the numbers compared bit for bit (seeded runs, resume, α = 0 against
+    # outcome-only) are then summed in the same order on every machine, whatever its cores or its load.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def require_tool(present, tool, install):
+    """Skip a test whose optional tool is absent, naming it; in CI (CI=true), where .ci/run installs every
+    such tool, its absence is a failure instead, so that no test is silently skipped there."""
+    if present:
+        return
+    if os.environ.get("CI"):
+        pytest.fail(f"{tool} is absent in CI: .ci/run must install it ({install})")
+    pytest.skip(f"{tool} is absent (optional tool: {install})")

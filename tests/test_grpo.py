@@ -246,9 +246,7 @@ def two_prompts(engine):
     short = grpo.prompt_ids(tok, "Who?")
     long = grpo.prompt_ids(tok, "Which river flows through the capital of France, and how long is it in kilometres?")
     assert len(long) - len(short) >= 15
-    ref_s, ref_l = greedy_reference(model, short, 12), greedy_reference(model, long, 12)
-    assert len(set(ref_s)) > 6 and len(set(ref_l)) > 6 and ref_s[:3] != ref_l[:3]  # not degenerate
-    return short, long, ref_s, ref_l
+    return short, long, greedy_reference(model, short, 12), greedy_reference(model, long, 12)
 
 
 def test_greedy_turn_equals_step_by_step_argmax(engine, two_prompts):
@@ -270,41 +268,8 @@ def test_max_new_per_row(engine, two_prompts):
     assert gens == [ref_s[:3], ref_l[:9], ref_s[:1]] and why == ["length"] * 3
 
 
-def _boundary_stop(tok, ref, other):
-    """A stop string that spans the boundary of greedy tokens k-1 and k (so it is completed by token k),
-    appears nowhere earlier in `ref` and nowhere in `other`. Returns (string, k)."""
-    for k in range(2, len(ref) - 1):
-        s = tok.decode(ref[k - 1:k + 1])
-        s = s[max(0, len(tok.decode(ref[k - 1:k])) - 1):]  # last char of token k-1 + all of token k
-        if ("\ufffd" in s or len(s) < 2 or s in tok.decode(ref[:k]) or s in tok.decode(other)
-                or tok.decode(ref[:k + 1]) != tok.decode(ref[:k]) + tok.decode(ref[k:k + 1])):
-            continue
-        return s, k
-    pytest.fail("no usable stop string in the greedy continuation")
-
-
-def test_stop_string_across_a_token_boundary(engine, two_prompts):
-    model, tok = engine
-    short, long, ref_s, ref_l = two_prompts
-    stop, k = _boundary_stop(tok, ref_s, ref_l)
-    gens, why = grpo.generate_turn(model, tok, [short, long], [12, 12], ["no such string", stop], set(), 0.0, None)
-    # row 0 stops at the token that completes the string, nothing after it; row 1 goes on alone (its cache
-    # row selected out of the batch) and still equals its own greedy continuation
-    assert gens[0] == ref_s[:k + 1] and why[0] == stop
-    assert gens[1] == ref_l and why[1] == "length"
-    # a stop string inside the very first token (its text without the first and last character): one token
-    inner = tok.decode(ref_s[:1])[1:-1]
-    assert len(inner) >= 2 and inner not in tok.decode(ref_l)
-    gens, why = grpo.generate_turn(model, tok, [short, long], [12, 12], [inner], set(), 0.0, None)
-    assert gens == [ref_s[:1], ref_l] and why == [inner, "length"]
-
-
-def test_eos_stops_a_row(engine, two_prompts):
-    model, tok = engine
-    short, long, ref_s, ref_l = two_prompts
-    k = next(k for k in range(1, 12) if ref_s[k] not in ref_s[:k] and ref_s[k] not in ref_l)
-    gens, why = grpo.generate_turn(model, tok, [long, short], [12, 12], [], {ref_s[k]}, 0.0, None)
-    assert gens == [ref_l, ref_s[:k + 1]] and why == ["length", "eos"]
+# Stop strings across token boundaries, EOS and rows leaving the batch at different steps: tests/test_engine.py,
+# on a constructed model whose continuations are known by hand (a random model's need not suit the test).
 
 
 class Forced(torch.nn.Module):

@@ -733,12 +733,20 @@ def test_train_step_igsearch_on_scripted_rollouts(tiny, retriever, monkeypatch):
     assert metrics["ig_mean"] == pytest.approx(sum(d["ig"] for d in details) / 5, abs=1e-6)
     R = [rewards.exact_match(r.answer, r.question["golden_answers"]) for r in rs]
     assert R == [1.0, 0.0, 1.0, 1.0]
-    adv = grpo.group_advantages(R, [0, 0, 1, 1])
-    batch = grpo.collate(rs, tok.pad_token_id)
-    expected = grpo.add_query_bonus(grpo.token_advantages(adv, batch.roles), rs, ig, cfg.ig_alpha, cfg.ig_delta,
-                                    cfg.ig_rho, cfg.ig_clip)
-    assert torch.allclose(A, expected, atol=1e-6)
-    assert not torch.equal(A, grpo.token_advantages(adv, batch.roles))  # some step got past the dead zone
+    # A by hand: group 0 (R = 1, 0): mean 0.5, unbiased std sqrt(0.5); group 1 (1, 1): all equal, Â = 0.
+    # On a query span add α g(IG) = 0.5 · IG clipped to [-2, 2], times ρ = 0.5 when negative (δ = 0 here)
+    a = 0.5 / (math.sqrt(0.5) + 1e-6)
+    adv = [a, -a, 0.0, 0.0]
+    bonus = lambda x: 0.5 * max(-2.0, min(2.0, x)) * (1.0 if x > 0 else 0.5)  # noqa: E731
+    n_bonus = 0
+    for b, r in enumerate(rs):
+        span = {k: bonus(ig[b][t]) for t, s in enumerate(r.searches) for k in range(*s["query_span"])}
+        for k in range(A.shape[1]):
+            policy = k < len(r.roles) and r.roles[k] == grpo.POLICY
+            expected = adv[b] + span.get(k, 0.0) if policy else 0.0
+            assert float(A[b, k]) == pytest.approx(expected, abs=1e-6), (b, k)
+        n_bonus += sum(v != 0 for v in span.values())
+    assert n_bonus > 0  # some step got past the dead zone
 
 
 def test_information_gain_with_gold_scorer_on_the_tiny_model(tiny, retriever):
@@ -748,13 +756,20 @@ def test_information_gain_with_gold_scorer_on_the_tiny_model(tiny, retriever):
     ig, details = rewards.igsearch_information_gain(scorer, tok, rs, retriever, n_samples=2, rng=random.Random(0))
     assert [len(x) for x in ig] == [1, 1, 0, 1, 2]
     assert len(details) == 5
-    for d in details:
+    rec = FakeScorer(tok)  # the same seed draws the same blocks: their contexts, 2 per step in step order
+    rewards.igsearch_information_gain(rec, tok, rs, retriever, n_samples=2, rng=random.Random(0))
+    base_ctx, _ = rec.passes(1)
+    for j, d in enumerate(details):
         assert all(math.isfinite(d[k]) for k in ("real", "baseline", "ig"))
         assert d["real"] < 0 and d["baseline"] < 0          # mean log-probs
-        assert d["ig"] == pytest.approx(d["real"] - d["baseline"], abs=1e-9)
         assert ig[d["rollout"]][d["step"]] == d["ig"]
-        # the real score is the best alias's score of C_t^real, scored alone
+        # each score alone on its whole context: the best alias's real score, the mean of its N baselines
         r = rs[d["rollout"]]
         ctx = r.ids[:r.searches[d["step"]]["info_span"][1]] + cue(tok)
-        alone = max(float(score_whole(model, [ctx], [gold_ids(tok, a)])[0]) for a in r.question["golden_answers"])
-        assert d["real"] == pytest.approx(alone, abs=1e-5)
+        alone = {a: float(score_whole(model, [ctx], [gold_ids(tok, a)])[0]) for a in r.question["golden_answers"]}
+        best = max(alone, key=alone.get)
+        base = score_whole(model, base_ctx[2 * j:2 * j + 2], [gold_ids(tok, best)] * 2)
+        base = (float(base[0]) + float(base[1])) / 2
+        assert d["real"] == pytest.approx(alone[best], abs=1e-5)
+        assert d["baseline"] == pytest.approx(base, abs=1e-5)
+        assert d["ig"] == pytest.approx(alone[best] - base, abs=1e-5)

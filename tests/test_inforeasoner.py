@@ -1,5 +1,6 @@
 """InfoReasoner's semantic information gain (METHOD §5): weights, classes, beliefs, the three estimators,
 the NLI path, what the reward does to GRPO, and end-to-end calls on the tiny random Qwen3."""
+import copy
 import doctest
 import math
 import random
@@ -238,7 +239,12 @@ def test_nli_model_loads_from_a_local_directory(tmp_path, tiny):
     tok.save_pretrained(tmp_path)
     entail = load_nli(str(tmp_path))
     p = entail("Q? Paris", "Q? Paris France")
-    assert 0.0 < p < 1.0
+    # by hand: the softmax of the classifier's logits on the pair, at the ENTAILMENT label (index 2)
+    nli = BertForSequenceClassification.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        probs = nli(**tok("Q? Paris", "Q? Paris France", return_tensors="pt")).logits[0].softmax(-1)
+    assert min(abs(float(probs[2] - probs[i])) for i in (0, 1)) > 1e-4   # another label would give another p
+    assert p == pytest.approx(float(probs[2]), abs=1e-6)
     assert entail("Q? Paris", "Q? Paris France") == p        # memoized, same value
     assert load_nli(str(tmp_path)) is entail                  # loaded once
 
@@ -264,32 +270,39 @@ DOCS = [{"title": "Paris", "text": "Paris is the capital and largest city of Fra
         {"title": "Lyon", "text": "Lyon is a city in France."}]
 
 
-def policy_grad(model, tok, rollouts, R):
-    model.zero_grad(set_to_none=True)
-    adv = grpo.group_advantages(R, [r.group for r in rollouts])          # [B]     METHOD §3.1
-    batch = grpo.collate(rollouts, tok.pad_token_id)
-    A = grpo.token_advantages(adv, batch.roles)                          # [B, T]  METHOD §3.2
-    logp = grpo.token_logprobs(model, batch.ids, batch.attention_mask, batch.policy_mask)
-    loss, _ = grpo.grpo_loss(logp, logp.detach(), None, A, batch.policy_mask)
-    loss.backward()
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    return adv, max(float(g.abs().max()) for g in grads) if grads else 0.0
-
-
-def test_all_wrong_group_learns_from_ig(tiny):
+def test_all_wrong_group_learns_from_ig(tiny, monkeypatch):
+    # METHOD §5.4 through the real step: every answer is wrong (EM = 0), but the evidence of two rollouts moved
+    # the reference's belief onto the gold answer: R = 0.6 · IG = [.6, 0, .6, 0], so Â != 0 and the weights move
     model, tok = tiny
-    rollouts = [make_rollout(tok, "What is the capital of France?", 0, [DOCS] * n) for n in (1, 2, 1, 0)]
-    em = [rewards.exact_match(r.answer, r.question["golden_answers"]) for r in rollouts]
-    assert em == [0.0] * 4                                               # every answer is wrong
-    lam = 0.6
-    ig = [0.5, 0.0, -0.25, 0.0]                                          # the last one never searched
-    R = [e + lam * g for e, g in zip(em, ig)]                            # METHOD §5.4
-    adv, g = policy_grad(model, tok, rollouts, R)
-    assert adv.abs().sum() > 0 and g > 0
-    # the same IG for all (like the outcome reward alone here): all-equal rewards, Â = 0, no gradient (§3.4)
-    adv, g = policy_grad(model, tok, rollouts, [lam * 0.3] * 4)
-    assert torch.all(adv == 0) and g == 0.0
-    model.zero_grad(set_to_none=True)
+    q = "What is the capital of France?"
+    def fake_turn(model_, tok_, seqs, *args):  # the reference answers Paris when its context holds the Paris article
+        return [tok.encode("Paris\n" if "Paris is the capital" in tok.decode(s) else "London\n",
+                           add_special_tokens=False) for s in seqs], ["\n"] * len(seqs)
+    monkeypatch.setattr(grpo, "generate_turn", fake_turn)
+
+    def step(searches):
+        policy = copy.deepcopy(model)
+        rollouts = [make_rollout(tok, q, 0, s) for s in searches]
+        cfg = ir_config(ir_lambda=0.6, lr=1e-3)
+        opt = torch.optim.SGD(policy.parameters(), lr=1e-3)
+        _, out, A = igsearch.train_step(policy, None, opt, tok, None, None, cfg, torch.Generator().manual_seed(0),
+                                        random.Random(0), rollouts=rollouts)
+        moved = any(not torch.equal(p, p0) for p, p0 in zip(policy.parameters(), model.parameters()))
+        return out, A, moved
+
+    out, A, moved = step([[DOCS], [DOCS[1:]], [DOCS], []])
+    assert [rewards.exact_match(r.answer, r.question["golden_answers"]) for r in out] == [0.0] * 4
+    assert [r.reward for r in out] == pytest.approx([0.6, 0.0, 0.6, 0.0])
+    # Â by hand: mean 0.3, unbiased std sqrt(4 · 0.09 / 3) = sqrt(0.12)
+    a = 0.3 / (math.sqrt(0.12) + 1e-6)
+    for b, sign in enumerate([1, -1, 1, -1]):
+        policy = torch.tensor(out[b].roles) == grpo.POLICY
+        assert torch.allclose(A[b, :len(policy)][policy], torch.full((int(policy.sum()),), sign * a), atol=1e-5)
+    assert moved
+    # the same evidence for all: the same IG, all-equal rewards, Â = 0, no update (§3.4)
+    out, A, moved = step([[DOCS]] * 4)
+    assert [r.reward for r in out] == pytest.approx([0.6] * 4)
+    assert torch.count_nonzero(A) == 0 and not moved
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -344,7 +357,6 @@ def test_end_to_end_tiny_model(tiny, monkeypatch, estimator, evidence_prompts):
                           "ir_p_gold_without", "ir_h_before", "ir_h_after"}
     assert all(isinstance(v, float) and math.isfinite(v) for v in extra.values())
     assert extra["ir_extra_tokens"] == sum(c["tokens"] for c in calls) / 4
-    assert extra["ir_ig_mean"] == pytest.approx(sum(ig) / 4)
     if estimator == "prob":  # one repeat is enough (CPU time)
         again = inforeasoner_information_gain(model, tok, rollouts, cfg, torch.Generator().manual_seed(0))
         assert again == (ig, extra)                                      # same seed, same numbers
@@ -360,6 +372,7 @@ def test_end_to_end_scripted_answers(tiny, monkeypatch):
     assert ig == [1.0, 1.0, 0.0, 0.0]           # q2's gold is "Lyon": Paris is wrong with or without evidence
     assert extra["ir_p_gold_with"] == pytest.approx(2 / 3) and extra["ir_p_gold_without"] == 0.0
     assert extra["ir_frac_positive"] == 0.5 and extra["ir_h_before"] == 0.0 and extra["ir_h_after"] == 0.0
+    assert extra["ir_ig_mean"] == 0.5 and extra["ir_ig_std"] == 0.5   # [1, 1, 0, 0]: mean .5, deviations ±.5
     ig, _ = inforeasoner_information_gain(model, tok, rollouts, ir_config(ir_estimator="log"), gen)
     # q1: p̃(C_t) = 1 for every step, p̃(B) = ε / (1 + 2ε) (London + the empty gold class): IG = log 1002
     assert ig[:3] == pytest.approx([math.log(1002), math.log(1002), 0.0])

@@ -14,6 +14,7 @@ import igsearch
 import retrieve
 import runs
 import views
+from conftest import require_tool
 
 DOCS = [{"id": "d0", "title": "Marie Curie", "text": "Marie Curie discovered polonium."},
         {"id": "d1", "title": "Isaac Newton", "text": "Newton wrote the Principia & <Opticks>."}]
@@ -115,8 +116,8 @@ def test_show_renders_a_saved_step(group, tok, tmp_path, capsys):
 CHROMIUM = Path("/usr/bin/chromium")
 
 
-@pytest.mark.skipif(not CHROMIUM.exists(), reason="/usr/bin/chromium is absent")
 def test_html_screenshot(group, tok, tmp_path):
+    require_tool(CHROMIUM.exists(), str(CHROMIUM), "apt-get install chromium")
     rollouts, A = group
     page = tmp_path / "view.html"
     page.write_text(views.render_html(rollouts, A, tok, "screenshot"))
