@@ -399,7 +399,8 @@ def defaults(fn):
 
 def test_formula_function_defaults_follow_method():
     assert defaults(grpo.group_advantages) == {"eps": 1e-6}                                   # §3.1
-    assert defaults(grpo.grpo_loss) == {"clip_eps": 0.2, "beta_kl": 0.0, "agg": "token-mean", "norm": None}
+    assert defaults(grpo.grpo_loss) == {"clip_eps": 0.2, "beta_kl": 0.0, "agg": "token-mean", "norm": None,
+                                        "clip_ratio_c": 0.0}  # verl's dual clip, off
     assert defaults(grpo.ig_gate) == {"delta": 0.05, "rho": 0.5, "clip": 2.0}                 # §4.3
     assert defaults(grpo.add_query_bonus) == {"alpha": 0.5, "delta": 0.05, "rho": 0.5, "clip": 2.0}
     assert defaults(rewards.head_weights) == {"head_tokens": 3, "head_weight": 3.0}            # §4.1
