@@ -79,7 +79,8 @@ def ppo_by_hand(model, ref, batch, A, epochs, lr, eps=0.2, beta=0.0, max_norm=1e
             for p in model.parameters():
                 if p.grad is not None:
                     p -= lr * scale * p.grad
-        clipped = (((r - 1).abs() > eps).float() * mask).sum() / n
+        binds = ((A > 0) & (r > 1 + eps)) | ((A < 0) & (r < 1 - eps))   # where the clip binds (verl, TRL)
+        clipped = ((binds.float()) * mask).sum() / n
         stats.append((loss.item(), float((kl.detach() * mask).sum() / n), float(clipped), norm))
     model.zero_grad(set_to_none=True)
     return stats
