@@ -4,24 +4,20 @@
     python igsearch.py --tiny --reward igsearch        # IG-Search: information gain on query tokens
     python igsearch.py --tiny --reward inforeasoner    # InfoReasoner: semantic information gain
     python igsearch.py --resume runs/outcome-s0 [--steps N]          # continue from the last checkpoint
-    python igsearch.py eval --model runs/outcome-s0 --data tiny      # greedy EM/F1, searches, answer retrieved
     python igsearch.py show --run runs/igsearch-s0 --step 0          # tokens coloured by their advantage A[i, k]
     python igsearch.py plot --run runs/outcome-s0 runs/igsearch-s0   # training curves, overlaid
-    python igsearch.py compare --tiny                                # the three rewards, same seed and data
 
 One training step (train_step below) is the whole method: sample G rollouts per question with search,
 score them, build the per-token advantage tensor A [B, T], take a PPO-clip step. METHOD.md has the math.
-This file is the training script; its plumbing lives beside it: runs.py (model loading, checkpoints, the
-metrics files), views.py (show, plot, tables) and demo.py (--demo).
+This file is the training script; its plumbing lives beside it: checks.py (settings refused in one line),
+runs.py (model loading, checkpoints, the metrics files), views.py (show, plot, tables), demo.py (--demo).
+experiments.py evaluates runs (eval) and compares the three rewards (compare).
 """
 import argparse
 import copy
 import dataclasses
 import json
-import math
-import os
 import random
-import re
 import sys
 import time
 from dataclasses import dataclass
@@ -30,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import checks
 import demo
 import grpo
 import retrieve
@@ -142,87 +139,8 @@ def parse_args(argv=None):
         cfg = dataclasses.replace(cfg, **PRESETS[args.preset or "tiny"])
     explicit = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if getattr(args, f.name) is not None}
     cfg = dataclasses.replace(cfg, **explicit)
-    check_config(cfg, source, explicit)
+    checks.check_config(cfg, source, explicit)
     return cfg, args
-
-
-CHOICES = {"reward": ("outcome", "igsearch", "inforeasoner"), "loss_agg": ("token-mean", "seq-mean-token-mean"),
-           "ig_baseline": ("batch", "corpus"), "ir_estimator": ("prob", "log", "entropy"),
-           "precision": ("auto", "bf16", "fp32")}
-# the smallest value of each integer setting
-MIN_INT = {"steps": 0, "questions_per_step": 1, "group_size": 2, "max_turns": 1, "topk": 1, "max_turn_tokens": 1,
-           "max_response_tokens": 1, "warmup_steps": 0, "warmup_batch": 1, "ppo_epochs": 1, "micro_batch": 1,
-           "eval_questions": 0, "eval_batch": 1, "save_every": 1, "show_every": 0, "ig_samples": 1,
-           "ig_head_tokens": 0, "ig_max_context": 1, "ir_samples": 1, "ir_max_tokens": 1, "seed": 0}
-# each float setting: (lowest value, whether the lowest value itself is allowed); all must be finite
-MIN_FLOAT = {"temperature": (0, False), "ir_temperature": (0, True), "warmup_lr": (0, True), "lr": (0, True),
-             "beta_kl": (0, True), "clip_eps": (0, False), "clip_ratio_c": (0, True), "grad_clip": (0, False),
-             "ig_alpha": (0, True), "ig_delta": (0, True), "ig_rho": (0, True), "ig_clip": (0, False),
-             "ig_head_weight": (0, False), "ir_lambda": (0, True)}
-WHY = {"group_size": "GRPO compares rollouts within a group",
-       "temperature": "0 samples greedily, so every rollout of a group is the same and GRPO learns nothing",
-       "seed": "numpy takes seeds from 0 to 2**32 - 1"}
-
-
-def setting_error(name, value, what):
-    """A DataError about one setting, naming its flag; `.field` tells check_config's caller which one."""
-    e = DataError(f"--{name.replace('_', '-')} {value!r}: {what}")
-    e.field, e.what = name, what
-    return e
-
-
-def check_config(cfg, source=None, explicit=(), model=True):
-    """Refuse settings that cannot work, in one line each: a value of the wrong type (a hand-edited
-    config.json), out of range or not finite, a device this machine does not have, a --model path that is
-    not there (model=False skips that: eval of a run loads the run's checkpoint). A value that came from
-    `source` (a run's config.json; not among the `explicit` flags) is reported as that file's."""
-    try:
-        _check_config(cfg, model)
-    except DataError as e:
-        name = getattr(e, "field", None)
-        if source is None or name is None or name in explicit:
-            raise
-        raise DataError(f"{source}: {name} = {getattr(cfg, name)!r} cannot be used ({e.what}); "
-                        f"fix the file or override it with --{name.replace('_', '-')}") from None
-
-
-TYPES = {bool: "true or false", str: "a string", int: "an integer", float: "a number"}
-
-
-def _check_config(cfg, model):
-    for f in dataclasses.fields(Config):
-        v, kind = getattr(cfg, f.name), type(f.default)
-        if not (type(v) is kind or (kind is float and type(v) is int)):  # True is an int to Python: not here
-            raise setting_error(f.name, v, f"must be {TYPES[kind]}")
-    for name, allowed in CHOICES.items():
-        if getattr(cfg, name) not in allowed:
-            raise setting_error(name, getattr(cfg, name), f"is not one of {', '.join(allowed)}")
-    for name, lowest in MIN_INT.items():
-        if getattr(cfg, name) < lowest:
-            raise setting_error(name, getattr(cfg, name), f"must be at least {lowest}" +
-                                (f" ({WHY[name]})" if name in WHY else ""))
-    for name, (lowest, inclusive) in MIN_FLOAT.items():
-        v = getattr(cfg, name)
-        if not math.isfinite(v) or v < lowest or (v == lowest and not inclusive):
-            raise setting_error(name, v, f"must be a finite number {'≥' if inclusive else '>'} {lowest}" +
-                                (f" ({WHY[name]})" if name in WHY else ""))
-    if cfg.seed >= 2 ** 32:
-        raise setting_error("seed", cfg.seed, f"must be below 2**32 ({WHY['seed']})")
-    if cfg.clip_eps >= 1:
-        raise setting_error("clip_eps", cfg.clip_eps, "must be below 1 (the ratio is clipped to [1 - eps, 1 + eps])")
-    if 0 < cfg.clip_ratio_c <= 1:
-        raise setting_error("clip_ratio_c", cfg.clip_ratio_c, "must be 0 (off) or above 1 (verl's dual clip: "
-                            "the loss of a token with A < 0 is capped at -A * c)")
-    for name in ("data", "corpus"):
-        if not getattr(cfg, name).strip():
-            raise setting_error(name, getattr(cfg, name), "is empty")
-    checks = {"device": runs.pick_device, **({"model": runs.check_model_name} if model else {})}
-    for name, check in checks.items():
-        try:
-            check(getattr(cfg, name))
-        except DataError as e:
-            e.field, e.what = name, str(e).split(": ", 1)[-1]
-            raise
 
 
 def run_config(run_dir):
@@ -533,227 +451,59 @@ def _train(cfg, out, ckpt, resume, before, device, retriever, splits, dev):
 def warm_start(cfg, out, retriever, splits, dev, device, eval_before=True):
     """METHOD §6, once per run directory: evaluate the model as loaded ("before"), warm it up for
     cfg.warmup_steps steps on oracle trajectories of the train split (never dev or test), save it with
-    save_pretrained to OUT/warmup/model and evaluate it again ("warm-up"). A run that finds OUT/warmup/done.json
-    starts from the saved model. eval_before=False skips the first evaluation (compare: a model that does not
-    follow the format rambles to every token limit, and the warm-up's own row says where RL starts).
+    save_pretrained to OUT/warmup/model and evaluate it again ("warm-up"). OUT/warmup/done.json is written as
+    soon as the model is saved, and again with the evaluation: a run cut during that evaluation keeps its
+    warm-up. eval_before=False skips the first evaluation (compare: a model that does not follow the format
+    rambles to every token limit, and the warm-up's own row says where RL starts).
     Returns (the model directory, {"before", "warm-up", "smoke"}); "before" is {} when skipped."""
     wdir = out / "warmup"
     done = wdir / "done.json"
+    model = None
     if not done.is_file():
         model, tok, smoke = runs.load_model(cfg.model, device, cfg.seed)
         before = evaluate(model, tok, retriever, dev, cfg)[0] if dev and eval_before else {}
         print(f"format warm-up: {cfg.warmup_steps} steps of {cfg.warmup_batch} oracle trajectories (METHOD §6)")
         losses = warmup.warmup(model, tok, retriever, splits["train"], cfg, random.Random(cfg.seed))
         runs.save_model(model, tok, wdir / "model")
-        after = evaluate(model, tok, retriever, dev, cfg)[0] if dev else {}
-        runs.write_json(done, {"before": before, "warm-up": after, "losses": losses, "smoke": smoke, "from": cfg.model})
+        runs.write_json(done, {"before": before, "warm-up": None, "losses": losses, "smoke": smoke, "from": cfg.model})
     info = runs.read_json(done, "the warm-up's summary")
-    if not (isinstance(info.get("before"), dict) and isinstance(info.get("warm-up"), dict)
+    if not (isinstance(info.get("before"), dict) and isinstance(info.get("warm-up"), (dict, type(None)))
             and isinstance(info.get("smoke"), bool)):
         raise DataError(f"{done}: not the summary this program writes; delete {wdir} to warm up again")
     if info.get("from") != cfg.model:  # a warm-up of another model must not start this run
         raise DataError(f"{done}: that warm-up started from {info.get('from')!r}, not from --model {cfg.model}; "
                         f"use another --out, or delete {wdir} to warm up again")
+    if info["warm-up"] is None:  # saved, not yet evaluated
+        if model is None:
+            model, tok, _ = runs.load_model(str(wdir / "model"), device, cfg.seed)
+        info["warm-up"] = evaluate(model, tok, retriever, dev, cfg)[0] if dev else {}
+        runs.write_json(done, info)
     return str(wdir / "model"), {k: info[k] for k in ("before", "warm-up", "smoke")}
 
 
-# ----------------------------------------------------------------------------------------------------
-# python igsearch.py eval --model PATH_OR_RUN --data FILE[,FILE...]
-
-def eval_command(argv):
-    p = runs.ArgParser(prog="igsearch.py eval", description="Greedy evaluation of a model or a run's "
-                       "last checkpoint: EM, F1, searches, answer retrieved; predictions as JSONL")
-    p.add_argument("--model", required=True, help="hub id, model directory, .gguf, tiny-random, or a run directory")
-    p.add_argument("--data", default=None, help="comma-separated: tiny | hotpotqa:PATH | FlashRAG JSONL "
-                   "(default: the run's --data, else tiny)")
-    p.add_argument("--corpus", default=None, help="vital | hotpotqa:PATH | jsonl:PATH (default: the run's, else vital)")
-    p.add_argument("--out", default=None, help="predictions JSONL (default RUN/eval.jsonl for a run, else eval.jsonl)")
-    p.add_argument("--limit", type=int, default=0, help="at most this many questions per dataset (0 = all)")
-    for name in ("max_turns", "topk", "max_turn_tokens", "max_response_tokens", "eval_batch", "seed"):
-        p.add_argument("--" + name.replace("_", "-"), type=int, default=None)
-    p.add_argument("--device", default=None)
-    args = p.parse_args(argv)
-    if args.limit < 0:
-        raise DataError(f"--limit {args.limit}: must be 0 (every question) or more")
-
-    model_path = Path(args.model)
-    is_run = (model_path / "ckpt").is_dir() or ((model_path / "config.json").is_file() and
-                                                 (model_path / "metrics.jsonl").exists())
-    if not is_run:
-        check_run_typo(model_path)
-    cfg = run_config(model_path) if is_run else Config()
-    explicit = {k: v for k, v in vars(args).items() if k in {f.name for f in dataclasses.fields(Config)} and v is not None}
-    cfg = dataclasses.replace(cfg, **explicit)
-    if not is_run:
-        cfg = dataclasses.replace(cfg, model=args.model)
-    check_config(cfg, model_path / "config.json" if is_run else None, explicit, model=not is_run)
-    data = args.data or (cfg.data if is_run else "tiny")
-    out = runs.output_file(args.out or (model_path / "eval.jsonl" if is_run else "eval.jsonl"), "--out", "predictions")
-    inputs = [part.split(":", 1)[-1] for part in (*data.split(","), cfg.corpus)]
-    if any(Path(i.strip()).resolve() == out.resolve() for i in inputs if i.strip()):
-        raise DataError(f"--out {out}: that is an input file of this evaluation; choose another --out")
-    sets = runs.eval_sets(data)                      # data errors come before any model is loaded
-    docs = load_corpus(cfg.corpus)
-    retriever = retrieve.Retriever(docs, stopwords=cfg.stopwords)
-    seed_everything(cfg.seed)
-    device = runs.pick_device(cfg.device)
-    if is_run:  # the newest checkpoint that loads; a damaged one is reported and the previous one used
-        model, tok, smoke, name = runs.load_run_model(model_path, device, cfg.seed)
-    else:
-        (model, tok, smoke), name = runs.load_model(cfg.model, device, cfg.seed), cfg.model
-    rows = []
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")  # renamed at the end: an interrupted eval leaves no half file
-    try:
-        with open(tmp, "w") as f:
-            for set_name, questions in sets:
-                questions = questions[: args.limit] if args.limit > 0 else questions
-                summary, rollouts = evaluate(model, tok, retriever, questions, cfg)
-                records = [runs.prediction_record(set_name, r) for r in rollouts]
-                for rec in records:
-                    f.write(json.dumps(rec) + "\n")
-                rows.append({"dataset": set_name, "n": len(records), "em": summary["em"], "f1": summary["f1"],
-                             "searches": summary["searches"],
-                             "answer_retrieved": float(np.mean([rec["answer_retrieved"] for rec in records]))})
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    print(f"Greedy evaluation of {name}" + (" (smoke run: random weights)" if smoke else ""))
-    views.print_table(rows, ["dataset", "n", "em", "f1", "searches", "answer_retrieved"])
-    print(f"predictions: {out}")
-    return rows
-
-
-def check_run_typo(path):
-    """eval --model runs/outcme-s0: a path beside other runs that is not there is a typo, never a hub id."""
-    parent = path.parent
-    if path.exists() or parent == Path(".") or not parent.is_dir():
-        return
-    siblings = sorted(p.name for p in parent.iterdir() if runs.is_run_dir(p))
-    if siblings:
-        raise DataError(f"--model {path}: no such run; {parent}/ holds the runs {', '.join(siblings[:5])}")
-
-
-# ----------------------------------------------------------------------------------------------------
-# python igsearch.py compare --tiny: the three rewards from the same seed and data, one table
-
-REWARDS = ("outcome", "igsearch", "inforeasoner")
-COMPARE_FILES = ("compare.json", "compare.md", "curves.png", "warmup", runs.LOCK)
-
-
-def claim_compare_root(root):
-    """compare writes only into a new or empty directory, or one that it wrote (its files and runs)."""
-    if root.exists() and not root.is_dir():
-        raise DataError(f"--out {root}: is a file, not a directory; choose another --out")
-    if not root.is_dir():
-        return
-    own = re.compile(rf"({'|'.join(REWARDS)})-s\d+")
-    foreign = [p.name for p in root.iterdir() if p.name not in COMPARE_FILES and not own.fullmatch(p.name)]
-    if foreign:
-        raise DataError(f"--out {root}: the directory holds files compare did not write ({', '.join(sorted(foreign)[:3])}); "
-                        "choose a new or empty directory")
-
-
-def compare_command(argv):
-    """Train outcome, igsearch and inforeasoner with the same flags (parse_args's; --out is the parent
-    directory), the same data and steps, for each of --seeds, all from one starting model: with
-    --warmup-steps, one format warm-up (ROOT/warmup) that every run starts from. Each run is evaluated greedily
-    on the same dev questions. Prints and writes (ROOT/compare.json, ROOT/compare.md) EM, F1, answered and
-    searches with 95% intervals, by hops, and the mean information gain; plots ROOT/curves.png.
-    Resumable: a finished run is read back, a cut one resumes from its checkpoint."""
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--seeds", default=None, help="comma-separated seeds (default: --seed)")
-    extra, argv = pre.parse_known_args(argv)
-    cfg, args = parse_args(argv)
-    if args.resume or args.demo or args.overwrite:
-        raise DataError("compare takes training flags only (no --resume, --demo, --overwrite): run it again to "
-                        "continue it")
-    try:
-        seeds = [int(s) for s in extra.seeds.split(",")] if extra.seeds else [cfg.seed]
-    except ValueError:
-        raise DataError(f"--seeds {extra.seeds!r}: give comma-separated integers, e.g. --seeds 0,1") from None
-    if len(set(seeds)) != len(seeds):
-        raise DataError(f"--seeds {extra.seeds}: a seed is repeated")
-    for seed in seeds:
-        check_config(dataclasses.replace(cfg, seed=seed))
-    root = Path(cfg.out or f"runs/compare-{args.preset or ('tiny' if args.tiny else 's' + str(cfg.seed))}")
-    claim_compare_root(root)
-    with runs.locked(root):
-        return _compare(cfg, args, seeds, root)
-
-
-def _compare(cfg, args, seeds, root):
-    start, evals = cfg.model, {}
-    if cfg.warmup_steps > 0:  # one warm-up, shared: every run starts from the same weights
-        device, retriever, splits, dev = setup(cfg)
-        start, evals = warm_start(cfg, root, retriever, splits, dev, device, eval_before=False)
-    run_dirs, results = [], {}
-    for seed in seeds:
-        for reward in REWARDS:
-            run = root / f"{reward}-s{seed}"
-            rcfg = dataclasses.replace(cfg, reward=reward, seed=seed, model=start, warmup_steps=0, out=str(run))
-            run_dirs.append(run)
-            if (run / "eval_after.json").is_file() and runs.read_metrics(run) and \
-                    runs.read_json(run / "config.json") == dataclasses.asdict(rcfg):
-                print(f"\n=== {run.name}: done, read back ===")
-                results[run] = {"before": runs.read_json(run / "eval_before.json"),
-                                "after": runs.read_json(run / "eval_after.json")}
-                continue
-            print(f"\n=== {run.name} ===")
-            # compare owns its runs: one cut before its first checkpoint starts again (overwrite)
-            results[run] = train(rcfg, resume=bool(runs.checkpoints(run)), before=evals.get("warm-up"), overwrite=True)
-    rows = views.compare_rows(run_dirs, results, evals)
-    title = (f"Same data ({cfg.data}), {cfg.steps} GRPO steps of {cfg.questions_per_step} questions x G = "
-             f"{cfg.group_size}, seeds {seeds}; greedy evaluation on {cfg.eval_questions} dev questions at most, "
-             "mean [95% bootstrap interval]")
-    print("\n" + title)
-    table = views.markdown_table(rows)
-    print(table)
-    runs.write_json(root / "compare.json", rows, indent=1)
-    (root / "compare.md").write_text(f"{title}\n\n{table}\n")
-    try:
-        print(f"curves: {views.plot_runs(run_dirs, root / 'curves.png')}")
-    except DataError as e:  # matplotlib is optional; the table stands on its own
-        print(f"no curves: {e}")
-    return rows
-
-
-COMMANDS = {"eval": eval_command, "show": views.show_command, "plot": views.plot_command, "compare": compare_command}
+COMMANDS = {"show": views.show_command, "plot": views.plot_command}
 
 
 def main(argv=None):
-    """The command line. Every failure the user can fix ends in one line on stderr: `error: ...` and exit
-    code 2 (bad input, settings or files; a file system error; out of memory); Ctrl-C ends in one line and
-    exit code 130, and a training run stays resumable."""
+    """The command line: train (or --demo), or show / plot a run. Errors end in one line (runs.cli)."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    cfg = None
-    try:
+    seen = {}
+
+    def command():
         if argv and argv[0] in COMMANDS:
-            COMMANDS[argv[0]](argv[1:])
-            return 0
-        cfg, args = parse_args(argv)
+            return COMMANDS[argv[0]](argv[1:])
+        if argv and argv[0] in ("eval", "compare"):
+            raise DataError(f"{argv[0]} is a command of experiments.py: python experiments.py {' '.join(argv)}")
+        seen["cfg"], args = parse_args(argv)
         if args.demo:
-            demo.demo()
-        else:
-            train(cfg, resume=bool(args.resume), overwrite=args.overwrite)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:  # a disk that is full, a directory that cannot be written, ...
-        print(f"error: {e.filename or ''}{': ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
-        return 2
-    except (MemoryError, torch.cuda.OutOfMemoryError):
-        print("error: out of memory; lower --micro-batch, --eval-batch or --max-response-tokens", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(interrupted(argv, cfg), file=sys.stderr)
-        return 130
-    return 0
+            return demo.demo()
+        train(seen["cfg"], resume=bool(args.resume), overwrite=args.overwrite)
+
+    return runs.cli(command, lambda: interrupted(argv, seen.get("cfg")))
 
 
 def interrupted(argv, cfg):
     """The one line printed on Ctrl-C: what was kept, and how to go on."""
-    if argv and argv[0] == "compare":
-        return "interrupted: run the same compare command again to go on (finished runs are read back)"
     if cfg is None or "--demo" in argv:
         return "interrupted"
     out = run_path(cfg)

@@ -49,6 +49,27 @@ class ArgParser(argparse.ArgumentParser):
 # ----------------------------------------------------------------------------------------------------
 # Model loading
 
+def cli(command, interrupted):
+    """Run a command-line `command()`. Every failure the user can fix ends in one line on stderr, `error: ...`,
+    and exit code 2 (bad input, settings or files; a file system error; out of memory); Ctrl-C ends in the
+    line `interrupted()` returns and exit code 130, and a training run stays resumable. 0 otherwise."""
+    try:
+        command()
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a disk that is full, a directory that cannot be written, ...
+        print(f"error: {e.filename or ''}{': ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
+        return 2
+    except (MemoryError, torch.cuda.OutOfMemoryError):
+        print("error: out of memory; lower --micro-batch, --eval-batch or --max-response-tokens", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(interrupted(), file=sys.stderr)
+        return 130
+    return 0
+
+
 def pick_device(name):
     """auto | cpu | cuda | cuda:N | mps, refused in one line when this machine does not have it."""
     if name == "auto":
@@ -596,7 +617,7 @@ def read_metrics(run_dir, strict=True):
 
 
 # ----------------------------------------------------------------------------------------------------
-# python igsearch.py eval: the model of a run, the data sets, the predictions file
+# python experiments.py eval: the model of a run, the data sets, the predictions file
 
 def load_run_model(run_dir, device, seed=0):
     """(model, tokenizer, smoke, model directory) of the run's newest checkpoint that loads; a damaged one

@@ -304,7 +304,7 @@ def plot_command(argv):
 
 
 # ----------------------------------------------------------------------------------------------------
-# python igsearch.py compare --tiny: one row per reward, one table, the curves overlaid
+# python experiments.py compare --tiny: one row per reward, one table, the curves overlaid
 
 EVAL_METRICS = ("em", "f1", "answered", "searches")  # what evaluate() reports per question
 

@@ -20,6 +20,7 @@ import time
 import pytest
 import torch
 
+import experiments
 import igsearch
 import retrieve
 import runs
@@ -83,8 +84,9 @@ def no_model(monkeypatch):
 
 
 def cli(capsys, argv):
-    """igsearch.main in-process -> (exit code, stdout, stderr); a traceback would fail the test."""
-    rc = igsearch.main(argv)
+    """igsearch.main (experiments.main for its commands) in-process -> (exit code, stdout, stderr); a
+    traceback would fail the test."""
+    rc = (experiments.main if argv and argv[0] in experiments.COMMANDS else igsearch.main)(argv)
     out, err = capsys.readouterr()
     assert "Traceback" not in out + err
     return rc, out, err

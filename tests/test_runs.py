@@ -16,6 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import experiments
 import igsearch
 import runs
 import views
@@ -159,7 +160,7 @@ def test_a_killed_run_resumes(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------
-# python igsearch.py eval
+# python experiments.py eval
 
 @pytest.fixture
 def scripted_agent(monkeypatch):
@@ -180,7 +181,7 @@ def test_eval_reports_em_searches_and_answer_retrieved(tmp_path, capsys, scripte
     other = tmp_path / "other.jsonl"
     other.write_text(json.dumps({"id": "x", "question": "Where was Person 0 born?", "golden_answers": ["Mars"]}) + "\n")
     preds = tmp_path / "preds.jsonl"
-    rc = igsearch.main(["eval", "--model", "tiny-random", "--data", f"{data},{other}", "--corpus", f"jsonl:{corpus}",
+    rc = experiments.main(["eval", "--model", "tiny-random", "--data", f"{data},{other}", "--corpus", f"jsonl:{corpus}",
                         "--limit", "4", "--out", str(preds)])
     assert rc == 0
     out = capsys.readouterr().out
@@ -207,14 +208,14 @@ def test_eval_of_a_run_loads_its_last_intact_checkpoint(tmp_path, capsys, script
     runs.save_checkpoint(run, 1, model, tok, opt, gen, rng)
     runs.save_checkpoint(run, 2, model, tok, opt, gen, rng)
     (run / "ckpt" / "step_000002" / "optimizer.pt").write_bytes(b"")
-    assert igsearch.main(["eval", "--model", str(run), "--limit", "2"]) == 0
+    assert experiments.main(["eval", "--model", str(run), "--limit", "2"]) == 0
     out, err = capsys.readouterr()
     assert "step_000001" in out.splitlines()[-4] and "is missing" not in err and "step_000002" in err
     assert len((run / "eval.jsonl").read_text().splitlines()) == 2   # the run's data and corpus are used
 
 
 def test_eval_bad_input_is_a_one_line_error(tmp_path, capsys):
-    assert igsearch.main(["eval", "--model", "tiny-random", "--data", str(tmp_path / "missing.jsonl")]) == 2
+    assert experiments.main(["eval", "--model", "tiny-random", "--data", str(tmp_path / "missing.jsonl")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --data") and "\n" not in err
 
@@ -263,7 +264,7 @@ def test_plot_of_a_missing_run_is_a_one_line_error(tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------------------------------
-# python igsearch.py compare
+# python experiments.py compare
 
 def _summary(em):
     return {"n": 4, "em": em, "em_ci": [em / 2, em], "f1": em, "f1_ci": [0.0, 1.0], "answered": 1.0,
@@ -295,13 +296,13 @@ def test_compare_starts_every_run_from_one_warmup_and_resumes(tmp_path, capsys, 
     monkeypatch.setattr(igsearch, "warm_start", fake_warm_start)
     monkeypatch.setattr(igsearch, "train", fake_train)
     argv = ["compare", "--tiny", "--seeds", "3,4", "--out", str(tmp_path / "cmp")]
-    assert igsearch.main(argv) == 0
+    assert experiments.main(argv) == 0
     assert warmed == [tmp_path / "cmp"]                       # one warm-up for all six runs
-    assert [(c.reward, c.seed) for c, _, _ in seen] == [(r, s) for s in (3, 4) for r in igsearch.REWARDS]
+    assert [(c.reward, c.seed) for c, _, _ in seen] == [(r, s) for s in (3, 4) for r in experiments.REWARDS]
     assert all(c.model == "WARM-DIR" and c.warmup_steps == 0 and not resume and before == _summary(0.25)
                for c, resume, before in seen)
     assert {c.steps for c, _, _ in seen} == {igsearch.PRESETS["tiny"]["steps"]}
-    assert [c.out for c, _, _ in seen] == [str(tmp_path / "cmp" / f"{r}-s{s}") for s in (3, 4) for r in igsearch.REWARDS]
+    assert [c.out for c, _, _ in seen] == [str(tmp_path / "cmp" / f"{r}-s{s}") for s in (3, 4) for r in experiments.REWARDS]
     out = capsys.readouterr().out
     assert "| warm-up (start of every run) | 4 | 0.250 [0.12, 0.25] |" in out
     assert "| igsearch-s3 | 4 | 0.500 [0.25, 0.50] |" in out
@@ -313,11 +314,11 @@ def test_compare_starts_every_run_from_one_warmup_and_resumes(tmp_path, capsys, 
     assert (tmp_path / "cmp" / "compare.md").read_text().count("\n| ") == 9   # header + 8 rows
     # run again: every run is finished, so nothing is trained twice
     seen.clear()
-    assert igsearch.main(argv) == 0 and seen == []
+    assert experiments.main(argv) == 0 and seen == []
     # a run cut off (no eval_after.json) is resumed from its checkpoint when it has one
     (tmp_path / "cmp" / "igsearch-s4" / "eval_after.json").unlink()
     (tmp_path / "cmp" / "igsearch-s4" / "ckpt" / "step_000001").mkdir(parents=True)
-    assert igsearch.main(argv) == 0
+    assert experiments.main(argv) == 0
     assert [(c.reward, c.seed, resume) for c, resume, _ in seen] == [("igsearch", 4, True)]
 
 
@@ -327,10 +328,10 @@ def test_compare_on_the_tiny_preset_really_trains_all_three(tmp_path, capsys, mo
     argv = ["compare", "--tiny", "--model", "tiny-random", "--steps", "1", "--eval-questions", "2",
             "--max-turn-tokens", "6", "--max-response-tokens", "24", "--ir-samples", "2", "--ir-max-tokens", "3",
             "--warmup-steps", "1", "--warmup-batch", "2", "--out", str(tmp_path / "cmp")]
-    assert igsearch.main(argv) == 0
+    assert experiments.main(argv) == 0
     out = capsys.readouterr().out
     assert (tmp_path / "cmp" / "warmup" / "model" / "config.json").is_file()
-    for reward in igsearch.REWARDS:
+    for reward in experiments.REWARDS:
         run = tmp_path / "cmp" / f"{reward}-s0"
         lines = (run / "metrics.jsonl").read_text().splitlines()
         assert len(lines) == 1 and json.loads(lines[0])["step"] == 0

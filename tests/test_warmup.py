@@ -198,3 +198,30 @@ def test_rl_starts_from_the_warmed_model_and_a_resume_skips_the_warmup(monkeypat
     assert any(not torch.equal(init[k], warmed[k]) for k in init if k in warmed)
     igsearch.train(dataclasses.replace(cfg, steps=2), resume=True)
     assert loaded[2:] == [warm] and calls == [1]
+
+
+def test_a_run_cut_while_evaluating_the_warmup_keeps_it(monkeypatch, tmp_path, qa_files):
+    data, corpus = qa_files
+    calls, evals = [], []
+    real_warmup, real_eval = warmup.warmup, igsearch.evaluate
+    monkeypatch.setattr(warmup, "warmup", lambda *a, **kw: calls.append(1) or real_warmup(*a, **kw))
+
+    def cut_second(*a, **kw):  # the evaluations run: before, warm-up (cut here), then again on resume
+        evals.append(1)
+        if len(evals) == 2:
+            raise KeyboardInterrupt
+        return real_eval(*a, **kw)
+
+    monkeypatch.setattr(igsearch, "evaluate", cut_second)
+    cfg = igsearch.Config(model="tiny-random", corpus=f"jsonl:{corpus}", data=str(data), out=str(tmp_path / "run"),
+                          device="cpu", steps=1, questions_per_step=1, group_size=2, max_turns=1, max_turn_tokens=48,
+                          max_response_tokens=200, eval_questions=1, show_every=0, warmup_steps=1, warmup_batch=2)
+    with pytest.raises(KeyboardInterrupt):
+        igsearch.train(cfg)
+    done = tmp_path / "run" / "warmup" / "done.json"
+    saved = json.loads(done.read_text())
+    assert saved["warm-up"] is None and len(saved["losses"]) == 1 and calls == [1]
+    result = igsearch.train(cfg, resume=True)
+    saved = json.loads(done.read_text())
+    assert calls == [1], "the saved warm-up was trained again"
+    assert saved["warm-up"] == result["warm-up"] and saved["warm-up"]["n"] == 1

@@ -1,0 +1,203 @@
+"""Experiments around the training script: evaluate a model or a run, and compare the three rewards.
+
+    python experiments.py eval --model runs/outcome-s0 --data tiny        # greedy EM/F1, searches, predictions
+    python experiments.py eval --model Qwen/Qwen2.5-0.5B-Instruct --data hotpotqa:dev.json --limit 200
+    python experiments.py compare --tiny                                  # outcome, igsearch, inforeasoner
+    python experiments.py compare --preset cpu --seeds 0,1 --out runs/cmp # the README's learning experiment
+
+Both take igsearch.py's settings and use its evaluate and train; nothing here is part of the method.
+"""
+import argparse
+import dataclasses
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+
+import checks
+import igsearch
+import retrieve
+import runs
+import views
+from retrieve import DataError
+
+
+# ----------------------------------------------------------------------------------------------------
+# python experiments.py eval --model PATH_OR_RUN --data FILE[,FILE...]
+
+def eval_command(argv):
+    p = runs.ArgParser(prog="experiments.py eval", description="Greedy evaluation of a model or a run's "
+                       "last checkpoint: EM, F1, searches, answer retrieved; predictions as JSONL")
+    p.add_argument("--model", required=True, help="hub id, model directory, .gguf, tiny-random, or a run directory")
+    p.add_argument("--data", default=None, help="comma-separated: tiny | hotpotqa:PATH | FlashRAG JSONL "
+                   "(default: the run's --data, else tiny)")
+    p.add_argument("--corpus", default=None, help="vital | hotpotqa:PATH | jsonl:PATH (default: the run's, else vital)")
+    p.add_argument("--out", default=None, help="predictions JSONL (default RUN/eval.jsonl for a run, else eval.jsonl)")
+    p.add_argument("--limit", type=int, default=0, help="at most this many questions per dataset (0 = all)")
+    for name in ("max_turns", "topk", "max_turn_tokens", "max_response_tokens", "eval_batch", "seed"):
+        p.add_argument("--" + name.replace("_", "-"), type=int, default=None)
+    p.add_argument("--device", default=None)
+    args = p.parse_args(argv)
+    if args.limit < 0:
+        raise DataError(f"--limit {args.limit}: must be 0 (every question) or more")
+
+    model_path = Path(args.model)
+    is_run = (model_path / "ckpt").is_dir() or ((model_path / "config.json").is_file() and
+                                                 (model_path / "metrics.jsonl").exists())
+    if not is_run:
+        check_run_typo(model_path)
+    cfg = igsearch.run_config(model_path) if is_run else igsearch.Config()
+    explicit = {k: v for k, v in vars(args).items() if k in {f.name for f in dataclasses.fields(igsearch.Config)} and v is not None}
+    cfg = dataclasses.replace(cfg, **explicit)
+    if not is_run:
+        cfg = dataclasses.replace(cfg, model=args.model)
+    checks.check_config(cfg, model_path / "config.json" if is_run else None, explicit, model=not is_run)
+    data = args.data or (cfg.data if is_run else "tiny")
+    out = runs.output_file(args.out or (model_path / "eval.jsonl" if is_run else "eval.jsonl"), "--out", "predictions")
+    inputs = [part.split(":", 1)[-1] for part in (*data.split(","), cfg.corpus)]
+    if any(Path(i.strip()).resolve() == out.resolve() for i in inputs if i.strip()):
+        raise DataError(f"--out {out}: that is an input file of this evaluation; choose another --out")
+    sets = runs.eval_sets(data)                      # data errors come before any model is loaded
+    docs = igsearch.load_corpus(cfg.corpus)
+    retriever = retrieve.Retriever(docs, stopwords=cfg.stopwords)
+    igsearch.seed_everything(cfg.seed)
+    device = runs.pick_device(cfg.device)
+    if is_run:  # the newest checkpoint that loads; a damaged one is reported and the previous one used
+        model, tok, smoke, name = runs.load_run_model(model_path, device, cfg.seed)
+    else:
+        (model, tok, smoke), name = runs.load_model(cfg.model, device, cfg.seed), cfg.model
+    rows = []
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")  # renamed at the end: an interrupted eval leaves no half file
+    try:
+        with open(tmp, "w") as f:
+            for set_name, questions in sets:
+                questions = questions[: args.limit] if args.limit > 0 else questions
+                summary, rollouts = igsearch.evaluate(model, tok, retriever, questions, cfg)
+                records = [runs.prediction_record(set_name, r) for r in rollouts]
+                for rec in records:
+                    f.write(json.dumps(rec) + "\n")
+                rows.append({"dataset": set_name, "n": len(records), "em": summary["em"], "f1": summary["f1"],
+                             "searches": summary["searches"],
+                             "answer_retrieved": float(np.mean([rec["answer_retrieved"] for rec in records]))})
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    print(f"Greedy evaluation of {name}" + (" (smoke run: random weights)" if smoke else ""))
+    views.print_table(rows, ["dataset", "n", "em", "f1", "searches", "answer_retrieved"])
+    print(f"predictions: {out}")
+    return rows
+
+
+def check_run_typo(path):
+    """eval --model runs/outcme-s0: a path beside other runs that is not there is a typo, never a hub id."""
+    parent = path.parent
+    if path.exists() or parent == Path(".") or not parent.is_dir():
+        return
+    siblings = sorted(p.name for p in parent.iterdir() if runs.is_run_dir(p))
+    if siblings:
+        raise DataError(f"--model {path}: no such run; {parent}/ holds the runs {', '.join(siblings[:5])}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# python experiments.py compare --tiny: the three rewards from the same seed and data, one table
+
+REWARDS = ("outcome", "igsearch", "inforeasoner")
+COMPARE_FILES = ("compare.json", "compare.md", "curves.png", "warmup", runs.LOCK)
+
+
+def claim_compare_root(root):
+    """compare writes only into a new or empty directory, or one that it wrote (its files and runs)."""
+    if root.exists() and not root.is_dir():
+        raise DataError(f"--out {root}: is a file, not a directory; choose another --out")
+    if not root.is_dir():
+        return
+    own = re.compile(rf"({'|'.join(REWARDS)})-s\d+")
+    foreign = [p.name for p in root.iterdir() if p.name not in COMPARE_FILES and not own.fullmatch(p.name)]
+    if foreign:
+        raise DataError(f"--out {root}: the directory holds files compare did not write ({', '.join(sorted(foreign)[:3])}); "
+                        "choose a new or empty directory")
+
+
+def compare_command(argv):
+    """Train outcome, igsearch and inforeasoner with the same flags (parse_args's; --out is the parent
+    directory), the same data and steps, for each of --seeds, all from one starting model: with
+    --warmup-steps, one format warm-up (ROOT/warmup) that every run starts from. Each run is evaluated greedily
+    on the same dev questions. Prints and writes (ROOT/compare.json, ROOT/compare.md) EM, F1, answered and
+    searches with 95% intervals, by hops, and the mean information gain; plots ROOT/curves.png.
+    Resumable: a finished run is read back, a cut one resumes from its checkpoint."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--seeds", default=None, help="comma-separated seeds (default: --seed)")
+    extra, argv = pre.parse_known_args(argv)
+    cfg, args = igsearch.parse_args(argv)
+    if args.resume or args.demo or args.overwrite:
+        raise DataError("compare takes training flags only (no --resume, --demo, --overwrite): run it again to "
+                        "continue it")
+    try:
+        seeds = [int(s) for s in extra.seeds.split(",")] if extra.seeds else [cfg.seed]
+    except ValueError:
+        raise DataError(f"--seeds {extra.seeds!r}: give comma-separated integers, e.g. --seeds 0,1") from None
+    if len(set(seeds)) != len(seeds):
+        raise DataError(f"--seeds {extra.seeds}: a seed is repeated")
+    for seed in seeds:
+        checks.check_config(dataclasses.replace(cfg, seed=seed))
+    root = Path(cfg.out or f"runs/compare-{args.preset or ('tiny' if args.tiny else 's' + str(cfg.seed))}")
+    claim_compare_root(root)
+    with runs.locked(root):
+        return _compare(cfg, args, seeds, root)
+
+
+def _compare(cfg, args, seeds, root):
+    start, evals = cfg.model, {}
+    if cfg.warmup_steps > 0:  # one warm-up, shared: every run starts from the same weights
+        device, retriever, splits, dev = igsearch.setup(cfg)
+        start, evals = igsearch.warm_start(cfg, root, retriever, splits, dev, device, eval_before=False)
+    run_dirs, results = [], {}
+    for seed in seeds:
+        for reward in REWARDS:
+            run = root / f"{reward}-s{seed}"
+            rcfg = dataclasses.replace(cfg, reward=reward, seed=seed, model=start, warmup_steps=0, out=str(run))
+            run_dirs.append(run)
+            if (run / "eval_after.json").is_file() and runs.read_metrics(run) and \
+                    runs.read_json(run / "config.json") == dataclasses.asdict(rcfg):
+                print(f"\n=== {run.name}: done, read back ===")
+                results[run] = {"before": runs.read_json(run / "eval_before.json"),
+                                "after": runs.read_json(run / "eval_after.json")}
+                continue
+            print(f"\n=== {run.name} ===")
+            # compare owns its runs: one cut before its first checkpoint starts again (overwrite)
+            results[run] = igsearch.train(rcfg, resume=bool(runs.checkpoints(run)), before=evals.get("warm-up"), overwrite=True)
+    rows = views.compare_rows(run_dirs, results, evals)
+    title = (f"Same data ({cfg.data}), {cfg.steps} GRPO steps of {cfg.questions_per_step} questions x G = "
+             f"{cfg.group_size}, seeds {seeds}; greedy evaluation on {cfg.eval_questions} dev questions at most, "
+             "mean [95% bootstrap interval]")
+    print("\n" + title)
+    table = views.markdown_table(rows)
+    print(table)
+    runs.write_json(root / "compare.json", rows, indent=1)
+    (root / "compare.md").write_text(f"{title}\n\n{table}\n")
+    try:
+        print(f"curves: {views.plot_runs(run_dirs, root / 'curves.png')}")
+    except DataError as e:  # matplotlib is optional; the table stands on its own
+        print(f"no curves: {e}")
+    return rows
+
+
+COMMANDS = {"eval": eval_command, "compare": compare_command}
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] not in COMMANDS:
+        print(f"usage: python experiments.py {{{','.join(COMMANDS)}}} ... (--help after a command for its flags)",
+              file=sys.stderr)
+        return 2
+    line = "interrupted: run the same compare command again to go on (finished runs are read back)" \
+        if argv[0] == "compare" else "interrupted"
+    return runs.cli(lambda: COMMANDS[argv[0]](argv[1:]), lambda: line)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
