@@ -161,7 +161,7 @@ def _compare(cfg, args, seeds, root):
             rcfg = dataclasses.replace(cfg, reward=reward, seed=seed, model=start, warmup_steps=0, out=str(run))
             run_dirs.append(run)
             if (run / "eval_after.json").is_file() and runs.read_metrics(run) and \
-                    runs.read_json(run / "config.json") == dataclasses.asdict(rcfg):
+                    igsearch.run_config(run) == rcfg:  # settings added since read as their defaults
                 print(f"\n=== {run.name}: done, read back ===")
                 results[run] = {"before": runs.read_json(run / "eval_before.json"),
                                 "after": runs.read_json(run / "eval_after.json")}

@@ -13,6 +13,7 @@ Read top to bottom, this is the algorithm box of one training step:
 A trajectory is a list of token ids with a role per position. The ids are kept exactly as sampled and
 observations are appended as ids, so the positions the loss trains on are exactly the tokens the model chose.
 """
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -342,6 +343,26 @@ def autocast(precision, device):
     if precision == "auto":
         precision = "bf16" if bf16_native(device) else "fp32"
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+@contextlib.contextmanager
+def recompute(model, on=True):
+    """Gradient checkpointing for the forward passes inside: each decoder layer keeps only its input and
+    recomputes the rest in the backward, so a micro-batch's activations take about 1/L of the memory for about
+    a third more update compute. transformers checkpoints in train mode only: the model is in train mode
+    inside and back in eval mode after (so rollouts and no-grad forwards never recompute). The models used
+    here have no dropout (rate 0), so the numbers do not change (tests/test_precision.py)."""
+    if not on or not getattr(model, "supports_gradient_checkpointing", False):
+        yield
+        return
+    if not model.is_activation_checkpointing:  # once: it stays set, and acts in train mode only
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        model.disable_input_require_grads()  # a hook for frozen embeddings; the weights here all train
+    model.train()
+    try:
+        yield
+    finally:
+        model.eval()
 
 
 def bf16_native(device):

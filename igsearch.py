@@ -49,6 +49,7 @@ class Config:
     seed: int = 0
     device: str = "auto"
     precision: str = "auto"           # auto | bf16 | fp32: the forward matmuls (weights, optimizer, loss stay fp32)
+    grad_checkpointing: bool = True   # recompute activations in the backward (grpo.recompute): memory for compute
     # rollouts (METHOD §1)
     steps: int = 200
     questions_per_step: int = 8
@@ -124,8 +125,8 @@ def parse_args(argv=None):
                    help="start afresh in a run directory that holds a run: its files are deleted first")
     for f in dataclasses.fields(Config):
         flag, kind = "--" + f.name.replace("_", "-"), type(f.default)
-        if kind is bool:  # a switch: absent leaves the preset's value, present turns it on
-            p.add_argument(flag, action="store_true", default=None, help=f"(default {f.default!r})")
+        if kind is bool:  # --x / --no-x; absent leaves the preset's value
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f"(default {f.default!r})")
         else:
             p.add_argument(flag, type=kind, default=None, help=f"(default {f.default!r})")
     args = p.parse_args(argv)
@@ -288,7 +289,7 @@ def update_policy(model, ref_model, opt, batch, A, cfg):
         opt.zero_grad(set_to_none=True)
         for s in range(0, ids.shape[0], mb):
             sl = slice(s, s + mb)
-            with fast():
+            with fast(), grpo.recompute(model, cfg.grad_checkpointing):
                 logp = grpo.token_logprobs(model, ids[sl], attn[sl], mask[sl], mb)
             logp_old = old[sl] if old is not None else logp.detach()
             loss, st = grpo.grpo_loss(logp, logp_old, ref[sl], A[sl], mask[sl], cfg.clip_eps, cfg.beta_kl,

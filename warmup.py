@@ -115,7 +115,7 @@ def warmup(model, tok, retriever, questions, cfg, rng, log=print):
         total = 0.0
         for s in range(0, ids.shape[0], cfg.micro_batch):
             sl = slice(s, s + cfg.micro_batch)
-            with grpo.autocast(cfg.precision, device):
+            with grpo.autocast(cfg.precision, device), grpo.recompute(model, cfg.grad_checkpointing):
                 logp = grpo.token_logprobs(model, ids[sl], attn[sl], mask[sl], cfg.micro_batch)  # [b, T]
             loss = grpo.warmup_loss(logp, mask[sl], norm)
             loss.backward()

@@ -101,3 +101,32 @@ def test_bf16_ig_scores_agree_with_fp32(tiny):
     assert (s16 - s32).abs().max() < 0.05
     ig32, ig16 = float(s32[0] - s32[1]), float(s16[0] - s16[1])   # the IG of the real block over the other
     assert ig16 == pytest.approx(ig32, abs=0.05)
+
+
+def test_gradient_checkpointing_recomputes_and_gives_the_same_gradients(tiny):
+    model, tok = tiny
+    ids, attn, mask = batch(tok)
+    # a pre-hook inside the checkpointed layer (the layer's own hooks stay outside it; a recompute stops as
+    # soon as it has what the backward needs, before any module inside it returns)
+    calls = []
+    hook = model.model.layers[0].self_attn.register_forward_pre_hook(lambda *a: calls.append(1))
+    grads = {}
+    try:
+        for on in (False, True, False):  # off again after on: set once, it acts only inside recompute
+            model.zero_grad(set_to_none=True)
+            calls.clear()
+            with grpo.recompute(model, on):
+                assert model.training == on  # transformers checkpoints in train mode only
+                loss = grpo.warmup_loss(grpo.token_logprobs(model, ids, attn, mask, 2), mask)
+                loss.backward()
+            assert not model.training  # back in eval mode
+            # once per forward; with checkpointing once more, in the backward
+            assert len(calls) == (2 if on else 1), (on, len(calls))
+            grads[on] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    finally:
+        hook.remove()
+        model.zero_grad(set_to_none=True)
+    assert grads[True].keys() == grads[False].keys() and len(grads[True]) > 10
+    for n in grads[False]:
+        torch.testing.assert_close(grads[True][n], grads[False][n], rtol=1e-5, atol=1e-7, msg=n)
+    assert any(g.abs().sum() > 0 for g in grads[True].values())
