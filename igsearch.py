@@ -410,12 +410,7 @@ def _train(cfg, out, ckpt, resume, before, device, retriever, splits, dev):
     first = 0
     if ckpt is not None:
         path, weights, opt_state, state = ckpt
-        runs.load_weights(model, weights)
-        try:
-            opt.load_state_dict(opt_state)
-        except (ValueError, KeyError, TypeError) as e:
-            raise DataError(f"{path}/optimizer.pt does not fit this model's optimizer ({e}); --overwrite starts "
-                            "the run again") from None
+        runs.load_training_state(path, model, opt, weights, opt_state)
         runs.set_rng_states(state["rng"], generator, rng)
         first = state["step"]
         print(f"resuming from {path} ({first} steps done)")
