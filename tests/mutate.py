@@ -58,7 +58,7 @@ TARGETS = {
 
 # function -> a regular expression: only its lines that match are formula lines (the rest is bookkeeping)
 LINES = {"train_step": r"ir_model|ir_lambda|group_advantages|token_advantages|add_query_bonus|gold_scorer|"
-                       r"information_gain\(|ref_model",
+                       r"information_gain\(|inforeasoner_beliefs|ir_metrics|ref_model",
          "generate_turn": r"temperature|cumsum|pos = |argmax"}    # the engine: its arithmetic, not its bookkeeping
 
 # Config and PRESETS: only the settings METHOD (or the README's --tiny) gives a value; the rest are run knobs
@@ -96,11 +96,15 @@ TESTS = {
        ("ig_gate", "add_query_bonus")},
     "Config": ["tests/test_formulas.py -k 'defaults or preset'"],
     "PRESETS": ["tests/test_formulas.py -k 'defaults or preset'"],
+    # last, tests/test_ranks.py (2 processes, a minute or two): a rank's share and the data-parallel update, which
+    # one process cannot tell from the whole (there world() is 1 and [lo:hi] the whole batch)
     "train_step": ["tests/test_training.py -k inforeasoner",
                    "tests/test_inforeasoner.py -k 'train_step or all_wrong'",
-                   "tests/test_igsearch.py -k train_step"],
+                   "tests/test_igsearch.py -k train_step",
+                   "tests/test_ranks.py -k 'one_step or ig_baseline or inforeasoner_samples'"],
     "update_policy": ["tests/test_training.py -k 'ppo or clipping or one_policy'",
-                      "tests/test_grpo.py -k 'micro or update_policy or unchanged or learns or unlearns'"],
+                      "tests/test_grpo.py -k 'micro or update_policy or unchanged or learns or unlearns'",
+                      "tests/test_ranks.py -k one_step"],
 }
 
 # (function, the mutated line, stripped) -> why no test can kill it: it computes the same numbers
