@@ -4,7 +4,7 @@
     python experiments.py eval --model Qwen/Qwen2.5-0.5B-Instruct --data hotpotqa:dev.json --limit 200
     python experiments.py compare --tiny                                  # outcome, igsearch, inforeasoner
     python experiments.py compare --preset cpu --seeds 0,1 --out runs/cmp # the README's learning experiment
-    torchrun --nproc_per_node 4 experiments.py compare --tiny             # every run data-parallel (ranks.py)
+    torchrun --nproc_per_node 2 experiments.py compare --tiny             # every run data-parallel (ranks.py)
 
 Both take igsearch.py's settings and use its evaluate and train; nothing here is part of the method.
 """

@@ -6,7 +6,7 @@
     python igsearch.py --resume runs/outcome-s0 [--steps N]          # continue from the last checkpoint
     python igsearch.py show --run runs/igsearch-s0 --step 0          # tokens coloured by their advantage A[i, k]
     python igsearch.py plot --run runs/outcome-s0 runs/igsearch-s0   # training curves, overlaid
-    torchrun --nproc_per_node 4 igsearch.py --tiny                   # data-parallel over 4 GPUs (ranks.py)
+    torchrun --nproc_per_node 2 igsearch.py --tiny                   # data-parallel over 2 GPUs (ranks.py)
 
 One training step (train_step below) is the whole method: sample G rollouts per question with search,
 score them, build the per-token advantage tensor A [B, T], take a PPO-clip step. METHOD.md has the math.
