@@ -1,8 +1,9 @@
 """Settings that cannot work are refused before anything is read or loaded, in one line each.
 
 check_config(cfg) checks every field of igsearch.Config: its type (a hand-edited config.json), its range
-(MIN_INT, MIN_FLOAT), its allowed values (CHOICES), the device and the --model path. The error names the
-flag, or the file the value came from and how to override it:
+(MIN_INT, MIN_FLOAT), its allowed values (CHOICES), the device and the --model path, and under torchrun that
+the step's questions divide among the ranks. The error names the flag, or the file the value came from and
+how to override it:
 
     --lr nan: must be a finite number ≥ 0
     runs/x/config.json: group_size = 1 cannot be used (must be at least 2 (...)); fix the file or override
@@ -10,6 +11,7 @@ flag, or the file the value came from and how to override it:
 """
 import dataclasses
 import math
+import os
 
 import runs
 from retrieve import DataError
@@ -17,7 +19,7 @@ from retrieve import DataError
 
 CHOICES = {"reward": ("outcome", "igsearch", "inforeasoner"), "loss_agg": ("token-mean", "seq-mean-token-mean"),
            "ig_baseline": ("batch", "corpus"), "ir_estimator": ("prob", "log", "entropy"),
-           "precision": ("auto", "bf16", "fp32")}
+           "precision": ("auto", "bf16", "fp32"), "parallel": ("ddp", "fsdp")}
 # the smallest value of each integer setting
 MIN_INT = {"steps": 0, "questions_per_step": 1, "group_size": 2, "max_turns": 1, "topk": 1, "max_turn_tokens": 1,
            "max_response_tokens": 1, "warmup_steps": 0, "warmup_batch": 1, "ppo_epochs": 1, "micro_batch": 1,
@@ -75,6 +77,10 @@ def _check_config(cfg, model):
         if not math.isfinite(v) or v < lowest or (v == lowest and not inclusive):
             raise setting_error(name, v, f"must be a finite number {'≥' if inclusive else '>'} {lowest}" +
                                 (f" ({WHY[name]})" if name in WHY else ""))
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # processes under torchrun (ranks.py); a group never spans two
+    if cfg.questions_per_step % world:
+        raise setting_error("questions_per_step", cfg.questions_per_step, f"does not divide among {world} ranks: "
+                            "give a multiple of the number of processes")
     if cfg.seed >= 2 ** 32:
         raise setting_error("seed", cfg.seed, f"must be below 2**32 ({WHY['seed']})")
     if cfg.clip_eps >= 1:

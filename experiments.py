@@ -4,6 +4,7 @@
     python experiments.py eval --model Qwen/Qwen2.5-0.5B-Instruct --data hotpotqa:dev.json --limit 200
     python experiments.py compare --tiny                                  # outcome, igsearch, inforeasoner
     python experiments.py compare --preset cpu --seeds 0,1 --out runs/cmp # the README's learning experiment
+    torchrun --nproc_per_node 2 experiments.py compare --tiny             # every run data-parallel (ranks.py)
 
 Both take igsearch.py's settings and use its evaluate and train; nothing here is part of the method.
 """
@@ -19,6 +20,7 @@ import numpy as np
 
 import checks
 import igsearch
+import ranks
 import retrieve
 import runs
 import views
@@ -127,7 +129,8 @@ def compare_command(argv):
     --warmup-steps, one format warm-up (ROOT/warmup) that every run starts from. Each run is evaluated greedily
     on the same dev questions. Prints and writes (ROOT/compare.json, ROOT/compare.md) EM, F1, answered and
     searches with 95% intervals, by hops, and the mean information gain; plots ROOT/curves.png.
-    Resumable: a finished run is read back, a cut one resumes from its checkpoint."""
+    Resumable: a finished run is read back, a cut one resumes from its checkpoint. Under torchrun every run
+    is data-parallel, and rank 0 alone holds ROOT's lock and reports."""
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--seeds", default=None, help="comma-separated seeds (default: --seed)")
     extra, argv = pre.parse_known_args(argv)
@@ -144,8 +147,9 @@ def compare_command(argv):
     for seed in seeds:
         checks.check_config(dataclasses.replace(cfg, seed=seed))
     root = Path(cfg.out or f"runs/compare-{args.preset or ('tiny' if args.tiny else 's' + str(cfg.seed))}")
-    claim_compare_root(root)
-    with runs.locked(root):
+    ranks.init(cfg.device)  # under torchrun: join the other ranks
+    ranks.on_main(claim_compare_root, root)
+    with ranks.main_holds(runs.locked(root)):
         return _compare(cfg, args, seeds, root)
 
 
@@ -160,15 +164,26 @@ def _compare(cfg, args, seeds, root):
             run = root / f"{reward}-s{seed}"
             rcfg = dataclasses.replace(cfg, reward=reward, seed=seed, model=start, warmup_steps=0, out=str(run))
             run_dirs.append(run)
-            if (run / "eval_after.json").is_file() and runs.read_metrics(run) and \
-                    igsearch.run_config(run) == rcfg:  # settings added since read as their defaults
+            if ranks.from_main(finished, run, rcfg):  # every rank takes rank 0's view of the run
                 print(f"\n=== {run.name}: done, read back ===")
                 results[run] = {"before": runs.read_json(run / "eval_before.json"),
                                 "after": runs.read_json(run / "eval_after.json")}
                 continue
             print(f"\n=== {run.name} ===")
             # compare owns its runs: one cut before its first checkpoint starts again (overwrite)
-            results[run] = igsearch.train(rcfg, resume=bool(runs.checkpoints(run)), before=evals.get("warm-up"), overwrite=True)
+            resume = ranks.from_main(lambda: bool(runs.checkpoints(run)))
+            results[run] = igsearch.train(rcfg, resume=resume, before=evals.get("warm-up"), overwrite=True)
+    return ranks.on_main(report, cfg, seeds, root, run_dirs, results, evals)  # rank 0 prints and writes
+
+
+def finished(run, rcfg):
+    """Has this run of the comparison, with these settings, ended (evaluated after training)?"""
+    return bool((run / "eval_after.json").is_file() and runs.read_metrics(run) and
+                igsearch.run_config(run) == rcfg)  # settings added since read as their defaults
+
+
+def report(cfg, seeds, root, run_dirs, results, evals):
+    """compare's table, printed and written (ROOT/compare.json, ROOT/compare.md), and its curves."""
     rows = views.compare_rows(run_dirs, results, evals)
     title = (f"Same data ({cfg.data}), {cfg.steps} GRPO steps of {cfg.questions_per_step} questions x G = "
              f"{cfg.group_size}, seeds {seeds}; greedy evaluation on {cfg.eval_questions} dev questions at most, "
@@ -200,4 +215,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(ranks.finish(main()))

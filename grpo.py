@@ -303,6 +303,10 @@ class Batch:
         """METHOD §3.3: only sampled tokens enter the loss; prompt, observations and padding never do."""
         return self.roles == POLICY
 
+    def __getitem__(self, rows):
+        """The batch of some rows: batch[lo:hi] (under torchrun, a rank's share of the step)."""
+        return Batch(self.ids[rows], self.roles[rows])
+
 
 def collate(rollouts, pad_id):
     T = max(len(r.ids) for r in rollouts)

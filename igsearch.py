@@ -6,17 +6,20 @@
     python igsearch.py --resume runs/outcome-s0 [--steps N]          # continue from the last checkpoint
     python igsearch.py show --run runs/igsearch-s0 --step 0          # tokens coloured by their advantage A[i, k]
     python igsearch.py plot --run runs/outcome-s0 runs/igsearch-s0   # training curves, overlaid
+    torchrun --nproc_per_node 2 igsearch.py --tiny                   # data-parallel over 2 GPUs (ranks.py)
 
 One training step (train_step below) is the whole method: sample G rollouts per question with search,
 score them, build the per-token advantage tensor A [B, T], take a PPO-clip step. METHOD.md has the math.
 This file is the training script; its plumbing lives beside it: checks.py (settings refused in one line),
-runs.py (model loading, checkpoints, the metrics files), views.py (show, plot, tables), demo.py (--demo).
+runs.py (model loading, checkpoints, the metrics files), views.py (show, plot, tables), demo.py (--demo),
+ranks.py (several processes under torchrun).
 experiments.py evaluates runs (eval) and compares the three rewards (compare).
 """
 import argparse
 import copy
 import dataclasses
 import json
+import os
 import random
 import sys
 import time
@@ -29,6 +32,7 @@ import torch
 import checks
 import demo
 import grpo
+import ranks
 import retrieve
 import rewards
 import runs
@@ -48,6 +52,7 @@ class Config:
     out: str = ""                     # run directory (default runs/<reward>-s<seed>)
     seed: int = 0
     device: str = "auto"
+    parallel: str = "ddp"             # under torchrun: ddp | fsdp (weights, gradients, optimizer state sharded)
     precision: str = "auto"           # auto | bf16 | fp32: the forward matmuls (weights, optimizer, loss stay fp32)
     grad_checkpointing: bool = True   # recompute activations in the backward (grpo.recompute): memory for compute
     # rollouts (METHOD §1)
@@ -199,15 +204,20 @@ def rollout_kwargs(cfg, temperature, generator):
 # ----------------------------------------------------------------------------------------------------
 # One training step
 
-def train_step(model, ref_model, opt, tok, retriever, questions, cfg, generator, rng, rollouts=None):
+def train_step(model, ref_model, opt, tok, retriever, questions, cfg, generator, rng, rollouts=None, dp=None):
     """Rollouts -> rewards -> per-token advantages A [B, T] -> PPO-clip update. Returns (metrics, rollouts, A).
-    `rollouts` skips sampling and learns from those (the step benchmark gives every variant the same ones)."""
+    `rollouts` skips sampling and learns from those (the step benchmark gives every variant the same ones).
+    Under torchrun (ranks.py) every rank samples and scores its share [lo, hi) of the step; what it found is
+    gathered, so that every rank holds the whole step (A, metrics, the IG batch pool), and it updates through
+    `dp`, the data-parallel forward, on its own rows."""
     times = {"retrieval": 0.0, "rollout": 0.0}
     fast = lambda: grpo.autocast(cfg.precision, next(model.parameters()).device)  # bf16 forwards where native
+    ranks.unshard(dp)  # FSDP: sampling and scoring run on the whole weights
     if rollouts is None:
         G = cfg.group_size
-        batch_q = [q for q in questions for _ in range(G)]
-        groups = [i for i in range(len(questions)) for _ in range(G)]  # a group = one question of this batch
+        lo, hi = ranks.span(len(questions))  # this rank's questions: a group never spans ranks
+        batch_q = [q for q in questions[lo:hi] for _ in range(G)]
+        groups = [i for i in range(lo, hi) for _ in range(G)]  # a group = one question of this batch
         t = time.perf_counter()
         retriever.seconds = 0.0
         with fast():
@@ -215,7 +225,9 @@ def train_step(model, ref_model, opt, tok, retriever, questions, cfg, generator,
                                               **rollout_kwargs(cfg, cfg.temperature, generator))
         times["retrieval"] = retriever.seconds
         times["rollout"] = time.perf_counter() - t - times["retrieval"]
+        rollouts = ranks.gather(rollouts)  # the whole step's, in question order, on every rank
     groups = [r.group for r in rollouts]
+    lo, hi = ranks.span(len(rollouts))  # this rank's rollouts: it scores them and trains on them
 
     t = time.perf_counter()
     em, f1 = score_outcome(rollouts)
@@ -225,7 +237,8 @@ def train_step(model, ref_model, opt, tok, retriever, questions, cfg, generator,
                                                     cfg.micro_batch)
         with fast():
             ig, details = rewards.igsearch_information_gain(scorer, tok, rollouts, retriever, cfg.ig_samples,
-                                                            cfg.ig_baseline, rng, cfg.ig_max_context)
+                                                            cfg.ig_baseline, rng, cfg.ig_max_context, range(lo, hi))
+        ig, details = ranks.gather(ig[lo:hi]), ranks.gather(details)
         extra = ig_metrics(details)
         for r, gains in zip(rollouts, ig):  # kept on the rollout for the per-token view
             for s, g in zip(r.searches, gains):
@@ -233,11 +246,14 @@ def train_step(model, ref_model, opt, tok, retriever, questions, cfg, generator,
     elif cfg.reward == "inforeasoner":
         ir_model = ref_model if ref_model is not None else model
         with fast():
-            ig, extra = rewards.inforeasoner_information_gain(ir_model, tok, rollouts, cfg, generator)
+            ig, beliefs, n = rewards.inforeasoner_beliefs(ir_model, tok, rollouts[lo:hi], cfg, generator)
+        ig, beliefs = ranks.gather(ig), ranks.gather(beliefs)
+        extra = rewards.ir_metrics(ig, beliefs, ranks.all_sum(n))
         R = [e + cfg.ir_lambda * g for e, g in zip(em, ig)]  # METHOD §5.4
     for r, x in zip(rollouts, R):
         r.reward = x
     times["scoring"] = time.perf_counter() - t
+    ranks.reshard(dp)
 
     t = time.perf_counter()
     adv = grpo.group_advantages(R, groups)                                     # [B]      METHOD §3.1
@@ -245,8 +261,9 @@ def train_step(model, ref_model, opt, tok, retriever, questions, cfg, generator,
     A = grpo.token_advantages(adv, batch.roles)                                # [B, T]   METHOD §3.2
     if cfg.reward == "igsearch":
         A = grpo.add_query_bonus(A, rollouts, ig, cfg.ig_alpha, cfg.ig_delta, cfg.ig_rho, cfg.ig_clip)  # §4.3
-    stats = update_policy(model, ref_model, opt, batch, A, cfg)
+    stats = update_policy(model, ref_model, opt, batch[lo:hi], A[lo:hi], cfg, dp)  # this rank's rows
     times["update"] = time.perf_counter() - t
+    times = ranks.reduce_values(times, "max")  # the slowest rank's
 
     n_resp = [len(r.ids) - r.roles.count(grpo.PROMPT) for r in rollouts]
     metrics = {
@@ -273,53 +290,62 @@ def ig_metrics(details):
             "ig_baseline": float(np.mean([d["baseline"] for d in details])), "ig_steps": len(details)}
 
 
-def update_policy(model, ref_model, opt, batch, A, cfg):
-    """μ epochs of PPO-clip over the batch, each one optimizer step accumulated over micro-batches."""
+def update_policy(model, ref_model, opt, batch, A, cfg, dp=None):
+    """μ epochs of PPO-clip over the batch, each one optimizer step accumulated over micro-batches. Under
+    torchrun `batch` and A are this rank's rows and `dp` the data-parallel forward: the loss is normalized by
+    the policy tokens (or sequences) of all ranks, so that K ranks take the update of one process."""
     device = next(model.parameters()).device
     ids, attn, mask, A = batch.ids.to(device), batch.attention_mask.to(device), batch.policy_mask.to(device), A.to(device)
     mb = cfg.micro_batch
     fast = lambda: grpo.autocast(cfg.precision, device)  # bf16 forwards; log-softmax, loss and weights fp32
+    policy = dp if dp is not None else ranks.PolicyLogprobs(model)  # log π of one micro-batch [b, T]
+    micro = [slice(s, s + mb) for s in range(0, ids.shape[0], mb)]
     with torch.no_grad(), fast():
         ref = (grpo.token_logprobs(ref_model, ids, attn, mask, mb) if cfg.beta_kl > 0 else torch.zeros_like(A))
         # with one epoch the sampling policy is the current one, so old = current (detached, below)
-        old = grpo.token_logprobs(model, ids, attn, mask, mb) if cfg.ppo_epochs > 1 else None
-    norm = mask.sum().clamp(min=1) if cfg.loss_agg == "token-mean" else ids.shape[0]
-    totals = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "dual_clip_frac": 0.0, "grad_norm": 0.0}
+        old = torch.cat([policy(ids[sl], attn[sl], mask[sl]) for sl in micro]) if cfg.ppo_epochs > 1 else None
+    n_tokens = ranks.all_sum(mask.sum()).clamp(min=1)  # the policy tokens of the whole batch, all ranks
+    norm = n_tokens if cfg.loss_agg == "token-mean" else ranks.all_sum(ids.shape[0])
+    totals, grad_norm = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "dual_clip_frac": 0.0}, 0.0
     for _ in range(cfg.ppo_epochs):
         opt.zero_grad(set_to_none=True)
-        for s in range(0, ids.shape[0], mb):
-            sl = slice(s, s + mb)
-            with fast(), grpo.recompute(model, cfg.grad_checkpointing):
-                logp = grpo.token_logprobs(model, ids[sl], attn[sl], mask[sl], mb)
+        for j, sl in enumerate(micro):
+            with fast(), grpo.recompute(model, cfg.grad_checkpointing), \
+                    ranks.no_sync(dp, last=j == len(micro) - 1):  # DDP: one all-reduce per optimizer step
+                logp = policy(ids[sl], attn[sl], mask[sl])
             logp_old = old[sl] if old is not None else logp.detach()
             loss, st = grpo.grpo_loss(logp, logp_old, ref[sl], A[sl], mask[sl], cfg.clip_eps, cfg.beta_kl,
                                       cfg.loss_agg, norm, cfg.clip_ratio_c)
-            loss.backward()
-            w = st["n_tokens"] / float(mask.sum().clamp(min=1))  # token-weighted mean of the micro-batch stats
+            (loss * ranks.world()).backward()  # the ranks' gradients are averaged: the loss is their sum
+            w = st["n_tokens"] / float(n_tokens)  # token-weighted mean of the micro-batch stats
             totals["loss"] += loss.item() / cfg.ppo_epochs
             for k in ("kl", "clip_frac", "dual_clip_frac"):
                 totals[k] += st[k] * w / cfg.ppo_epochs
         gn = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        totals["grad_norm"] += float(gn) / cfg.ppo_epochs
+        grad_norm += ranks.grad_norm(gn) / cfg.ppo_epochs
         opt.step()
-    return totals
+    return {**ranks.reduce_values(totals), "grad_norm": grad_norm}  # every rank's share of the batch's sums
 
 
 # ----------------------------------------------------------------------------------------------------
 # Evaluation
 
 @torch.no_grad()
-def evaluate(model, tok, retriever, questions, cfg):
+def evaluate(model, tok, retriever, questions, cfg, dp=None):
     """Greedy rollouts -> (summary, rollouts). The summary holds EM, F1, answered-in-format and searches per
-    question, each with a 95% bootstrap interval, for all questions and, where they say, by hops."""
+    question, each with a 95% bootstrap interval, for all questions and, where they say, by hops. Under
+    torchrun each rank answers its share of the questions, and every rank gets all the rollouts."""
     from tqdm import tqdm
-    rollouts = []
-    for s in tqdm(range(0, len(questions), cfg.eval_batch), desc=f"eval {len(questions)} questions", disable=None,
-                  leave=False):
-        qs = questions[s:s + cfg.eval_batch]
+    rollouts, mine = [], ranks.shard(questions)
+    ranks.unshard(dp)  # FSDP: generation runs on the whole weights
+    for s in tqdm(range(0, len(mine), cfg.eval_batch), desc=f"eval {len(questions)} questions",
+                  disable=ranks.tqdm_disable(), leave=False):
+        qs = mine[s:s + cfg.eval_batch]
         with grpo.autocast(cfg.precision, next(model.parameters()).device):
             rollouts += grpo.generate_rollouts(model, tok, qs, list(range(len(qs))), retriever,
                                                **rollout_kwargs(cfg, 0.0, None))
+    ranks.reshard(dp)
+    rollouts = ranks.gather(rollouts)
     summary = summarize(rollouts)
     hops = sorted({r.question["hops"] for r in rollouts if "hops" in r.question})
     if len(hops) > 1:
@@ -351,7 +377,7 @@ def seed_everything(seed):
 def setup(cfg):
     """The seeded process, the device, the retriever over the corpus, the QA splits and the dev questions."""
     seed_everything(cfg.seed)
-    device = runs.pick_device(cfg.device)
+    device = ranks.local_device(runs.pick_device(cfg.device))  # under torchrun: this rank's GPU
     docs = load_corpus(cfg.corpus)
     retriever = retrieve.Retriever(docs, stopwords=cfg.stopwords)
     splits = load_data(cfg.data, docs, cfg.seed)
@@ -369,19 +395,29 @@ def train(cfg, resume=False, before=None, overwrite=False):
     the run in cfg.out from its last checkpoint (from step 0 if it was cut before its first one). `before`: the
     evaluation of the starting model when the caller has it already (compare starts every run from one
     warm-up). A fresh run refuses a directory that holds a run unless overwrite=True, and a directory that
-    is not a run and not empty always (runs.claim_run_dir)."""
+    is not a run and not empty always (runs.claim_run_dir). Under torchrun rank 0 alone claims, locks and
+    writes the run directory (ranks.on_main); the others wait for it, then read the checkpoint."""
     out = run_path(cfg)
-    runs.claim_run_dir(out, resume, overwrite)   # refused before anything is read or written
+    ranks.init(cfg.device)                       # under torchrun: join the other ranks (ranks.py)
+    ranks.on_main(runs.claim_run_dir, out, resume, overwrite)  # refused before anything is read or written
     device, retriever, splits, dev = setup(cfg)  # data errors come before any model is loaded
-    with runs.locked(out):                        # one process writes a run directory
-        runs.claim_run_dir(out, resume, overwrite)  # again, under the lock
-        ckpt = runs.last_checkpoint(out) if resume else None  # read before any model: a bad run fails fast
-        if resume and (out / "metrics.jsonl").exists():
-            runs.read_metrics(out)
-        if not resume:
-            runs.clear_run(out)  # an old run's files (with --overwrite): never mixed with this run's
-        runs.write_json(out / "config.json", dataclasses.asdict(cfg), indent=2)
+    with ranks.main_holds(runs.locked(out)):     # one process writes a run directory
+        ckpt = ranks.on_main(open_run, cfg, out, resume, overwrite,
+                             then=lambda: runs.last_checkpoint(out) if resume else None)
         return _train(cfg, out, ckpt, resume, before, device, retriever, splits, dev)
+
+
+def open_run(cfg, out, resume, overwrite):
+    """Under the lock: claim the run again; read its checkpoint (before any model: a bad run fails fast) and
+    metrics, or clear an old run's files (--overwrite: never mixed with this one's); write config.json."""
+    runs.claim_run_dir(out, resume, overwrite)
+    ckpt = runs.last_checkpoint(out) if resume else None
+    if resume and (out / "metrics.jsonl").exists():
+        runs.read_metrics(out)
+    if not resume:
+        runs.clear_run(out)
+    runs.write_json(out / "config.json", dataclasses.asdict(cfg), indent=2)
+    return ckpt
 
 
 def _train(cfg, out, ckpt, resume, before, device, retriever, splits, dev):
@@ -394,53 +430,55 @@ def _train(cfg, out, ckpt, resume, before, device, retriever, splits, dev):
     ref_model = None
     if cfg.beta_kl > 0 or cfg.reward == "inforeasoner":  # frozen copy of the initial policy
         ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+    dp = ranks.data_parallel(model, cfg.parallel)  # under torchrun: DDP or FSDP (before the optimizer); else None
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     print(f"run {out}  model {start}  reward {cfg.reward}  corpus {len(retriever.docs)} docs  "
-          f"train {len(splits['train'])} questions  device {device}")
+          f"train {len(splits['train'])} questions  device {device}{ranks.describe(cfg.parallel)}")
 
     before_path = out / "eval_before.json"
     before = before if before is not None else evals.get("before")
     if before is None and resume and before_path.exists():
         before = runs.read_json(before_path, "an evaluation summary")
     if before is None:
-        before = evaluate(model, tok, retriever, dev, cfg)[0] if dev else {}
-    runs.write_json(before_path, before)
+        before = evaluate(model, tok, retriever, dev, cfg, dp)[0] if dev else {}
+    ranks.on_main(runs.write_json, before_path, before)
 
-    generator = torch.Generator().manual_seed(cfg.seed)  # sampling runs on CPU tensors: same seed, same tokens
-    rng = random.Random(cfg.seed)
+    generator = torch.Generator().manual_seed(ranks.rank_seed(cfg.seed))  # CPU sampling; rank r: seed + r
+    rng = random.Random(cfg.seed)  # the shared stream (questions, IG draws): the same on every rank
     first = 0
     if ckpt is not None:
         path, weights, opt_state, state = ckpt
-        runs.load_weights(model, weights)
-        try:
-            opt.load_state_dict(opt_state)
-        except (ValueError, KeyError, TypeError) as e:
-            raise DataError(f"{path}/optimizer.pt does not fit this model's optimizer ({e}); --overwrite starts "
-                            "the run again") from None
+        if ranks.is_fsdp(dp):  # the whole state, into this rank's shards
+            ranks.load_full_state(model, opt, dp, weights, opt_state)
+        else:
+            runs.load_training_state(path, model, opt, weights, opt_state)
         runs.set_rng_states(state["rng"], generator, rng)
+        ranks.resume_generator(generator, state.get("generators", []), cfg.seed)
         first = state["step"]
         print(f"resuming from {path} ({first} steps done)")
     elif resume:
         print(f"{out} has no checkpoint yet: starting it from step 0" +
               (" (its warm-up is kept)" if cfg.warmup_steps > 0 else ""))
     if resume:
-        runs.keep_metrics(out / "metrics.jsonl", first)
+        ranks.on_main(runs.keep_metrics, out / "metrics.jsonl", first)
     train_q = splits["train"]
-    with open(out / "metrics.jsonl", "a") as log:
-        for step in tqdm(range(first, cfg.steps), desc=f"GRPO {cfg.reward}", disable=None,
+    with open(out / "metrics.jsonl" if ranks.is_main() else os.devnull, "a") as log:  # rank 0 writes the run
+        for step in tqdm(range(first, cfg.steps), desc=f"GRPO {cfg.reward}", disable=ranks.tqdm_disable(),
                          initial=first, total=cfg.steps):
             questions = rng.sample(train_q, min(cfg.questions_per_step, len(train_q)))
-            metrics, rollouts, A = train_step(model, ref_model, opt, tok, retriever, questions, cfg, generator, rng)
+            metrics, rollouts, A = train_step(model, ref_model, opt, tok, retriever, questions, cfg, generator, rng,
+                                              dp=dp)
             metrics["step"] = step
             log.write(json.dumps(metrics) + "\n")
             log.flush()
             if cfg.show_every and step % cfg.show_every == 0:
-                views.save_view(out, step, rollouts, A, tok)
-            if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
-                runs.save_checkpoint(out, step + 1, model, tok, opt, generator, rng)
+                ranks.on_main(views.save_view, out, step, rollouts, A, tok)
+            if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:  # FSDP: gathered from the shards
+                ranks.on_main(runs.save_checkpoint, out, step + 1, model, tok, opt, generator, rng,
+                              **ranks.checkpoint_state(model, opt, dp, generator))
 
-    after = evaluate(model, tok, retriever, dev, cfg)[0] if dev else {}
-    runs.write_json(out / "eval_after.json", after)
+    after = evaluate(model, tok, retriever, dev, cfg, dp)[0] if dev else {}
+    ranks.on_main(runs.write_json, out / "eval_after.json", after)
     if dev:
         print(f"\nGreedy evaluation on {len(dev)} dev questions, 95% bootstrap intervals"
               + (" (smoke run: random weights)" if smoke else ""))
@@ -456,18 +494,21 @@ def warm_start(cfg, out, retriever, splits, dev, device, eval_before=True):
     soon as the model is saved, and again with the evaluation: a run cut during that evaluation keeps its
     warm-up. eval_before=False skips the first evaluation (compare: a model that does not follow the format
     rambles to every token limit, and the warm-up's own row says where RL starts).
-    Returns (the model directory, {"before", "warm-up", "smoke"}); "before" is {} when skipped."""
+    Returns (the model directory, {"before", "warm-up", "smoke"}); "before" is {} when skipped. Under torchrun
+    the warm-up runs on rank 0 (the others wait, then take its weights); the evaluations are shared."""
     wdir = out / "warmup"
     done = wdir / "done.json"
     model = None
-    if not done.is_file():
+    if not ranks.from_main(done.is_file):  # every rank takes rank 0's view of the files it writes
         model, tok, smoke = runs.load_model(cfg.model, device, cfg.seed)
         before = evaluate(model, tok, retriever, dev, cfg)[0] if dev and eval_before else {}
         print(f"format warm-up: {cfg.warmup_steps} steps of {cfg.warmup_batch} oracle trajectories (METHOD §6)")
-        losses = warmup.warmup(model, tok, retriever, splits["train"], cfg, random.Random(cfg.seed))
-        runs.save_model(model, tok, wdir / "model")
-        runs.write_json(done, {"before": before, "warm-up": None, "losses": losses, "smoke": smoke, "from": cfg.model})
-    info = runs.read_json(done, "the warm-up's summary")
+        losses = ranks.on_main(warmup.warmup, model, tok, retriever, splits["train"], cfg, random.Random(cfg.seed))
+        ranks.broadcast_weights(model)
+        ranks.on_main(runs.save_model, model, tok, wdir / "model")
+        ranks.on_main(runs.write_json, done, {"before": before, "warm-up": None, "losses": losses, "smoke": smoke,
+                                              "from": cfg.model})
+    info = ranks.from_main(runs.read_json, done, "the warm-up's summary")
     if not (isinstance(info.get("before"), dict) and isinstance(info.get("warm-up"), (dict, type(None)))
             and isinstance(info.get("smoke"), bool)):
         raise DataError(f"{done}: not the summary this program writes; delete {wdir} to warm up again")
@@ -478,7 +519,7 @@ def warm_start(cfg, out, retriever, splits, dev, device, eval_before=True):
         if model is None:
             model, tok, _ = runs.load_model(str(wdir / "model"), device, cfg.seed)
         info["warm-up"] = evaluate(model, tok, retriever, dev, cfg)[0] if dev else {}
-        runs.write_json(done, info)
+        ranks.on_main(runs.write_json, done, info)
     return str(wdir / "model"), {k: info[k] for k in ("before", "warm-up", "smoke")}
 
 
@@ -516,4 +557,4 @@ def interrupted(argv, cfg):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(ranks.finish(main()))

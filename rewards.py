@@ -129,16 +129,23 @@ def gold_scorer(model, prefix, head_tokens=3, head_weight=3.0, micro_batch=8):
     return score
 
 
+def batch_pool(rollouts, i):
+    """METHOD §4.2: the information blocks (token ids) retrieved for the *other questions* of the batch, the
+    pool of rollout i's counterfactuals. Under torchrun `rollouts` is the whole step's (gathered from the ranks)."""
+    r = rollouts[i]
+    return [o.ids[slice(*s["info_span"])] for o in rollouts
+            if o.group != r.group and o.question["question"] != r.question["question"] for s in o.searches]
+
+
 def baseline_blocks(rollouts, i, t, n, rng, retriever, tok, how="batch"):
     """METHOD §4.2: n counterfactual information blocks (token ids) for search step t of rollout i.
 
-    "batch": blocks retrieved for *other questions* of the batch (drawn with replacement); "corpus", or an
-    empty pool: k random corpus documents (k = the real step's document count, at least 1: an empty real block
-    still gets a non-empty counterfactual) formatted like a real block."""
+    "batch": blocks of batch_pool (drawn with replacement); "corpus", or an empty pool: k random corpus
+    documents (k = the real step's document count, at least 1: an empty real block still gets a non-empty
+    counterfactual) formatted like a real block."""
     r = rollouts[i]
     if how == "batch":
-        pool = [o.ids[slice(*s["info_span"])] for o in rollouts
-                if o.group != r.group and o.question["question"] != r.question["question"] for s in o.searches]
+        pool = batch_pool(rollouts, i)
         if pool:
             return [pool[rng.randrange(len(pool))] for _ in range(n)]
     real = r.searches[t]["docs"]
@@ -149,7 +156,7 @@ def baseline_blocks(rollouts, i, t, n, rng, retriever, tok, how="batch"):
 
 
 def igsearch_information_gain(scorer, tok, rollouts, retriever, n_samples=3, baseline="batch", rng=None,
-                              max_context=2048):
+                              max_context=2048, only=None):
     """METHOD §4.2: IG_{i,t} = s(a* | C_t^real) - (1/N) Σ_j s(a* | C_t^rand,j) for every search step.
 
     C_t^real = the rollout's ids up to the end of step t's information block, then the cue "<answer>";
@@ -158,12 +165,21 @@ def igsearch_information_gain(scorer, tok, rollouts, retriever, n_samples=3, bas
     real score is used for the baseline too. scorer(prefix) -> score(suffixes, golds) -> tensor [M]
     (gold_scorer with the rollout policy; tests pass a fake); the prefix is the rollout before step t's block.
     Contexts longer than max_context are cut from the left (§4.1), at one point for all the contexts of a
-    step, so that they still differ only in the evidence. Returns (ig: one list per rollout, per-step details)."""
+    step, so that they still differ only in the evidence. Returns (ig: one list per rollout, per-step details).
+
+    only: the indices of the rollouts to score (under torchrun a rank's own; the rest of the step is other
+    ranks'); the others get None, yet their baseline blocks are drawn all the same, so that `rng` takes the
+    same draws on every rank as in one process, and each scored rollout gets the blocks one process gives it."""
     rng = rng if rng is not None else random.Random(0)
     cue = tok.encode("<answer>", add_special_tokens=False)
     ig = [[] for _ in rollouts]
     details = []
     for i, r in enumerate(rollouts):
+        if only is not None and i not in only:
+            ig[i] = None
+            for t in range(len(r.searches)):  # the same draws as when scored, nothing scored
+                baseline_blocks(rollouts, i, t, n_samples, rng, retriever, tok, baseline)
+            continue
         aliases = [tok.encode(" " + a.strip(), add_special_tokens=False) for a in r.question["golden_answers"]]
         for t, step in enumerate(r.searches):
             s, e = step["info_span"]
@@ -454,9 +470,17 @@ def inforeasoner_information_gain(model, tok, rollouts, cfg, generator, entail=N
     rollout that never searched gets IG = 0 (§5.4). entail(premise, hypothesis) -> P(entailment) overrides
     --nli-model (tests pass a fake one).
 
-    Returns (ig, extra): ig = one float per rollout; extra = {"ir_ig_mean", ..., "ir_extra_tokens"}. The
-    ir_p_gold_*/ir_h_* means run over the searching rollouts (so p_gold_with - p_gold_without is the mean
-    `prob` IG of those) and are left out of a step where no rollout searched."""
+    Returns (ig, extra): ig = one float per rollout; extra = {"ir_ig_mean", ..., "ir_extra_tokens"} (ir_metrics).
+    Under torchrun each rank calls inforeasoner_beliefs on its own rollouts (a question, hence its beliefs,
+    lives on one rank) and ir_metrics runs on what all of them return."""
+    ig, beliefs, n_generated = inforeasoner_beliefs(model, tok, rollouts, cfg, generator, entail)
+    return ig, ir_metrics(ig, beliefs, n_generated)
+
+
+def inforeasoner_beliefs(model, tok, rollouts, cfg, generator, entail=None):
+    """The sampling and the IG of inforeasoner_information_gain. Returns (ig, beliefs, n_generated):
+    beliefs[i] = (B, C_T), the beliefs without evidence and with all of it, for a rollout that searched, else
+    None; n_generated = the answer tokens sampled."""
     if entail is None and cfg.nli_model:
         entail = load_nli(cfg.nli_model, next(model.parameters()).device)
     searched = [i for i, r in enumerate(rollouts) if r.searches]
@@ -480,18 +504,26 @@ def inforeasoner_information_gain(model, tok, rollouts, cfg, generator, entail=N
     before = {q: belief_of(q, t, lp) for q, t, lp in zip(bare, texts0, lps0)}                # B
     after = {(q, e): belief_of(q, t, lp) for (q, e), t, lp in zip(pairs, texts1, lps1)}     # C_t
     ig = [0.0] * len(rollouts)                                         # METHOD §5.4: no search -> 0
+    beliefs = [None] * len(rollouts)
     for i in searched:
         ig[i] = information_gain(before[question[i]], [after[question[i], e] for e in steps[i]], cfg.ir_estimator)
+        beliefs[i] = (before[question[i]], after[question[i], steps[i][-1]])  # B, and C_T: all the evidence
+    return ig, beliefs, n0 + n1
 
-    n = max(len(rollouts), 1)
+
+def ir_metrics(ig, beliefs, n_generated):
+    """The ir_* metrics of a step from inforeasoner_beliefs' results. The ir_p_gold_*/ir_h_* means run over
+    the searching rollouts (so p_gold_with - p_gold_without is the mean `prob` IG of those) and are left out
+    of a step where no rollout searched."""
+    n = max(len(ig), 1)
     mean = sum(ig) / n
     extra = {"ir_ig_mean": mean, "ir_ig_std": math.sqrt(sum((x - mean) ** 2 for x in ig) / n),
-             "ir_frac_positive": sum(x > 0 for x in ig) / n, "ir_extra_tokens": (n0 + n1) / n}
+             "ir_frac_positive": sum(x > 0 for x in ig) / n, "ir_extra_tokens": n_generated / n}
+    searched = [b for b in beliefs if b is not None]
     if searched:
         avg = lambda xs: sum(xs) / len(xs)  # noqa: E731
-        last = {i: after[question[i], steps[i][-1]] for i in searched}  # all the evidence
-        extra.update(ir_p_gold_with=avg([last[i].p_gold for i in searched]),
-                     ir_p_gold_without=avg([before[question[i]].p_gold for i in searched]),
-                     ir_h_before=avg([before[question[i]].entropy for i in searched]),
-                     ir_h_after=avg([last[i].entropy for i in searched]))
-    return ig, extra
+        extra.update(ir_p_gold_with=avg([last.p_gold for _, last in searched]),
+                     ir_p_gold_without=avg([before.p_gold for before, _ in searched]),
+                     ir_h_before=avg([before.entropy for before, _ in searched]),
+                     ir_h_after=avg([last.entropy for _, last in searched]))
+    return extra

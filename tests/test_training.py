@@ -178,7 +178,7 @@ def test_train_builds_the_reference_as_a_frozen_copy_of_the_initial_policy(tmp_p
     data, corpus = files
     seen = []
 
-    def step(model, ref_model, opt, tok, retriever, questions, cfg, generator, rng, rollouts=None):
+    def step(model, ref_model, opt, tok, retriever, questions, cfg, generator, rng, rollouts=None, dp=None):
         seen.append((model, ref_model))
         with torch.no_grad():                       # the policy moves at every step
             for p in model.parameters():
