@@ -41,7 +41,7 @@ if str(ROOT) not in sys.path:  # `python data/prepare.py` puts data/ on the path
 import retrieve  # noqa: E402
 from retrieve import DataError  # noqa: E402
 
-TINY_VERSION = "v2"  # bump when build_tiny_qa changes, so that a stale generated file is not reused
+TINY_VERSION = "v3"  # bump when build_tiny_qa changes, so that a stale generated file is not reused
 HOTPOT_URL = "http://curtis.ml.cmu.edu/datasets/hotpot/hotpot_dev_distractor_v1.json"
 SPLITS = ("train", "dev", "test")
 MIN_WORDS, MAX_WORDS = 10, 40  # shorter sentences ('X was an American poet.') fit too many articles
@@ -271,6 +271,7 @@ def build_tiny_qa(docs, seed=0, n_single=2000, n_bridge=1000):
                         "supporting_titles": [b["title"], d["title"]], "hops": 2})
 
     split_of = assign_splits([r["golden_answers"][0] for r in records], rng)
+    rng.shuffle(records)  # 1-hop and 2-hop mixed through every split: a run's first N dev questions hold both
     return [{"id": f"tiny-{i}", "question": r["question"], "golden_answers": r["golden_answers"], "dataset": "tiny",
              "supporting_titles": r["supporting_titles"], "hops": r["hops"], "split": split_of[r["golden_answers"][0]]}
             for i, r in enumerate(records)]

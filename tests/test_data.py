@@ -57,6 +57,15 @@ def test_sizes_and_record_layout(qa):
         assert len(set(q["supporting_titles"])) == q["hops"]
 
 
+def test_both_kinds_run_through_every_split(qa):
+    # evaluation reads a split's first N questions (--eval-questions): they must not all be of one kind
+    for split in ("train", "dev", "test"):
+        hops = [q["hops"] for q in qa if q["split"] == split]
+        for first in (hops[:50], hops[:200]):
+            share = first.count(2) / len(first)
+            assert 0.15 < share < 0.55, (split, len(first), share)  # a third of the set is 2-hop
+
+
 def test_answer_and_bridge_title_never_in_question(qa):
     for q in qa:
         for title in q["supporting_titles"]:  # the answer, and for a bridge question also B
