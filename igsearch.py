@@ -347,6 +347,9 @@ def evaluate(model, tok, retriever, questions, cfg, dp=None):
     ranks.reshard(dp)
     rollouts = ranks.gather(rollouts)
     summary = summarize(rollouts)
+    em, _ = score_outcome(rollouts)  # per question, by id: runs on the same questions compare pairwise (views)
+    summary["each"] = {"id": [r.question.get("id") for r in rollouts], "em": em,
+                       "answered": [float(r.answer is not None) for r in rollouts]}
     hops = sorted({r.question["hops"] for r in rollouts if "hops" in r.question})
     if len(hops) > 1:
         summary["by_hops"] = {h: summarize([r for r in rollouts if r.question.get("hops") == h]) for h in hops}

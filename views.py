@@ -329,8 +329,27 @@ def print_evals(rows, columns=EVAL_METRICS):
                 ["when", *columns, "n"])
 
 
+def paired_gain(after, start, metric="em"):
+    """The mean per-question change of `metric` from `start` to `after` (evaluation summaries holding
+    "each", evaluate's per-question values) over the questions both answered, matched by id, with its 95%
+    bootstrap interval: one interval on the difference, far narrower than two intervals side by side, since
+    both models met the same questions. None when either summary lacks per-question values.
+
+    >>> a = {"each": {"id": ["q1", "q2", "q3", "q4"], "em": [1.0, 1.0, 0.0, 1.0]}}
+    >>> b = {"each": {"id": ["q4", "q3", "q2", "q1"], "em": [0.0, 0.0, 1.0, 1.0]}}
+    >>> paired_gain(a, b)["gain"]
+    0.25
+    """
+    if "each" not in after or "each" not in start:
+        return None
+    before = dict(zip(start["each"]["id"], start["each"][metric]))
+    diffs = [x - before[q] for q, x in zip(after["each"]["id"], after["each"][metric]) if q in before]
+    return {"gain": float(np.mean(diffs)), "gain_ci": bootstrap_ci(diffs), "n": len(diffs)} if diffs else None
+
+
 def compare_rows(runs, results, evals):
-    """One row per evaluated model: the start (and the model before the warm-up), then each run."""
+    """One row per evaluated model: the start (and the model before the warm-up), then each run, with its
+    paired change from the start (em_gain, answered_gain: paired_gain)."""
     rows = []
     if evals:
         rows += [{"model": "before warm-up", **flat_eval(evals["before"])}] if evals["before"] else []
@@ -340,7 +359,12 @@ def compare_rows(runs, results, evals):
     for run in runs:
         steps = read_metrics(run)
         ig = [m[k] for m in steps for k in ("ig_mean", "ir_ig_mean") if k in m]
-        rows.append({"model": run.name, **flat_eval(results[run]["after"]),
+        start = evals["warm-up"] if evals else results[run]["before"]
+        gains = {}
+        for metric in ("em", "answered"):
+            g = paired_gain(results[run]["after"], start, metric) or {}
+            gains.update({f"{metric}_gain": g.get("gain"), f"{metric}_gain_ci": g.get("gain_ci")})
+        rows.append({"model": run.name, **flat_eval(results[run]["after"]), **gains,
                      "mean_ig": float(np.mean(ig)) if ig else None, "mean_ig_ci": bootstrap_ci(ig) if ig else None,
                      "train_reward": float(np.mean([m["reward"] for m in steps])) if steps else None,
                      "s_per_step": float(np.mean([sum(v for k, v in m.items() if k.startswith("time_"))
@@ -364,7 +388,8 @@ def markdown_table(rows):
             return "–"
         return f"{v:.3f} [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else (f"{v:.3f}" if isinstance(v, float) else str(v))
     cols = [("EM", "em"), ("F1", "f1"), ("answered", "answered"), ("searches", "searches"),
-            ("EM 1-hop", "h1_em"), ("EM 2-hop", "h2_em"), ("mean IG (train)", "mean_ig"),
+            ("EM 1-hop", "h1_em"), ("EM 2-hop", "h2_em"), ("EM − start (paired)", "em_gain"),
+            ("answered − start (paired)", "answered_gain"), ("mean IG (train)", "mean_ig"),
             ("train reward", "train_reward"), ("s/step", "s_per_step")]
     lines = ["| model | n | " + " | ".join(c for c, _ in cols) + " |", "|---" * (len(cols) + 2) + "|"]
     for r in rows:

@@ -340,6 +340,8 @@ def test_compare_on_the_tiny_preset_really_trains_all_three(tmp_path, capsys, mo
         assert f"| {reward}-s0 | 2 |" in out
     rows = json.loads((tmp_path / "cmp" / "compare.json").read_text())
     assert all(r["em"] == 0.0 for r in rows)  # random weights: no answer is right
+    # each run is paired with the warm-up on the same 2 questions: 0 - 0, question by question
+    assert [(r["em_gain"], r["em_gain_ci"]) for r in rows[-3:]] == [(0.0, [0.0, 0.0])] * 3
 
 
 def test_a_save_clears_what_a_killed_save_left(tmp_path):

@@ -127,3 +127,18 @@ def test_html_screenshot(group, tok, tmp_path):
     data = png.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
     shutil.copy(png, tmp_path / "kept.png")
+
+
+def test_paired_gain_matches_questions_by_id_and_its_interval_holds_the_pairs():
+    ids = [f"q{i}" for i in range(40)]
+    start = {"each": {"id": ids, "em": [float(i % 2) for i in range(40)]}}
+    # the same questions in reverse order; 10 of the 20 misses become hits, nothing is lost
+    after = {"each": {"id": ids[::-1], "em": [1.0 if (i % 2 or i < 20) else 0.0 for i in range(40)][::-1]}}
+    g = views.paired_gain(after, start)
+    assert g["n"] == 40 and g["gain"] == pytest.approx(10 / 40)
+    lo, hi = g["gain_ci"]
+    assert 0 < lo < 0.25 < hi < 0.5   # every paired difference is 0 or +1: the interval stays above 0
+    # unpaired, the two means' intervals (0.5 vs 0.75 over 40 questions) would overlap
+    assert views.bootstrap_ci(start["each"]["em"])[1] > views.bootstrap_ci(after["each"]["em"])[0]
+    assert views.paired_gain({"em": 0.5}, start) is None     # a summary without per-question values
+    assert views.paired_gain(after, {"each": {"id": ["other"], "em": [1.0]}}) is None  # no question in common
