@@ -28,7 +28,7 @@ THINK_FIRST = "<think> I need to look this up. </think>\n"
 THINK_AGAIN = "<think> The documents do not say it yet. </think>\n"
 THINK_BRIDGE = "<think> I also need to know about {}. </think>\n"
 THINK_ANSWER = "<think> The documents give the answer. </think>\n"
-QUERY_WORDS = 24        # a query longer than this many words is cut: a turn has a token budget (--tiny: 64)
+QUERY_WORDS = 24        # a query longer than this many words is cut: a turn has a token budget (presets: 128)
 
 
 def words(text):
