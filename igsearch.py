@@ -242,7 +242,7 @@ def train_step(model, ref_model, opt, tok, retriever, questions, cfg, generator,
             ig, details = rewards.igsearch_information_gain(scorer, tok, rollouts, retriever, cfg.ig_samples,
                                                             cfg.ig_baseline, rng, cfg.ig_max_context, range(lo, hi))
         ig, details = ranks.gather(ig[lo:hi]), ranks.gather(details)
-        extra = ig_metrics(details)
+        extra = rewards.ig_metrics(details)
         for r, gains in zip(rollouts, ig):  # kept on the rollout for the per-token view
             for s, g in zip(r.searches, gains):
                 s["ig"] = float(g)
@@ -279,18 +279,6 @@ def train_step(model, ref_model, opt, tok, retriever, questions, cfg, generator,
         **stats, **extra, **{f"time_{k}": round(v, 3) for k, v in times.items()},
     }
     return metrics, rollouts, A
-
-
-def ig_metrics(details):
-    """IG-Search's step statistics for the JSONL line (zeros when no rollout searched)."""
-    if not details:
-        return {"ig_mean": 0.0, "ig_std": 0.0, "ig_min": 0.0, "ig_max": 0.0, "ig_frac_positive": 0.0,
-                "ig_real": 0.0, "ig_baseline": 0.0, "ig_steps": 0}
-    ig = np.array([d["ig"] for d in details])
-    return {"ig_mean": float(ig.mean()), "ig_std": float(ig.std()), "ig_min": float(ig.min()),
-            "ig_max": float(ig.max()), "ig_frac_positive": float((ig > 0).mean()),
-            "ig_real": float(np.mean([d["real"] for d in details])),
-            "ig_baseline": float(np.mean([d["baseline"] for d in details])), "ig_steps": len(details)}
 
 
 def update_policy(model, ref_model, opt, batch, A, cfg, dp=None):

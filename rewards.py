@@ -13,6 +13,7 @@ import string
 from collections import Counter
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 import grpo  # rollouts, spans and log-probs
@@ -135,6 +136,18 @@ def batch_pool(rollouts, i):
     r = rollouts[i]
     return [o.ids[slice(*s["info_span"])] for o in rollouts
             if o.group != r.group and o.question["question"] != r.question["question"] for s in o.searches]
+
+
+def ig_metrics(details):
+    """IG-Search's step statistics for the JSONL line (zeros when no rollout searched)."""
+    if not details:
+        return {"ig_mean": 0.0, "ig_std": 0.0, "ig_min": 0.0, "ig_max": 0.0, "ig_frac_positive": 0.0,
+                "ig_real": 0.0, "ig_baseline": 0.0, "ig_steps": 0}
+    ig = np.array([d["ig"] for d in details])
+    return {"ig_mean": float(ig.mean()), "ig_std": float(ig.std()), "ig_min": float(ig.min()),
+            "ig_max": float(ig.max()), "ig_frac_positive": float((ig > 0).mean()),
+            "ig_real": float(np.mean([d["real"] for d in details])),
+            "ig_baseline": float(np.mean([d["baseline"] for d in details])), "ig_steps": len(details)}
 
 
 def baseline_blocks(rollouts, i, t, n, rng, retriever, tok, how="batch"):

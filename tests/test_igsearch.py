@@ -680,12 +680,12 @@ def test_ig_metrics_by_hand():
                {"rollout": 1, "step": 0, "real": -1.0, "baseline": -0.75, "ig": -0.25},
                {"rollout": 1, "step": 1, "real": -2.0, "baseline": -2.0, "ig": 0.0},
                {"rollout": 3, "step": 0, "real": 0.5, "baseline": -0.5, "ig": 1.0}]
-    m = igsearch.ig_metrics(details)
+    m = rewards.ig_metrics(details)
     # mean 1.25/4; population std: deviations .1875, -.5625, -.3125, .6875 -> variance .921875/4
     assert m == pytest.approx({"ig_mean": 0.3125, "ig_std": math.sqrt(0.23046875), "ig_min": -0.25, "ig_max": 1.0,
                                "ig_frac_positive": 0.5, "ig_real": -0.625, "ig_baseline": -0.9375, "ig_steps": 4})
     assert m["ig_steps"] == 4 and isinstance(m["ig_steps"], int)
-    assert igsearch.ig_metrics([]) == {"ig_mean": 0.0, "ig_std": 0.0, "ig_min": 0.0, "ig_max": 0.0,
+    assert rewards.ig_metrics([]) == {"ig_mean": 0.0, "ig_std": 0.0, "ig_min": 0.0, "ig_max": 0.0,
                                        "ig_frac_positive": 0.0, "ig_real": 0.0, "ig_baseline": 0.0, "ig_steps": 0}
 
 
