@@ -55,3 +55,11 @@ def test_the_import_graph_has_no_cycle():
         visit(m, [])
     # nothing but the second script imports the training script
     assert [m for m in MODULES if "igsearch" in graph[m]] == ["experiments"]
+
+
+def test_the_commands_that_moved_answer_with_where_they_went(capsys):
+    import igsearch
+    for argv in (["eval", "--model", "runs/x"], ["compare", "--tiny"]):
+        assert igsearch.main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"error: {argv[0]} is a command of experiments.py: python experiments.py {' '.join(argv)}"]
