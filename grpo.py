@@ -96,6 +96,26 @@ def show_rollout(r, tok):
 
 
 # ----------------------------------------------------------------------------------------------------
+# The token budget: every batched forward (generation, scoring, log-probs, the update) is cut by it
+
+def token_chunks(lengths, budget):
+    """Consecutive rows cut into chunks of at most `budget` tokens, counted as a padded batch costs them: rows ×
+    the chunk's longest row. Order is kept; a row longer than the budget gets a chunk of its own; budget None is
+    one chunk. Returns row slices. A row count would bound memory badly: 2 rows of 1,000 tokens cost 20× 2 of 50.
+
+    >>> token_chunks([3, 3, 5, 9, 2], 10)       # 2 × 3; then 2 × 5 would be 10 but 3 × 5 is 15; 9 alone; 2
+    [slice(0, 2, None), slice(2, 3, None), slice(3, 4, None), slice(4, 5, None)]
+    """
+    chunks, start, longest = [], 0, 0
+    for i, n in enumerate(lengths):
+        longest = max(longest, int(n))
+        if budget is not None and i > start and (i + 1 - start) * longest > budget:  # row i opens the next chunk
+            chunks.append(slice(start, i))
+            start, longest = i, int(n)
+    return chunks + [slice(start, len(lengths))] if len(lengths) else []
+
+
+# ----------------------------------------------------------------------------------------------------
 # The generation engine: one turn for every active rollout, batched, with the KV cache
 
 def stop_ids(tok, model):
