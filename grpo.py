@@ -137,13 +137,30 @@ def _stopped_at(tok, gen, stop_strings):
     return None
 
 
-@torch.no_grad()
-def generate_turn(model, tok, seqs, max_new, stop_strings, eos_ids, temperature, generator):
-    """Sample one turn for each sequence of `seqs` (lists of ids), all in one left-padded batch.
+def generate_turn(model, tok, seqs, max_new, stop_strings, eos_ids, temperature, generator, token_budget=None):
+    """Sample one turn for each sequence of `seqs` (lists of ids), in left-padded batches of at most
+    token_budget tokens of KV cache (token_chunks; None: one batch).
 
     A row stops at the token that completes a stop string, at EOS, or after max_new[b] tokens; nothing is
     generated for it after that (finished rows leave the batch and the KV cache). Returns, per row, the new
-    ids and why it stopped: a stop string, "eos" or "length". temperature 0 is greedy."""
+    ids and why it stopped: a stop string, "eos" or "length". temperature 0 is greedy.
+
+    A row's cache grows to its length plus the call's largest max_new (left padding gives every row of a batch
+    the longest one's length), and each turn starts a new cache, so that is the row's length in the budget.
+    The batches sample one after the other from `generator`: which numbers a row draws, hence its samples,
+    depend on how the rows are cut, as on the seed (one batch draws them as before the budget existed)."""
+    grow = max(max_new, default=0)
+    gens, why = [], []
+    for sl in token_chunks([len(s) + grow for s in seqs], token_budget):
+        g, w = _generate_batch(model, tok, seqs[sl], max_new[sl], stop_strings, eos_ids, temperature, generator)
+        gens += g
+        why += w
+    return gens, why
+
+
+@torch.no_grad()
+def _generate_batch(model, tok, seqs, max_new, stop_strings, eos_ids, temperature, generator):
+    """generate_turn on one batch: every row of `seqs` in one left-padded batch and one KV cache."""
     device = next(model.parameters()).device
     B, L = len(seqs), max(len(s) for s in seqs)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
@@ -214,21 +231,22 @@ def _append(r, ids, role):
 
 
 def generate_rollouts(model, tok, questions, groups, retriever, *, max_turns=4, topk=3, max_turn_tokens=256,
-                      max_response_tokens=1024, temperature=1.0, generator=None, turn_fn=None):
+                      max_response_tokens=1024, temperature=1.0, generator=None, token_budget=None, turn_fn=None):
     """Run the search agent on each question (one rollout per entry; repeat a question G times for a group).
 
     Each turn: batched generation for every unfinished rollout; a `<search> q </search>` turn gets the top-k
     documents as an `<information>` block (one retrieval call for all queries of the turn); an `<answer>`
     turn ends the episode; anything else gets INVALID_ACTION. After max_turns searches, one last turn is
     answer-only (a search there is not executed). max_response_tokens caps all tokens after the prompt;
-    a rollout that reaches it is truncated (no answer, reward 0).
+    a rollout that reaches it is truncated (no answer, reward 0). Each turn's generation runs in batches of at
+    most token_budget tokens of KV cache (generate_turn).
 
     turn_fn(active, seqs, budget, stops) -> (new ids, stop reasons) replaces the model (see scripted_turns),
     so that tests and demos run scripted texts through exactly this bookkeeping."""
     if turn_fn is None:
         eos_ids = stop_ids(tok, model)
         turn_fn = lambda active, seqs, budget, stops: generate_turn(model, tok, seqs, budget, stops, eos_ids,
-                                                                    temperature, generator)
+                                                                    temperature, generator, token_budget)
     rollouts = []
     for q, g in zip(questions, groups):
         p = prompt_ids(tok, q["question"])
@@ -413,21 +431,24 @@ def head_logprobs(head, h, tokens):
     return head_logits(head, h).log_softmax(-1).gather(-1, tokens[:, None]).squeeze(-1)
 
 
-def token_logprobs(model, ids, attention_mask, mask, micro_batch=4):
+def token_logprobs(model, ids, attention_mask, mask, token_budget=None):
     """log π(ids[b, k] | ids[b, <k]) where mask[b, k], 0 elsewhere. # [B, T]
 
-    The vocabulary projection is applied only at the masked positions: with a 150k-token vocabulary the
-    full logits of a batch would take gigabytes for nothing (the loss only reads policy tokens)."""
+    One forward per chunk of rows of at most token_budget tokens (token_chunks over the rows' real lengths;
+    None: all rows in one forward). The vocabulary projection is applied only at the masked positions: with a
+    150k-token vocabulary the full logits of a batch would take gigabytes for nothing (the loss only reads
+    policy tokens)."""
     head = model.get_output_embeddings()
     out = torch.zeros(ids.shape, dtype=torch.float32, device=ids.device)      # [B, T]
-    for s in range(0, ids.shape[0], micro_batch):
-        n = int(attention_mask[s:s + micro_batch].sum(-1).max())  # right padding: cut the micro-batch's own tail
-        i, a, m = ids[s:s + micro_batch, :n], attention_mask[s:s + micro_batch, :n], mask[s:s + micro_batch, :n]
+    lengths = attention_mask.sum(-1)                                           # [B] right padding
+    for sl in token_chunks(lengths.tolist(), token_budget):
+        n = int(lengths[sl].max())                         # cut the chunk's own tail of padding
+        i, a, m = ids[sl, :n], attention_mask[sl, :n], mask[sl, :n]
         pos = (a.cumsum(-1) - 1).clamp(min=0)
         h = model.base_model(input_ids=i, attention_mask=a, position_ids=pos).last_hidden_state  # [b, n, H]
         target = m[:, 1:]                                  # token k is predicted at position k - 1
         lp = head_logprobs(head, h[:, :-1][target], i[:, 1:][target])  # [n_target]
-        out[s:s + micro_batch, 1:n][target] = lp
+        out[sl, 1:n][target] = lp
     return out
 
 

@@ -194,14 +194,28 @@ def broadcast_weights(model):
 
 class PolicyLogprobs(torch.nn.Module):
     """The update's forward as one module, so that DDP and FSDP see it: log π(ids[b, k] | ids[b, <k]) at the
-    masked positions of one micro-batch (grpo.token_logprobs). [b, T] -> [b, T]"""
+    masked positions of one micro-batch, in one forward (grpo.token_logprobs). [b, T] -> [b, T]"""
 
     def __init__(self, model):
         super().__init__()
         self.model = model
 
     def forward(self, ids, attention_mask, mask):
-        return grpo.token_logprobs(self.model, ids, attention_mask, mask, micro_batch=ids.shape[0])
+        return grpo.token_logprobs(self.model, ids, attention_mask, mask)
+
+
+def same_count(chunks):
+    """The update's micro-batches (row slices, grpo.token_chunks), the widest halved until this rank has as many
+    as the rank with the most: FSDP gathers weights in every forward and reduce-scatters in every backward, so
+    every rank must run as many of each. Halving never adds tokens to a micro-batch, and every rank holds as many
+    rows (a step's questions divide among the ranks), so the count can always be reached. One process: chunks."""
+    n = int(reduce_values({"micro_batches": len(chunks)}, "max")["micro_batches"])
+    chunks = list(chunks)
+    while len(chunks) < n:
+        j = max(range(len(chunks)), key=lambda k: chunks[k].stop - chunks[k].start)
+        mid = (chunks[j].start + chunks[j].stop) // 2
+        chunks[j:j + 1] = [slice(chunks[j].start, mid), slice(mid, chunks[j].stop)]
+    return chunks
 
 
 def data_parallel(model, how="ddp"):

@@ -75,13 +75,14 @@ def head_weights(n, head_tokens=3, head_weight=3.0):
 
 
 @torch.no_grad()
-def gold_scorer(model, prefix, head_tokens=3, head_weight=3.0, micro_batch=8):
+def gold_scorer(model, prefix, head_tokens=3, head_weight=3.0, token_budget=None):
     """METHOD §4.1: s(a* | C) = Σ_k w_k log π(a*_k | C, a*_<k) / Σ_k w_k, teacher-forced, no grad.
 
     The 1 + N contexts of a search step differ only from the information block on, so the shared prefix runs
     once and every context continues from its KV cache (METHOD §4.4: the cost is the suffixes, not 1 + N whole
     trajectories). Returns score(suffixes, golds) -> tensor [M] of s(golds[j] | prefix + suffixes[j]), the
-    suffixes batched in micro-batches. An empty prefix scores whole contexts. For a step whose block starts
+    suffixes batched in chunks of at most token_budget tokens, a row's being the prefix it attends to plus its
+    suffix and gold (None: one batch). An empty prefix scores whole contexts. For a step whose block starts
     at position s of the rollout's ids:
 
         score = gold_scorer(model, ids[:s])                         # once per step: ids up to its block
@@ -97,15 +98,14 @@ def gold_scorer(model, prefix, head_tokens=3, head_weight=3.0, micro_batch=8):
 
     @torch.no_grad()  # called after gold_scorer has returned, so outside its no_grad
     def score(suffixes, golds):
-        scores = []
-        for s in range(0, len(suffixes), micro_batch):
-            rows = [list(x) + list(g) for x, g in zip(suffixes[s:s + micro_batch], golds[s:s + micro_batch])]
-            if not P and not all(suffixes[s:s + micro_batch]):
-                raise ValueError("gold_scorer: an empty context leaves the first gold token unpredicted")
-            B, T = len(rows), max(len(r) for r in rows)
+        if not P and not all(suffixes):
+            raise ValueError("gold_scorer: an empty context leaves the first gold token unpredicted")
+        rows, scores = [list(x) + list(g) for x, g in zip(suffixes, golds)], []
+        for sl in grpo.token_chunks([P + len(r) for r in rows], token_budget):  # a row attends to P + its tokens
+            B, T = len(rows[sl]), max(len(r) for r in rows[sl])
             ids = torch.zeros((B, T), dtype=torch.long)  # padded on the right, where a causal model never looks
             target = torch.zeros((B, T), dtype=torch.bool)
-            for b, (r, g) in enumerate(zip(rows, golds[s:s + micro_batch])):
+            for b, (r, g) in enumerate(zip(rows[sl], golds[sl])):
                 ids[b, :len(r)] = torch.tensor(r)
                 target[b, len(r) - len(g):len(r)] = True
             ids, target = ids.to(device), target.to(device)
@@ -121,7 +121,7 @@ def gold_scorer(model, prefix, head_tokens=3, head_weight=3.0, micro_batch=8):
                 h, ids, target = h[:, :-1], ids[:, 1:], target[:, 1:]  # without a prefix, token 0 has no prediction
             lp = grpo.head_logprobs(head, h[target], ids[target]).cpu()  # [n]
             k = 0
-            for g in golds[s:s + micro_batch]:
+            for g in golds[sl]:
                 w = head_weights(len(g), head_tokens, head_weight)
                 scores.append(float((lp[k:k + len(g)] * w).sum() / w.sum()))
                 k += len(g)
@@ -223,7 +223,6 @@ def igsearch_information_gain(scorer, tok, rollouts, retriever, n_samples=3, bas
 IR_INSTRUCTION = ("Answer the question as briefly as possible: give only the answer, in a few words, "
                   "with no explanation.")
 IR_EPS = 1e-3       # METHOD §5.3: smoothing of p(c*) for the log estimator [our choice]
-IR_GEN_TOKENS = 32768  # prompt tokens per generate_turn call (~ a rollout batch): bounds activations and KV cache
 
 
 def brief_answer_text(question, evidence=""):
@@ -428,23 +427,25 @@ def load_nli(name, device="cpu"):
 # Sampling the beliefs with the model (METHOD §5.1)
 
 @torch.no_grad()
-def sample_logprobs(model, prompts, samples, pad_id, micro_batch=4):
+def sample_logprobs(model, prompts, samples, pad_id, token_budget=None):
     """Mean token log-prob of each sample given its prompt, teacher-forced on prompt + sample (right-padded
-    like grpo.collate, the sample's tokens in the POLICY role). Returns a list of N floats."""
+    like grpo.collate, the sample's tokens in the POLICY role; forwards of at most token_budget tokens).
+    Returns a list of N floats."""
     rows = [grpo.Rollout(question=None, group=0, ids=list(p) + list(s),
                          roles=[grpo.PROMPT] * len(p) + [grpo.POLICY] * len(s)) for p, s in zip(prompts, samples)]
     batch = grpo.collate(rows, pad_id)                                 # ids, roles [N, T]
     device = next(model.parameters()).device
     mask = batch.policy_mask                                           # [N, T] the sample's tokens
     lp = grpo.token_logprobs(model, batch.ids.to(device), batch.attention_mask.to(device), mask.to(device),
-                             micro_batch).cpu()                        # [N, T]
+                             token_budget).cpu()                       # [N, T]
     return ((lp * mask).sum(-1) / mask.sum(-1).clamp(min=1)).tolist()
 
 
 def sample_answers(model, tok, prompts, cfg, generator):
-    """METHOD §5.1: K = cfg.ir_samples brief answers per prompt (each prompt repeated K times, one batched
-    generate_turn) and their mean token log-probs. The mean covers every sampled token, the one that ended
-    the sample (newline or EOS) included: stopping there is part of the answer the model chose.
+    """METHOD §5.1: K = cfg.ir_samples brief answers per prompt (each prompt repeated K times, one
+    generate_turn, batched by cfg.token_budget) and their mean token log-probs. The mean covers every sampled
+    token, the one that ended the sample (newline or EOS) included: stopping there is part of the answer the
+    model chose.
 
     Returns (texts, mean_logps, n_generated): texts[p][k] = the k-th sample of prompt p, cut at its
     first newline and stripped."""
@@ -452,16 +453,10 @@ def sample_answers(model, tok, prompts, cfg, generator):
     if not prompts:
         return [], [], 0
     seqs = [p for p in prompts for _ in range(K)]                      # [P*K] prompt p at rows p*K .. p*K+K-1
-    eos = grpo.stop_ids(tok, model)
-    gens = []
-    rows = max(1, IR_GEN_TOKENS // max(len(s) for s in seqs))          # the samples depend on it, as on the seed
-    for s in range(0, len(seqs), rows):
-        chunk = seqs[s:s + rows]
-        g, _ = grpo.generate_turn(model, tok, chunk, [cfg.ir_max_tokens] * len(chunk), ["\n"], eos,
-                                  cfg.ir_temperature, generator)
-        gens += g
+    gens, _ = grpo.generate_turn(model, tok, seqs, [cfg.ir_max_tokens] * len(seqs), ["\n"], grpo.stop_ids(tok, model),
+                                 cfg.ir_temperature, generator, cfg.token_budget)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    lps = sample_logprobs(model, seqs, gens, pad, cfg.micro_batch)
+    lps = sample_logprobs(model, seqs, gens, pad, cfg.token_budget)
     texts = [tok.decode(g, skip_special_tokens=True).split("\n")[0].strip() for g in gens]
     return ([texts[p * K:(p + 1) * K] for p in range(len(prompts))],
             [lps[p * K:(p + 1) * K] for p in range(len(prompts))], sum(len(g) for g in gens))

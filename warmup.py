@@ -113,10 +113,9 @@ def warmup(model, tok, retriever, questions, cfg, rng, log=print):
         norm = mask.sum().clamp(min=1)                  # the whole batch's policy tokens: micro-batches add up
         opt.zero_grad(set_to_none=True)
         total = 0.0
-        for s in range(0, ids.shape[0], cfg.micro_batch):
-            sl = slice(s, s + cfg.micro_batch)
+        for sl in grpo.token_chunks(attn.sum(-1).tolist(), cfg.token_budget):  # micro-batches within the budget
             with grpo.autocast(cfg.precision, device), grpo.recompute(model, cfg.grad_checkpointing):
-                logp = grpo.token_logprobs(model, ids[sl], attn[sl], mask[sl], cfg.micro_batch)  # [b, T]
+                logp = grpo.token_logprobs(model, ids[sl], attn[sl], mask[sl])  # [b, T]
             loss = grpo.warmup_loss(logp, mask[sl], norm)
             loss.backward()
             total += loss.item()

@@ -4,8 +4,9 @@ compare with:
     python -m torch.distributed.run --standalone --nproc_per_node 2 tests/ranks_worker.py OUT '[JOB, ...]'
 
 Jobs, in order, in the same processes (each process takes ~10 s to import transformers and build the model):
-["step"]: one train_step of IG-Search on scripted rollouts, with DDP then FSDP, and one of InfoReasoner; each
-rank writes what it saw to OUT/step_rank{r}.pt. ["main", ARGV]: igsearch.main(ARGV), with a reward that
+["step"]: one train_step of IG-Search on scripted rollouts, with DDP then FSDP, once more with FSDP where the
+token budget cuts the ranks' rows into unequal numbers of micro-batches, and one of InfoReasoner; each rank
+writes what it saw to OUT/step_rank{r}.pt. ["main", ARGV]: igsearch.main(ARGV), with a reward that
 depends on the sampled tokens (a random model never answers right, so EM alone would never move the weights).
 ["compare", ARGV]: experiments.main(["compare", *ARGV]), with the same reward."""
 import copy
@@ -62,9 +63,16 @@ def tiny_model(seed=0):
     return copy.deepcopy(model), tok
 
 
+# The rollouts take 152 to 164 tokens. 330: two rows a micro-batch, in one process as on each rank, so that the
+# comparison sees the ranks alone (micro-batches made of other rows sum in another order, which AdamW's first
+# steps amplify to ~3e-6 on near-zero gradients). 316: rank 0's rows (158, 155, 158, 155) make 2 micro-batches,
+# rank 1's (158, 155, 164, 161) 3, which ranks.same_count must even out.
+EVEN, UNEVEN = 330, 316
+
+
 def step_config(**kw):
     base = dict(model="tiny-random", reward="igsearch", questions_per_step=4, group_size=2, max_turns=1, topk=1,
-                max_turn_tokens=32, max_response_tokens=256, micro_batch=2, ppo_epochs=2, beta_kl=0.01, lr=1e-3,
+                max_turn_tokens=32, max_response_tokens=256, token_budget=EVEN, ppo_epochs=2, beta_kl=0.01, lr=1e-3,
                 ig_samples=2, ig_delta=0.0, ir_samples=2, ir_max_tokens=4, precision="fp32")
     return igsearch.Config(**{**base, **kw})
 
@@ -86,7 +94,7 @@ def one_step(cache_dir, parallel=None, **kw):
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     retriever = Retriever(DOCS, cache_dir=cache_dir)
     rng = random.Random(5)
-    seen, pool_of, sampled_for = [], rewards.batch_pool, []
+    seen, pool_of, sampled_for, micro = [], rewards.batch_pool, [], []
 
     def recording_pool(rollouts, i):
         pool = pool_of(rollouts, i)
@@ -97,14 +105,20 @@ def one_step(cache_dir, parallel=None, **kw):
         sampled_for.extend(r.question["id"] for r in rollouts)
         return beliefs_of(model_, tok_, rollouts, *a, **k)
 
-    generate, beliefs_of = grpo.generate_rollouts, rewards.inforeasoner_beliefs
+    def recording_count(chunks):
+        out = same_count(chunks)
+        micro.append((len(chunks), len(out)))
+        return out
+
+    generate, beliefs_of, same_count = grpo.generate_rollouts, rewards.inforeasoner_beliefs, ranks.same_count
     grpo.generate_rollouts = scripted_generation(cfg.group_size)
-    rewards.batch_pool, rewards.inforeasoner_beliefs = recording_pool, recording_beliefs
+    rewards.batch_pool, rewards.inforeasoner_beliefs, ranks.same_count = recording_pool, recording_beliefs, recording_count
     try:
         metrics, rollouts, A = igsearch.train_step(model, ref_model, opt, tok, retriever, QUESTIONS, cfg,
                                                    torch.Generator().manual_seed(ranks.rank_seed(0)), rng, dp=dp)
     finally:
         grpo.generate_rollouts, rewards.batch_pool, rewards.inforeasoner_beliefs = generate, pool_of, beliefs_of
+        ranks.same_count = same_count
     block_question = {tuple(r.ids[slice(*s["info_span"])]): r.question["id"] for r in rollouts for s in r.searches}
     lo, hi = ranks.span(len(rollouts))
     pools = {i: sorted({block_question[b] for b in pool}) for i, pool in seen if lo <= i < hi}
@@ -114,6 +128,7 @@ def one_step(cache_dir, parallel=None, **kw):
     return {"metrics": {k: v for k, v in metrics.items() if not k.startswith("time_")}, "A": A, "grads": grads,
             "weights": weights, "opt_state": copy.deepcopy(opt_state), "next_draw": rng.random(), "pools": pools,
             "questions": [r.question["id"] for r in rollouts], "sampled_for": sampled_for, "mine": (lo, hi),
+            "micro_batches": micro,
             "model": model, "opt": opt, "dp": dp, "tok": tok}
 
 
@@ -151,6 +166,7 @@ def main(argv):
             fsdp = one_step(cache, "fsdp")
             result["fsdp"] = strip(fsdp)
             result["fsdp_roundtrip"] = fsdp_checkpoint_roundtrip(fsdp, out / "fsdp-run")
+            result["fsdp_uneven"] = strip(one_step(cache, "fsdp", token_budget=UNEVEN))
             result["inforeasoner"] = strip(one_step(cache, "ddp", reward="inforeasoner"))
             torch.save(result, out / f"step_rank{ranks.rank()}.pt")
         else:

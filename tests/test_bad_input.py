@@ -152,7 +152,7 @@ def write_view(run, view, step=0):
 # 1. Settings: type, range, finite; refused before anything is read
 
 SETTINGS = [
-    (["--eval-batch", "0"], "--eval-batch 0: must be at least 1"),
+    (["--token-budget", "0"], "--token-budget 0: must be at least 1"),
     (["--seed", "-1"], "--seed -1: must be at least 0"),
     (["--seed", str(2 ** 32)], "must be below 2**32"),
     (["--device", "gpu0"], "--device 'gpu0': use auto, cpu, cuda, cuda:N or mps"),
@@ -171,7 +171,7 @@ SETTINGS = [
     (["--clip-ratio-c", "0.5"], "--clip-ratio-c 0.5: must be 0 (off) or above 1"),
     (["--beta-kl", "-0.1"], "--beta-kl -0.1"),
     (["--grad-clip", "0"], "--grad-clip 0.0: must be a finite number > 0"),
-    (["--micro-batch", "0"], "--micro-batch 0"),
+    (["--micro-batch", "2"], "unrecognized arguments: --micro-batch 2"),   # retired: --token-budget
     (["--group-size", "1"], "GRPO compares rollouts within a group"),
     (["--reward", "bogus"], "--reward 'bogus': is not one of outcome, igsearch, inforeasoner"),
     (["--steps", "ten"], "argument --steps: invalid int value: 'ten'"),
@@ -201,7 +201,7 @@ def test_eval_settings(capsys, untouched, no_model, files):
     data, corpus = files
     untouched()
     one_line_error(capsys, ["eval", "--model", "tiny-random", "--limit", "-97"], "--limit -97")
-    one_line_error(capsys, ["eval", "--model", "tiny-random", "--eval-batch", "0"], "--eval-batch 0")
+    one_line_error(capsys, ["eval", "--model", "tiny-random", "--token-budget", "0"], "--token-budget 0")
     one_line_error(capsys, ["eval", "--model", "tiny-random", "--seed", "-1"], "--seed -1")
     one_line_error(capsys, ["eval", "--model", "tiny-random", "--device", "gpu0"], "--device 'gpu0'")
     one_line_error(capsys, ["eval"], "the following arguments are required: --model")
@@ -374,9 +374,9 @@ def test_bad_config_json(tmp_path, hand_run, capsys, untouched, no_model, name, 
 def test_a_flag_overrides_a_bad_saved_value(tmp_path, hand_run, capsys, untouched):
     run = copy_run(hand_run, tmp_path)
     cfg = json.loads((run / "config.json").read_text())
-    (run / "config.json").write_text(json.dumps({**cfg, "eval_batch": 0, "from_a_newer_version": 1}))
+    (run / "config.json").write_text(json.dumps({**cfg, "token_budget": 0, "from_a_newer_version": 1}))
     untouched()
-    rc, out, err = cli(capsys, ["--resume", str(run), "--eval-batch", "4"])
+    rc, out, err = cli(capsys, ["--resume", str(run), "--token-budget", "4096"])
     assert rc == 0 and "resuming from" in out and "step_000002 (2 steps done)" in out, err
 
 

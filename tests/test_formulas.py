@@ -60,18 +60,19 @@ def mean_logprob_by_hand(model, prompt, sample):
 
 
 def script_engine(monkeypatch, tok, answer_of, record=None):
-    """grpo.generate_turn replaced by fixed samples: answer_of(prompt text, row index within its K) -> ids."""
+    """The engine's batches (grpo._generate_batch, under generate_turn's token budget) replaced by fixed
+    samples: answer_of(prompt text, row index within its batch) -> ids."""
     def fake(model, tok_, seqs, max_new, stop_strings, eos_ids, temperature, generator):
         if record is not None:
             record.append({"model": model, "rows": len(seqs), "max_new": list(max_new), "stops": stop_strings,
                            "eos": set(eos_ids), "temperature": temperature, "seqs": [list(s) for s in seqs]})
         gens = [list(answer_of(tok.decode(s), j)) for j, s in enumerate(seqs)]
         return gens, ["\n"] * len(seqs)
-    monkeypatch.setattr(grpo, "generate_turn", fake)
+    monkeypatch.setattr(grpo, "_generate_batch", fake)
 
 
 def ir_config(**kw):
-    return igsearch.Config(**{**dict(reward="inforeasoner", ir_samples=2, ir_max_tokens=8, micro_batch=8, beta_kl=0.0),
+    return igsearch.Config(**{**dict(reward="inforeasoner", ir_samples=2, ir_max_tokens=8, beta_kl=0.0),
                               **kw})
 
 
@@ -83,7 +84,7 @@ def test_sample_logprobs_is_the_mean_over_the_samples_tokens(tiny):
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(0, 5000, (n,), generator=g).tolist() for n in (7, 3, 12, 5)]
     samples = [torch.randint(0, 5000, (m,), generator=g).tolist() for m in (1, 6, 3, 9)]
-    got = rewards.sample_logprobs(model, prompts, samples, tok.pad_token_id, micro_batch=3)
+    got = rewards.sample_logprobs(model, prompts, samples, tok.pad_token_id, token_budget=30)  # rows 8, 9 | 15, 14
     expected = [mean_logprob_by_hand(model, p, s) for p, s in zip(prompts, samples)]
     assert got == pytest.approx(expected, abs=1e-5)
     # the mean, not the sum: a 6-token sample's sum is ~6 times its mean (-12 per token on a random model)
@@ -116,18 +117,17 @@ def test_sample_answers_by_hand(tiny, monkeypatch):
     assert n == sum(len(s) for s in samples)
 
 
-@pytest.mark.parametrize("budget, rows", [(2, 2), (0, 1), (100, 6)])
-def test_sample_answers_batches_rows_within_the_token_budget(tiny, monkeypatch, budget, rows):
-    # IR_GEN_TOKENS bounds the prompt tokens of one generate_turn call: budget // prompt length rows per call
-    # (at least one); the samples come back in prompt order whatever the cut
+@pytest.mark.parametrize("rows_per_call, rows", [(2, 2), (0, 1), (100, 6)])
+def test_sample_answers_batches_rows_within_the_token_budget(tiny, monkeypatch, rows_per_call, rows):
+    # cfg.token_budget bounds a sampling batch: rows × (prompt + ir_max_tokens) tokens of KV cache (at least one
+    # row); the samples come back in prompt order whatever the cut
     model, tok = tiny
     prompts = [rewards.brief_answer_prompt(tok, q) for q in ("Capital of France?", "Capital of Peru?")]
     assert len(prompts[0]) == len(prompts[1])
-    monkeypatch.setattr(rewards, "IR_GEN_TOKENS", budget * len(prompts[0]) + 1)
+    cfg = ir_config(ir_samples=3, token_budget=rows_per_call * (len(prompts[0]) + 8) + 1)   # ir_max_tokens 8
     calls, row = [], iter(range(6))
     script_engine(monkeypatch, tok, lambda text, j: enc(tok, f"answer {next(row)}\n"), calls)
-    texts, _, _ = rewards.sample_answers(model, tok, prompts, ir_config(ir_samples=3),
-                                         torch.Generator().manual_seed(0))
+    texts, _, _ = rewards.sample_answers(model, tok, prompts, cfg, torch.Generator().manual_seed(0))
     assert [c["rows"] for c in calls] == [rows] * (6 // rows)
     assert texts == [["answer 0", "answer 1", "answer 2"], ["answer 3", "answer 4", "answer 5"]]
 
@@ -263,7 +263,7 @@ def test_a_step_where_no_rollout_searched_samples_nothing(tiny, monkeypatch):
 
 def test_gold_scorer_refuses_an_empty_context_in_any_row(tiny):
     model, _ = tiny
-    score = rewards.gold_scorer(model, [], micro_batch=2)
+    score = rewards.gold_scorer(model, [], token_budget=4)
     for suffixes in ([[5, 6], []], [[], [5, 6]], [[5], [6], [7], []]):
         with pytest.raises(ValueError, match="empty context"):
             score(suffixes, [[3]] * len(suffixes))
@@ -407,8 +407,8 @@ def test_formula_function_defaults_follow_method():
     assert defaults(grpo.add_query_bonus, "alpha", "delta", "rho", "clip") == \
         {"alpha": 0.5, "delta": 0.05, "rho": 0.5, "clip": 2.0}
     assert defaults(rewards.head_weights, "head_tokens", "head_weight") == {"head_tokens": 3, "head_weight": 3.0}
-    assert defaults(rewards.gold_scorer, "head_tokens", "head_weight", "micro_batch") == \
-        {"head_tokens": 3, "head_weight": 3.0, "micro_batch": 8}                                     # §4.1
+    assert defaults(rewards.gold_scorer, "head_tokens", "head_weight") == \
+        {"head_tokens": 3, "head_weight": 3.0}                                                       # §4.1
     assert defaults(rewards.igsearch_information_gain, "n_samples", "baseline", "max_context") == \
         {"n_samples": 3, "baseline": "batch", "max_context": 2048}                                   # §4.2
     assert defaults(rewards.information_gain, "estimator", "eps") == {"estimator": "prob", "eps": 1e-3}  # §5.3

@@ -555,7 +555,7 @@ def test_equal_rewards_leave_the_weights_unchanged_through_update_policy(tiny, s
     model = copy.deepcopy(tiny[0])
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     _, batch = scripted_batch
-    cfg = igsearch.Config(lr=1e-2, beta_kl=0.0, micro_batch=1)
+    cfg = igsearch.Config(lr=1e-2, beta_kl=0.0, token_budget=1)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     A = grpo.token_advantages(grpo.group_advantages([0.0, 0.0], [0, 0]), batch.roles)
     stats = igsearch.update_policy(model, None, opt, batch, A, cfg)
@@ -575,12 +575,13 @@ def test_micro_batching_does_not_change_the_update(tiny, tok, retriever, agg):
     batch = grpo.collate(rs, tok.pad_token_id)
     A = grpo.token_advantages(torch.tensor([1.0, -0.4, -0.6]), batch.roles)
     results = []
-    for mb in (1, 2, 3):
+    longest = int(batch.attention_mask.sum(-1).max())
+    for budget in (1, 2 * longest, 10 ** 9):  # a row a micro-batch, two, all three
         model = copy.deepcopy(tiny[0])
         ref = copy.deepcopy(tiny[0])
         with torch.no_grad():
             ref.model.norm.weight.mul_(1.5)  # a reference that differs, so the KL term has a gradient too
-        cfg = igsearch.Config(beta_kl=0.1, micro_batch=mb, grad_clip=1e9, loss_agg=agg)
+        cfg = igsearch.Config(beta_kl=0.1, token_budget=budget, grad_clip=1e9, loss_agg=agg)
         stats = igsearch.update_policy(model, ref, torch.optim.SGD(model.parameters(), lr=1.0), batch, A, cfg)
         results.append((stats, {n: p.detach() for n, p in model.named_parameters()}))
     (s1, w1), *others = results
@@ -652,11 +653,11 @@ def test_token_logprobs_matches_a_full_forward(engine):
             full[b, 1:len(s)] = lsm[:-1].gather(-1, seq[1:, None]).squeeze(-1)
         for mask in (dense, sparse):
             expected = torch.where(mask, full, torch.zeros(()))
-            for mb in (1, 3):
-                got = grpo.token_logprobs(model, ids, attn, mask, micro_batch=mb)
+            for budget in (1, 3 * T):  # a row a forward; three rows, then one
+                got = grpo.token_logprobs(model, ids, attn, mask, budget)
                 assert got.shape == ids.shape
                 assert torch.count_nonzero(got[~mask]) == 0
-                assert torch.allclose(got, expected, atol=2e-5), (mb, (got - expected).abs().max())
+                assert torch.allclose(got, expected, atol=2e-5), (budget, (got - expected).abs().max())
                 assert (got[mask] < 0).all()
 
 
@@ -679,7 +680,7 @@ def _toy_task(tiny, sign, steps=4, G=8):
     probs = p_target()
     target = int(probs.argmax())
     p0 = probs[target].item()
-    cfg = igsearch.Config(lr=3e-5, beta_kl=0.0, micro_batch=4)
+    cfg = igsearch.Config(lr=3e-5, beta_kl=0.0)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(0)
     hits = []

@@ -195,7 +195,7 @@ def test_gold_score_with_a_shared_prefix_by_hand():
     model, P = TableLM(table(), F), table()
     prefix = [5, 1]
     suffixes, golds = [[0, 2], [4], [], [3, 3, 3, 2]], [[3, 4, 5], [5, 3], [0, 3], [3]]
-    got = rewards.gold_scorer(model, prefix, micro_batch=3)(suffixes, golds)
+    got = rewards.gold_scorer(model, prefix, token_budget=21)(suffixes, golds)  # rows of 2 + 5, 3, 2 | 5
     for b, (s, g) in enumerate(zip(suffixes, golds)):
         # an empty suffix: the gold's first token is predicted by the prefix's last token
         assert float(got[b]) == pytest.approx(reference_score(P, F, prefix + s, g), abs=1e-5)
@@ -211,7 +211,7 @@ def test_gold_score_batched_equals_one_by_one_table():
     P = table()
     ctxs = [[0, 1, 2], [4], [5, 3, 3, 1, 0, 2, 4], [2, 2]]
     golds = [[3, 4, 5, 3, 3], [5], [3, 4], [3, 3, 3, 3]]
-    batched = score_whole(model, ctxs, golds, micro_batch=3)
+    batched = score_whole(model, ctxs, golds, token_budget=27)  # rows of 8, 2, 9 | 6
     assert batched.shape == (4,)
     for b, (c, g) in enumerate(zip(ctxs, golds)):
         assert float(batched[b]) == pytest.approx(reference_score(P, F, c, g), abs=1e-5)
@@ -227,7 +227,7 @@ def test_gold_score_prefix_cache_equals_whole_contexts_real_model(tiny):
     lens = [(5, 1), (40, 4), (17, 2), (0, 6), (3, 3)]
     sufs = [torch.randint(0, 5000, (n,), generator=g).tolist() for n, _ in lens]
     golds = [torch.randint(0, 5000, (m,), generator=g).tolist() for _, m in lens]
-    score = rewards.gold_scorer(model, prefix, micro_batch=2)
+    score = rewards.gold_scorer(model, prefix, token_budget=134)  # rows of 23 + 6, 44 | 19, 6, 6
     shared = score(sufs, golds)
     again = score(sufs[::-1], golds[::-1])  # the prefix cache is reused, not consumed
     whole = torch.cat([score_whole(model, [prefix + s], [a]) for s, a in zip(sufs, golds)])
@@ -521,7 +521,7 @@ def test_left_truncation_on_the_real_model(tiny, retriever):
     rs = scripted(tok, retriever, MAIN)[3:5]
     rec = FakeScorer(tok)
     rewards.igsearch_information_gain(rec, tok, rs, retriever, n_samples=2, rng=random.Random(0), max_context=60)
-    scorer = lambda prefix: rewards.gold_scorer(model, prefix, micro_batch=2)
+    scorer = lambda prefix: rewards.gold_scorer(model, prefix, token_budget=512)
     ig, details = rewards.igsearch_information_gain(scorer, tok, rs, retriever, n_samples=2, rng=random.Random(0),
                                                     max_context=60)
     (real_ctx, real_gold), (base_ctx, _) = rec.passes(0), rec.passes(1)
@@ -691,7 +691,7 @@ def test_ig_metrics_by_hand():
 
 def small_cfg(**kw):
     base = dict(model="tiny-random", reward="igsearch", group_size=2, questions_per_step=2, max_turns=2, topk=1,
-                max_turn_tokens=6, max_response_tokens=64, beta_kl=0.0, micro_batch=4, lr=1e-5)
+                max_turn_tokens=6, max_response_tokens=64, beta_kl=0.0, lr=1e-5)
     return igsearch.Config(**{**base, **kw})
 
 
@@ -727,7 +727,7 @@ def test_train_step_igsearch_on_scripted_rollouts(tiny, retriever, monkeypatch):
     assert metrics["ig_steps"] == 5
 
     scorer = lambda prefix: rewards.gold_scorer(before, prefix, cfg.ig_head_tokens, cfg.ig_head_weight,
-                                                cfg.micro_batch)
+                                                cfg.token_budget)
     ig, details = rewards.igsearch_information_gain(scorer, tok, rs, retriever, cfg.ig_samples, cfg.ig_baseline,
                                                     random.Random(11), cfg.ig_max_context)
     assert metrics["ig_mean"] == pytest.approx(sum(d["ig"] for d in details) / 5, abs=1e-6)
@@ -752,7 +752,7 @@ def test_train_step_igsearch_on_scripted_rollouts(tiny, retriever, monkeypatch):
 def test_information_gain_with_gold_scorer_on_the_tiny_model(tiny, retriever):
     model, tok = tiny
     rs = scripted(tok, retriever, MAIN)
-    scorer = lambda prefix: rewards.gold_scorer(model, prefix, micro_batch=4)
+    scorer = lambda prefix: rewards.gold_scorer(model, prefix, token_budget=1024)
     ig, details = rewards.igsearch_information_gain(scorer, tok, rs, retriever, n_samples=2, rng=random.Random(0))
     assert [len(x) for x in ig] == [1, 1, 0, 1, 2]
     assert len(details) == 5

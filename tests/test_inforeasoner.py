@@ -309,7 +309,7 @@ def test_all_wrong_group_learns_from_ig(tiny, monkeypatch):
 # End to end on the tiny random Qwen3
 
 def ir_config(**kw):
-    return igsearch.Config(reward="inforeasoner", ir_samples=3, ir_max_tokens=4, micro_batch=8, beta_kl=0.0, **kw)
+    return igsearch.Config(reward="inforeasoner", ir_samples=3, ir_max_tokens=4, beta_kl=0.0, **kw)
 
 
 def toy_rollouts(tok):
@@ -320,9 +320,9 @@ def toy_rollouts(tok):
 
 
 def spy_generate(monkeypatch, tok, script=None):
-    """Record every generate_turn call (rows, rows with a Context line, tokens made); `script(has_context)`
-    replaces what the model samples with fixed text."""
-    calls, real = [], grpo.generate_turn
+    """Record every batch of the engine (grpo._generate_batch: rows, rows with a Context line, tokens made);
+    `script(has_context)` replaces what the model samples with fixed text."""
+    calls, real = [], grpo._generate_batch
 
     def spy(model, tok_, seqs, max_new, stop_strings, eos_ids, temperature, generator):
         ctx = ["Context:" in tok.decode(s) for s in seqs]
@@ -336,7 +336,7 @@ def spy_generate(monkeypatch, tok, script=None):
                       "prompts": len(set(map(tuple, seqs)))})
         return gens, why
 
-    monkeypatch.setattr(grpo, "generate_turn", spy)
+    monkeypatch.setattr(grpo, "_generate_batch", spy)
     return calls
 
 

@@ -117,7 +117,7 @@ def test_gradient_checkpointing_recomputes_and_gives_the_same_gradients(tiny):
             calls.clear()
             with grpo.recompute(model, on):
                 assert model.training == on  # transformers checkpoints in train mode only
-                loss = grpo.warmup_loss(grpo.token_logprobs(model, ids, attn, mask, 2), mask)
+                loss = grpo.warmup_loss(grpo.token_logprobs(model, ids, attn, mask), mask)
             assert not model.training  # back in eval mode
             loss.backward()  # outside, as in update_policy and the warm-up: the recompute runs here
             # once per forward; with checkpointing once more, in the backward

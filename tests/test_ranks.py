@@ -99,6 +99,19 @@ def test_one_step_on_two_ranks_equals_one_process(two_ranks, one_process, parall
     assert all(close(o1["state"][i], o2["state"][i]) for i in o1["state"])
 
 
+def test_ranks_whose_rows_make_unequal_micro_batches_run_as_many(two_ranks, one_process):
+    # the token budget cuts rank 0's rows into 2 micro-batches and rank 1's into 3: FSDP gathers and reduces in
+    # every forward and backward, so rank 0 halves its widest to run 3 too (else the ranks' collectives would
+    # not pair up: a hang). The step is still the one-process step, up to the order of float sums.
+    _, results, _ = two_ranks
+    assert [res["fsdp_uneven"]["micro_batches"] for res in results] == [[(2, 3)], [(3, 3)]]
+    assert one_process["micro_batches"] == [(4, 4)]  # one process, budget 330: two rows a micro-batch
+    for res in results:
+        got = res["fsdp_uneven"]
+        assert got["metrics"] == pytest.approx(one_process["metrics"], abs=1e-6)
+        assert close(got["grads"], one_process["grads"]) and close(got["weights"], one_process["weights"], 1e-5)
+
+
 def test_the_ig_baseline_pool_holds_the_other_ranks_blocks(two_ranks, one_process):
     _, results, _ = two_ranks
     for res in results:

@@ -87,7 +87,7 @@ def ppo_by_hand(model, ref, batch, A, epochs, lr, eps=0.2, beta=0.0, max_norm=1e
 
 
 def run_update_policy(model, ref, batch, A, lr, **cfg):
-    cfg = igsearch.Config(**{**dict(micro_batch=2, grad_clip=1e9), **cfg})
+    cfg = igsearch.Config(**{**dict(token_budget=20, grad_clip=1e9), **cfg})  # rows of 10, 6, 8 tokens: 2 + 1
     return igsearch.update_policy(model, ref, torch.optim.SGD(model.parameters(), lr=lr), batch, A, cfg)
 
 
@@ -134,7 +134,7 @@ def test_gradient_clipping_scales_the_step(batch):
     # the default clip is 1.0 (METHOD §3.3)
     default = small_lm()
     igsearch.update_policy(default, None, torch.optim.SGD(default.parameters(), lr=1.0), batch, A,
-                           igsearch.Config(beta_kl=0.0, micro_batch=2))
+                           igsearch.Config(beta_kl=0.0, token_budget=20))
     for p0, pf, pd in zip(start.parameters(), free.parameters(), default.parameters()):
         assert torch.allclose(pd - p0, (pf - p0) * min(1.0, 1.0 / (norm + 1e-6)), atol=1e-6)
 
@@ -147,7 +147,7 @@ def test_a_batch_with_one_policy_token(batch):
     roles[0, 4] = POLICY
     one = grpo.Batch(batch.ids[:2], roles)
     model, by_hand = small_lm(), small_lm()
-    got = run_update_policy(model, small_lm(seed=5), one, A[:2], 1.0, beta_kl=0.1, micro_batch=1)
+    got = run_update_policy(model, small_lm(seed=5), one, A[:2], 1.0, beta_kl=0.1, token_budget=1)
     stats = ppo_by_hand(by_hand, small_lm(seed=5), one, A[:2], epochs=1, lr=1.0, beta=0.1)
     assert same_weights(model, by_hand, atol=1e-6)
     assert got["loss"] == pytest.approx(stats[0][0], abs=1e-6) and got["kl"] == pytest.approx(stats[0][1], rel=1e-5)
@@ -227,7 +227,7 @@ def test_inforeasoner_beliefs_come_from_the_reference_not_the_policy(monkeypatch
     info = grpo._append(r, tok.encode(grpo.information_block(DOCS[:1]), add_special_tokens=False), OBS)
     r.searches.append({"query": "France", "docs": DOCS[:1], "query_span": s, "info_span": info})
     rollouts = [r, copy.deepcopy(r)]
-    cfg = igsearch.Config(reward="inforeasoner", ir_samples=2, ir_max_tokens=4, beta_kl=0.0, lr=0.0, micro_batch=2)
+    cfg = igsearch.Config(reward="inforeasoner", ir_samples=2, ir_max_tokens=4, beta_kl=0.0, lr=0.0)
     igsearch.train_step(policy, ref, torch.optim.SGD(policy.parameters(), lr=0.0), tok, None, None, cfg,
                         torch.Generator().manual_seed(0), random.Random(0), rollouts=rollouts)
     assert len(used) == 4 and all(m is ref for m in used)     # 2 sampling phases, each sampled and scored
