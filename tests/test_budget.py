@@ -112,9 +112,10 @@ def test_same_count_halves_the_widest_micro_batch_until_the_ranks_agree(monkeypa
     # one process: the micro-batches as they are
     chunks = [slice(0, 4), slice(4, 5), slice(5, 7)]
     assert ranks.same_count(chunks) == chunks
-    # another rank has 5 micro-batches: halve the widest (0:4 -> 0:2, 2:4), then the widest left (the first, 0:2)
+    # another rank has 5 micro-batches: halve the widest (2:8 -> 2:5, 5:8), then the first of the widest (2:5)
     monkeypatch.setattr(ranks, "reduce_values", lambda values, op="sum": {k: 5 for k in values})
-    assert ranks.same_count(chunks) == [slice(0, 1), slice(1, 2), slice(2, 4), slice(4, 5), slice(5, 7)]
+    chunks = [slice(0, 2), slice(2, 8), slice(8, 9)]
+    assert ranks.same_count(chunks) == [slice(0, 2), slice(2, 3), slice(3, 5), slice(5, 8), slice(8, 9)]
 
 
 # ----------------------------------------------------------------------------------------------------
