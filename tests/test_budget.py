@@ -228,6 +228,17 @@ def test_rollout_generation_fits_the_budget(tiny, retriever):
     assert all(r.n_policy > 0 for r in rollouts)
 
 
+def test_generate_turn_counts_every_row_at_the_turns_longest_max_new(tiny):
+    # rows of 5 tokens with max_new 12, 12, 2: two rows still run at 5 + 11 positions (2 × 16 = 32 > 30), so a
+    # budget of 30 runs them one by one (a cut at the shortest max_new, 3 × 7 = 21, would batch all three)
+    model, _ = tiny
+    with Forwards(model) as fw:
+        gens, why = grpo.generate_turn(model, tiny[1], [[11, 12, 13, 14, 15]] * 3, [12, 12, 2], [], set(), 0.0,
+                                       None, 30)
+    assert fw.within(30) == 1
+    assert [len(g) for g in gens] == [12, 12, 2] and why == ["length"] * 3
+
+
 def test_one_batch_samples_as_the_engine_did_before_the_budget(tiny):
     # a budget that holds every row is one batch, which draws from the generator exactly as the one batch of
     # before: seeded runs whose rows fit the budget sample what they sampled before
