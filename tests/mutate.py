@@ -51,7 +51,8 @@ TARGETS = {
                    "nli_equivalent.equivalent", "entailment_index", "load_nli.entail", "sample_logprobs",
                    "sample_answers", "trajectory_evidence", "inforeasoner_information_gain", "inforeasoner_beliefs",
                    "ir_metrics", "IR_EPS"],
-    "grpo.py": ["stop_ids", "generate_turn", "Batch.policy_mask", "group_advantages", "token_advantages",
+    "grpo.py": ["stop_ids", "token_chunks", "generate_turn", "_generate_batch", "Batch.policy_mask",
+                "group_advantages", "token_advantages",
                 "head_logprobs", "token_logprobs", "grpo_loss", "ig_gate", "add_query_bonus"],
     "igsearch.py": ["Config", "PRESETS", "train_step", "update_policy"],
 }
@@ -59,7 +60,7 @@ TARGETS = {
 # function -> a regular expression: only its lines that match are formula lines (the rest is bookkeeping)
 LINES = {"train_step": r"ir_model|ir_lambda|group_advantages|token_advantages|add_query_bonus|gold_scorer|"
                        r"information_gain\(|inforeasoner_beliefs|ir_metrics|ref_model",
-         "generate_turn": r"temperature|cumsum|pos = |argmax"}    # the engine: its arithmetic, not its bookkeeping
+         "_generate_batch": r"temperature|cumsum|pos = |argmax"}  # the engine: its arithmetic, not its bookkeeping
 
 # Config and PRESETS: only the settings METHOD (or the README's --tiny) gives a value; the rest are run knobs
 FIELDS = {"Config": {"group_size", "temperature", "max_turns", "topk", "lr", "beta_kl", "clip_eps", "ppo_epochs",
@@ -73,8 +74,8 @@ TESTS = {
     **{f: ["rewards.py", "tests/test_outcome.py"] for f in ("normalize_answer", "exact_match", "f1_score",
                                                              "extract_answer")},
     **{f: ["rewards.py", "tests/test_igsearch.py -k 'head_weights or gold_score'",
-           "tests/test_formulas.py -k 'gold_scorer or defaults'"] for f in ("head_weights", "gold_scorer",
-                                                                           "gold_scorer.score")},
+           "tests/test_formulas.py -k 'gold_scorer or defaults'", "tests/test_budget.py -k 'gold or ig_'"]
+       for f in ("head_weights", "gold_scorer", "gold_scorer.score")},
     **{f: ["tests/test_igsearch.py -k 'not train_step'", "tests/test_formulas.py -k 'igsearch or defaults'"] for f in
        ("batch_pool", "baseline_blocks", "igsearch_information_gain")},
     **{f: ["rewards.py", *FAST_IR] for f in (
@@ -84,11 +85,14 @@ TESTS = {
     **{f: ["rewards.py", *FAST_IR, "tests/test_inforeasoner.py -k nli_model_loads"] for f in ("entailment_index",
                                                                                                "load_nli.entail")},
     "stop_ids": ["tests/test_engine.py"],
-    "generate_turn": ["tests/test_engine.py",
-                      "tests/test_grpo.py -k 'greedy or max_new or stop_string or engine_rollouts or reproducible'"],
+    "token_chunks": ["grpo.py", "tests/test_budget.py -k 'chunks or update or logprobs'"],
+    "generate_turn": ["tests/test_budget.py -k 'rollout or evaluation or one_batch or belief or longest'",
+                      "tests/test_engine.py"],
+    "_generate_batch": ["tests/test_engine.py",
+                        "tests/test_grpo.py -k 'greedy or max_new or stop_string or engine_rollouts or reproducible'"],
     **{f: ["grpo.py", "tests/test_grpo.py -k 'loss or advantage or gradient or mask or logprobs or micro or learns "
                       "or unlearns or equal_rewards'", "tests/test_training.py -k 'ppo or clipping or one_policy'",
-                 "tests/test_formulas.py -k 'clip_fraction or defaults'"]
+                 "tests/test_formulas.py -k 'clip_fraction or defaults'", "tests/test_budget.py -k 'update or logprobs'"]
        for f in ("Batch.policy_mask", "group_advantages", "token_advantages", "head_logprobs", "token_logprobs",
                  "grpo_loss")},
     **{f: ["grpo.py", "tests/test_igsearch.py -k 'gate or bonus or failed or alpha'",
@@ -104,7 +108,7 @@ TESTS = {
                    "tests/test_ranks.py -k 'one_step or ig_baseline or inforeasoner_samples'"],
     "update_policy": ["tests/test_training.py -k 'ppo or clipping or one_policy'",
                       "tests/test_grpo.py -k 'micro or update_policy or unchanged or learns or unlearns'",
-                      "tests/test_ranks.py -k one_step"],
+                      "tests/test_budget.py -k update", "tests/test_ranks.py -k 'one_step or unequal'"],
 }
 
 # (function, the mutated line, stripped) -> why no test can kill it: it computes the same numbers
@@ -113,22 +117,16 @@ EQUIVALENT = {
         'end = 0: the response starts with </answer>, no <answer> precedes it, rfind gives -1 and the answer is None either way',
     ('extract_answer', 'if end < 1:'):
         'the same as end <= 0',
-    ('gold_scorer.score', 'rows = [list(x) + list(g) for x, g in zip(suffixes[s:s + micro_batch + 1], golds[s:s + micro_batch])]'):
-        'zip stops at the shorter list: a slice one longer than its partner changes nothing',
-    ('gold_scorer.score', 'rows = [list(x) + list(g) for x, g in zip(suffixes[s:s + micro_batch], golds[s:s + micro_batch + 1])]'):
-        'zip stops at the shorter list: a slice one longer than its partner changes nothing',
-    ('gold_scorer.score', 'for b, (r, g) in enumerate(zip(rows, golds[s:s + micro_batch + 1])):'):
-        'zip stops at the shorter list: a slice one longer than its partner changes nothing',
-    ('gold_scorer.score', 'if not P and not all(suffixes[s:s + micro_batch + 1]):'):
-        "the next micro-batch's first suffix is checked one batch early: the same ValueError, sooner",
+    ('token_chunks', 'chunks, start, longest = [], 0, 1'):
+        "the first row sets longest = max(longest, its length), and no row has 0 tokens (every row holds a prompt)",
+    ('generate_turn', 'grow = max(max_new, default=1)'):
+        'the default is read only when there are no rows, and then there is no batch to grow',
     ('gold_scorer.score', 'h = body(input_ids=ids, past_key_values=past, position_ids=pos, use_cache=(past is None)).last_hidden_state'):
         'use_cache only decides whether a cache is returned; the hidden states are the same',
     ('default_equivalent', 'if (not a and (not b)):'):
         "with one side empty, '  ' never occurs in a normalized ' b ' (single spaces), nor ' b ' in '  ': False either way",
     ('load_nli.entail', 'x = nli_tok(premise, hypothesis, return_tensors="pt", truncation=False).to(device)'):
         "a question and a few-word answer, twice, stay far below the classifier's length limit",
-    ('sample_logprobs', 'def sample_logprobs(model, prompts, samples, pad_id, micro_batch=5):'):
-        'micro-batch size: the same log-probs, computed in other batches',
     ('sample_logprobs', 'rows = [grpo.Rollout(question=None, group=1, ids=list(p) + list(s),'):
         'the group of these throw-away rows is never read',
     ('sample_logprobs', 'return ((lp * mask).sum(-1) / mask.sum(1).clamp(min=1)).tolist()'):
@@ -143,7 +141,7 @@ EQUIVALENT = {
         "the pad id sits only at right-padded, masked positions: it never changes a real position's log-prob",
     ('sample_answers', 'pad = tok.pad_token_id'):
         'load_model gives every tokenizer a pad id (its EOS when it has none)',
-    ('generate_turn', 'pos = (attn.cumsum(1) - 1).clamp(min=0)  # [B, L] positions that ignore the padding'):
+    ('_generate_batch', 'pos = (attn.cumsum(1) - 1).clamp(min=0)  # [B, L] positions that ignore the padding'):
         'a 2-D tensor: dim 1 is dim -1',
     ('ir_metrics', 'extra = {"ir_ig_mean": mean, "ir_ig_std": math.sqrt(sum(((mean - x)) ** 2 for x in ig) / n),'):
         '(x - m)^2 = (m - x)^2',
