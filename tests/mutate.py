@@ -92,7 +92,8 @@ TESTS = {
                         "tests/test_grpo.py -k 'greedy or max_new or stop_string or engine_rollouts or reproducible'"],
     **{f: ["grpo.py", "tests/test_grpo.py -k 'loss or advantage or gradient or mask or logprobs or micro or learns "
                       "or unlearns or equal_rewards'", "tests/test_training.py -k 'ppo or clipping or one_policy'",
-                 "tests/test_formulas.py -k 'clip_fraction or defaults'", "tests/test_budget.py -k 'update or logprobs'"]
+                 "tests/test_formulas.py -k 'clip_fraction or defaults'",
+                 "tests/test_budget.py -k 'update or logprobs'"]
        for f in ("Batch.policy_mask", "group_advantages", "token_advantages", "head_logprobs", "token_logprobs",
                  "grpo_loss")},
     **{f: ["grpo.py", "tests/test_igsearch.py -k 'gate or bonus or failed or alpha'",

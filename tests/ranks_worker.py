@@ -112,7 +112,8 @@ def one_step(cache_dir, parallel=None, **kw):
 
     generate, beliefs_of, same_count = grpo.generate_rollouts, rewards.inforeasoner_beliefs, ranks.same_count
     grpo.generate_rollouts = scripted_generation(cfg.group_size)
-    rewards.batch_pool, rewards.inforeasoner_beliefs, ranks.same_count = recording_pool, recording_beliefs, recording_count
+    rewards.batch_pool, rewards.inforeasoner_beliefs = recording_pool, recording_beliefs
+    ranks.same_count = recording_count
     try:
         metrics, rollouts, A = igsearch.train_step(model, ref_model, opt, tok, retriever, QUESTIONS, cfg,
                                                    torch.Generator().manual_seed(ranks.rank_seed(0)), rng, dp=dp)
