@@ -23,7 +23,7 @@ CHOICES = {"reward": ("outcome", "igsearch", "inforeasoner"), "loss_agg": ("toke
 # the smallest value of each integer setting
 MIN_INT = {"steps": 0, "questions_per_step": 1, "group_size": 2, "max_turns": 1, "topk": 1, "max_turn_tokens": 1,
            "max_response_tokens": 1, "warmup_steps": 0, "warmup_batch": 1, "ppo_epochs": 1, "token_budget": 1,
-           "eval_questions": 0, "save_every": 1, "show_every": 0, "ig_samples": 1,
+           "forward_budget": 1, "eval_questions": 0, "save_every": 1, "show_every": 0, "ig_samples": 1,
            "ig_head_tokens": 0, "ig_max_context": 1, "ir_samples": 1, "ir_max_tokens": 1, "seed": 0}
 # each float setting: (lowest value, whether the lowest value itself is allowed); all must be finite
 MIN_FLOAT = {"temperature": (0, False), "ir_temperature": (0, True), "warmup_lr": (0, True), "lr": (0, True),

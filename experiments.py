@@ -39,7 +39,7 @@ def eval_command(argv):
     p.add_argument("--corpus", default=None, help="vital | hotpotqa:PATH | jsonl:PATH (default: the run's, else vital)")
     p.add_argument("--out", default=None, help="predictions JSONL (default RUN/eval.jsonl for a run, else eval.jsonl)")
     p.add_argument("--limit", type=int, default=0, help="at most this many questions per dataset (0 = all)")
-    for name in ("max_turns", "topk", "max_turn_tokens", "max_response_tokens", "token_budget", "seed"):
+    for name in ("max_turns", "topk", "max_turn_tokens", "max_response_tokens", "forward_budget", "seed"):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=None)
     p.add_argument("--device", default=None)
     args = p.parse_args(argv)

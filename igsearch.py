@@ -76,13 +76,14 @@ class Config:
     ppo_epochs: int = 1               # μ
     loss_agg: str = "token-mean"      # token-mean | seq-mean-token-mean
     grad_clip: float = 1.0
-    # memory: every batched forward holds at most this many tokens, rows × the chunk's longest row
-    # (grpo.token_chunks): the update's micro-batches and reference log-probs, IG scoring, InfoReasoner's sampling,
-    # and each turn's generation (its KV cache) in rollouts and evaluation. 6,144 is below the update's old
-    # micro-batch, 4 rows of a full response (4 × (~150 prompt + 1,536) ≈ 6,700 tokens), and the update's tokens
-    # are the dearest (a backward, and the vocabulary's log-softmax at every policy token): the peak is no higher
-    # than before. Raise it where memory allows: bigger batches generate faster.
+    # memory: every batched forward holds at most a budget of tokens, rows × the chunk's longest row
+    # (grpo.token_chunks). token_budget: the forwards with a backward, the update's micro-batches and the warm-up's.
+    # 6,144 is below the update's old micro-batch, 4 rows of a full response (4 × (~150 prompt + 1,536) ≈ 6,700).
+    # forward_budget: the forwards without gradients, each turn's generation (its KV cache) in rollouts and
+    # evaluation, reference log-probs, IG scoring, InfoReasoner's sampling. A token there costs about a sixth of
+    # an update token (no activations kept for a backward; README), and bigger generation batches run faster.
     token_budget: int = 6144
+    forward_budget: int = 32768
     # evaluation
     eval_questions: int = 64
     # runs: checkpoints and views
@@ -114,19 +115,20 @@ class Config:
 # gradient checkpointing). A turn holds 128 tokens: the warm-up's queries (up to 24 words, with the turn's
 # think) take about 60, and a policy that learns longer queries must not be cut off at the edge of what it was
 # shown (with 64, greedy evaluation lost answers that way).
-# token_budget keeps a preset's peak memory at or below what it was with row counts (2 rows a micro-batch, 25 an
+# The budgets keep a preset's peak memory at or below what it was with row counts (2 rows a micro-batch, 25 an
 # evaluation batch, a step's rollouts at once). Measured on the 2-core CPU, RSS above weights and gradients, with a
 # random model of SmolLM2-135M's shape in bf16 and 35% policy tokens: with gradient checkpointing an update
-# micro-batch of 3,072 tokens peaks at +1.9 GB (4,096: +2.5 GB), below the old peak, the evaluation batch of 25
-# rows × 1,160 tokens of KV cache (+2.8 GB, scaled from +0.9 GB measured for 8 such rows); without checkpointing
-# (cpu) 2 rows × 1,160 tokens took +2.8 GB and 3,072 tokens +3.8 GB, hence 2,048 there.
+# micro-batch of 3,072 tokens peaks at +1.9 GB (4,096: +2.5 GB); without it (cpu) 2 rows × 1,160 tokens took
+# +2.8 GB and 3,072 tokens +3.8 GB, hence 2,048 there. Generation: 8 rows × 1,160 tokens of KV cache took +0.9 GB,
+# so 16,384 tokens hold about +1.6 GB, below the old evaluation batch of 25 such rows (+2.8 GB), and keep batches
+# of 25 rows or more in a first turn (where 3 rows a batch generate about 1.5× slower than 8 or 24).
 PRESETS = {
     "tiny": dict(steps=4, questions_per_step=2, group_size=4, max_turns=2, topk=3, max_turn_tokens=128,
-                 max_response_tokens=1024, lr=1e-5, eval_questions=50, token_budget=3072, show_every=1,
-                 warmup_steps=8, warmup_batch=4),
+                 max_response_tokens=1024, lr=1e-5, eval_questions=50, token_budget=3072, forward_budget=16384,
+                 show_every=1, warmup_steps=8, warmup_batch=4),
     "cpu": dict(steps=10, questions_per_step=4, group_size=4, max_turns=2, topk=3, max_turn_tokens=128,
-                max_response_tokens=1024, lr=1e-5, eval_questions=300, token_budget=2048, show_every=4,
-                warmup_steps=12, warmup_batch=8, grad_checkpointing=False),
+                max_response_tokens=1024, lr=1e-5, eval_questions=300, token_budget=2048, forward_budget=16384,
+                show_every=4, warmup_steps=12, warmup_batch=8, grad_checkpointing=False),
 }
 
 
@@ -214,7 +216,7 @@ def score_outcome(rollouts):
 def rollout_kwargs(cfg, temperature, generator):
     return dict(max_turns=cfg.max_turns, topk=cfg.topk, max_turn_tokens=cfg.max_turn_tokens,
                 max_response_tokens=cfg.max_response_tokens, temperature=temperature, generator=generator,
-                token_budget=cfg.token_budget)
+                token_budget=cfg.forward_budget)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -250,7 +252,7 @@ def train_step(model, ref_model, opt, tok, retriever, questions, cfg, generator,
     R, extra = list(em), {}
     if cfg.reward == "igsearch":
         scorer = lambda prefix: rewards.gold_scorer(model, prefix, cfg.ig_head_tokens, cfg.ig_head_weight,
-                                                    cfg.token_budget)
+                                                    cfg.forward_budget)
         with fast():
             ig, details = rewards.igsearch_information_gain(scorer, tok, rollouts, retriever, cfg.ig_samples,
                                                             cfg.ig_baseline, rng, cfg.ig_max_context, range(lo, hi))
@@ -306,7 +308,7 @@ def update_policy(model, ref_model, opt, batch, A, cfg, dp=None):
     policy = dp if dp is not None else ranks.PolicyLogprobs(model)  # log π of one micro-batch [b, T]
     micro = ranks.same_count(grpo.token_chunks(attn.sum(-1).tolist(), cfg.token_budget))  # row slices
     with torch.no_grad(), fast():
-        ref = (grpo.token_logprobs(ref_model, ids, attn, mask, cfg.token_budget) if cfg.beta_kl > 0
+        ref = (grpo.token_logprobs(ref_model, ids, attn, mask, cfg.forward_budget) if cfg.beta_kl > 0
                else torch.zeros_like(A))
         # with one epoch the sampling policy is the current one, so old = current (detached, below)
         old = torch.cat([policy(ids[sl], attn[sl], mask[sl]) for sl in micro]) if cfg.ppo_epochs > 1 else None
@@ -341,7 +343,7 @@ def evaluate(model, tok, retriever, questions, cfg, dp=None):
     """Greedy rollouts -> (summary, rollouts). The summary holds EM, F1, answered-in-format and searches per
     question, each with a 95% bootstrap interval, for all questions and, where they say, by hops. Under
     torchrun each rank answers its share of the questions, and every rank gets all the rollouts. All of a
-    rank's questions run as one set of rollouts: cfg.token_budget bounds each turn's batches (generate_turn)."""
+    rank's questions run as one set of rollouts: cfg.forward_budget bounds each turn's batches (generate_turn)."""
     mine = ranks.shard(questions)
     ranks.unshard(dp)  # FSDP: generation runs on the whole weights
     with grpo.autocast(cfg.precision, next(model.parameters()).device):

@@ -443,7 +443,7 @@ def sample_logprobs(model, prompts, samples, pad_id, token_budget=None):
 
 def sample_answers(model, tok, prompts, cfg, generator):
     """METHOD §5.1: K = cfg.ir_samples brief answers per prompt (each prompt repeated K times, one
-    generate_turn, batched by cfg.token_budget) and their mean token log-probs. The mean covers every sampled
+    generate_turn, batched by cfg.forward_budget) and their mean token log-probs. The mean covers every sampled
     token, the one that ended the sample (newline or EOS) included: stopping there is part of the answer the
     model chose.
 
@@ -454,9 +454,9 @@ def sample_answers(model, tok, prompts, cfg, generator):
         return [], [], 0
     seqs = [p for p in prompts for _ in range(K)]                      # [P*K] prompt p at rows p*K .. p*K+K-1
     gens, _ = grpo.generate_turn(model, tok, seqs, [cfg.ir_max_tokens] * len(seqs), ["\n"], grpo.stop_ids(tok, model),
-                                 cfg.ir_temperature, generator, cfg.token_budget)
+                                 cfg.ir_temperature, generator, cfg.forward_budget)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    lps = sample_logprobs(model, seqs, gens, pad, cfg.token_budget)
+    lps = sample_logprobs(model, seqs, gens, pad, cfg.forward_budget)
     texts = [tok.decode(g, skip_special_tokens=True).split("\n")[0].strip() for g in gens]
     return ([texts[p * K:(p + 1) * K] for p in range(len(prompts))],
             [lps[p * K:(p + 1) * K] for p in range(len(prompts))], sum(len(g) for g in gens))

@@ -63,7 +63,7 @@ def cli(command, interrupted):
         print(f"error: {e.filename or ''}{': ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
         return 2
     except (MemoryError, torch.cuda.OutOfMemoryError):
-        print("error: out of memory; lower --token-budget (the tokens of every batched forward)", file=sys.stderr)
+        print("error: out of memory; lower --token-budget (update) or --forward-budget (generation, scoring)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(interrupted(), file=sys.stderr)

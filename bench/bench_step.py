@@ -46,9 +46,9 @@ def ig_prefix_sharing(model, tok, retriever, rollouts, cfg, seed):
     step's 1 + N contexts whole, as written in METHOD §4.1; same blocks drawn (same seed), same IG up to float
     error. Returns (shared s, whole s, max |IG difference|)."""
     shared = lambda prefix: rewards.gold_scorer(model, prefix, cfg.ig_head_tokens, cfg.ig_head_weight,
-                                                cfg.token_budget)
+                                                cfg.forward_budget)
     whole_scores = lambda prefix: lambda suffixes, golds: rewards.gold_scorer(
-        model, [], cfg.ig_head_tokens, cfg.ig_head_weight, cfg.token_budget)([prefix + s for s in suffixes], golds)
+        model, [], cfg.ig_head_tokens, cfg.ig_head_weight, cfg.forward_budget)([prefix + s for s in suffixes], golds)
     out = []
     for scorer in (shared, whole_scores):
         t = time.perf_counter()
@@ -131,10 +131,10 @@ def forced_search_turns(model, tok, cfg, generator):
     def turn_fn(active, seqs, budget, stops):
         if "</search>" not in stops:  # the answer-only turn: the model alone
             return grpo.generate_turn(model, tok, seqs, budget, stops, eos_ids, cfg.temperature, generator,
-                                      cfg.token_budget)
+                                      cfg.forward_budget)
         room = [max(1, b - len(opener) - len(closer)) for b in budget]
         gens, why = grpo.generate_turn(model, tok, [s + opener for s in seqs], room, stops, eos_ids,
-                                       cfg.temperature, generator, cfg.token_budget)
+                                       cfg.temperature, generator, cfg.forward_budget)
         gens = [opener + g + (closer if w not in stops else []) for g, w in zip(gens, why)]
         return gens, [w if w in stops else "</search>" for w in why]  # an answer still ends the episode
     return turn_fn

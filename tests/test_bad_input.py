@@ -153,6 +153,7 @@ def write_view(run, view, step=0):
 
 SETTINGS = [
     (["--token-budget", "0"], "--token-budget 0: must be at least 1"),
+    (["--forward-budget", "0"], "--forward-budget 0: must be at least 1"),
     (["--seed", "-1"], "--seed -1: must be at least 0"),
     (["--seed", str(2 ** 32)], "must be below 2**32"),
     (["--device", "gpu0"], "--device 'gpu0': use auto, cpu, cuda, cuda:N or mps"),
@@ -201,7 +202,7 @@ def test_eval_settings(capsys, untouched, no_model, files):
     data, corpus = files
     untouched()
     one_line_error(capsys, ["eval", "--model", "tiny-random", "--limit", "-97"], "--limit -97")
-    one_line_error(capsys, ["eval", "--model", "tiny-random", "--token-budget", "0"], "--token-budget 0")
+    one_line_error(capsys, ["eval", "--model", "tiny-random", "--forward-budget", "0"], "--forward-budget 0")
     one_line_error(capsys, ["eval", "--model", "tiny-random", "--seed", "-1"], "--seed -1")
     one_line_error(capsys, ["eval", "--model", "tiny-random", "--device", "gpu0"], "--device 'gpu0'")
     one_line_error(capsys, ["eval"], "the following arguments are required: --model")

@@ -1,6 +1,7 @@
-"""The token budget (--token-budget, grpo.token_chunks): every batched forward of a step holds at most
-token_budget tokens, rows × the tokens each row attends to, or a single row where one row alone exceeds it; and
-cutting a batch by it changes no number beyond the order of float sums.
+"""The token budgets (grpo.token_chunks): every batched forward of a step holds at most --token-budget tokens
+where a backward follows (the update, the warm-up) and --forward-budget where none does (generation, reference
+log-probs, IG scoring, belief sampling), rows × the tokens each row attends to, or a single row where one row
+alone exceeds it; and cutting a batch by them changes no number beyond the order of float sums.
 
 A pre-hook on the decoder records every forward: its rows and the positions each row attends to (the KV cache
 it continues plus its new tokens). The phases run on the tiny random Qwen3 with scripted or sampled rollouts:
@@ -135,14 +136,20 @@ def test_update_micro_batches_fit_the_budget_and_give_the_same_gradients(tiny, r
         ref.model.norm.weight.mul_(1.5)  # a reference that differs: the KL term has a gradient too
     results = {}
     for budget in (small, 10 ** 9):
+        # the two budgets swapped: the policy's forwards (with a backward) follow --token-budget, the
+        # reference's (no gradient) --forward-budget
+        other = 10 ** 9 if budget == small else small
         policy = copy.deepcopy(model)
-        cfg = igsearch.Config(token_budget=budget, beta_kl=0.1, ppo_epochs=2, grad_clip=1e9, loss_agg=agg)
-        with Forwards(policy, ref) as fw:  # ppo_epochs 2: the old log-probs are a pass of their own
+        cfg = igsearch.Config(token_budget=budget, forward_budget=other, beta_kl=0.1, ppo_epochs=2, grad_clip=1e9,
+                              loss_agg=agg)
+        with Forwards(policy) as fw, Forwards(ref) as fw_ref:  # ppo_epochs 2: the old log-probs are a pass too
             stats = igsearch.update_policy(policy, ref, torch.optim.SGD(policy.parameters(), lr=0.1), batch, A, cfg)
         results[budget] = stats, {n: p.grad.clone() for n, p in policy.named_parameters()}
         assert fw.within(budget) == (2 if budget == small else 4)
-        # per epoch: the policy's micro-batches; the reference's and the old log-probs' passes come first
-        assert len(fw.seen) == (3 + 3 + 2 * 3 if budget == small else 1 + 1 + 2 * 1)
+        assert fw_ref.within(other) == (2 if other == small else 4)
+        # the old log-probs' pass, then per epoch the policy's micro-batches; the reference's pass
+        assert len(fw.seen) == (3 + 2 * 3 if budget == small else 1 + 2 * 1)
+        assert len(fw_ref.seen) == (3 if other == small else 1)
     (s_small, g_small), (s_big, g_big) = results[small], results[10 ** 9]
     assert s_big["kl"] > 0 and s_big["grad_norm"] > 0
     for k in ("loss", "kl", "clip_frac", "grad_norm"):
@@ -207,8 +214,9 @@ def test_ig_of_a_step_fits_the_budget_and_does_not_depend_on_it(tiny, retriever)
 # Generation: rollouts and evaluation (METHOD §1); the KV cache of a turn grows to the row plus max_new
 
 def small_config(budget, **kw):
+    """Generation within --forward-budget `budget`; --token-budget (the update's) out of the way."""
     return igsearch.Config(model="tiny-random", max_turns=2, topk=1, max_turn_tokens=12, max_response_tokens=200,
-                           token_budget=budget, **kw)
+                           forward_budget=budget, token_budget=10 ** 9, **kw)
 
 
 def two_first_turns(tok):
@@ -271,7 +279,8 @@ def test_belief_sampling_fits_the_budget_and_its_logprobs_do_not_depend_on_it(ti
     prompts = [rewards.brief_answer_prompt(tok, FRANCE["question"]),
                rewards.brief_answer_prompt(tok, FRANCE["question"], retrieve.format_docs(DOCS[:2]))]
     budget = 2 * (len(prompts[1]) + 6)  # two rows with the evidence, or three without, a batch
-    cfg = igsearch.Config(reward="inforeasoner", ir_samples=3, ir_max_tokens=6, token_budget=budget)
+    cfg = igsearch.Config(reward="inforeasoner", ir_samples=3, ir_max_tokens=6, forward_budget=budget,
+                          token_budget=1)  # the update's budget is not the sampling's
     with Forwards(model) as fw:
         texts, lps, n = rewards.sample_answers(model, tok, prompts, cfg, torch.Generator().manual_seed(0))
     assert fw.within(budget) == 3 and n > 0
@@ -287,8 +296,8 @@ def test_belief_sampling_fits_the_budget_and_its_logprobs_do_not_depend_on_it(ti
 def test_warmup_micro_batches_fit_the_budget(tiny, retriever):
     model, tok = tiny
     model = copy.deepcopy(model)
-    cfg = dataclasses.replace(small_config(500), warmup_steps=1, warmup_batch=3, max_turn_tokens=64,
-                              max_response_tokens=400)
+    cfg = dataclasses.replace(small_config(10 ** 9), warmup_steps=1, warmup_batch=3, max_turn_tokens=64,
+                              max_response_tokens=400, token_budget=500)  # the warm-up trains: --token-budget
     with Forwards(model) as fw:
         losses = warmup.warmup(model, tok, retriever, [FRANCE, RIVER, {**FRANCE, "id": "q2"}], cfg,
                                random.Random(0), log=lambda *a: None)

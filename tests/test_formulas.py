@@ -118,13 +118,13 @@ def test_sample_answers_by_hand(tiny, monkeypatch):
 
 
 @pytest.mark.parametrize("rows_per_call, rows", [(2, 2), (0, 1), (100, 6)])
-def test_sample_answers_batches_rows_within_the_token_budget(tiny, monkeypatch, rows_per_call, rows):
-    # cfg.token_budget bounds a sampling batch: rows × (prompt + ir_max_tokens) tokens of KV cache (at least one
+def test_sample_answers_batches_rows_within_the_forward_budget(tiny, monkeypatch, rows_per_call, rows):
+    # cfg.forward_budget bounds a sampling batch: rows × (prompt + ir_max_tokens) tokens of KV cache (at least one
     # row); the samples come back in prompt order whatever the cut
     model, tok = tiny
     prompts = [rewards.brief_answer_prompt(tok, q) for q in ("Capital of France?", "Capital of Peru?")]
     assert len(prompts[0]) == len(prompts[1])
-    cfg = ir_config(ir_samples=3, token_budget=rows_per_call * (len(prompts[0]) + 8) + 1)   # ir_max_tokens 8
+    cfg = ir_config(ir_samples=3, forward_budget=rows_per_call * (len(prompts[0]) + 8) + 1)   # ir_max_tokens 8
     calls, row = [], iter(range(6))
     script_engine(monkeypatch, tok, lambda text, j: enc(tok, f"answer {next(row)}\n"), calls)
     texts, _, _ = rewards.sample_answers(model, tok, prompts, cfg, torch.Generator().manual_seed(0))
