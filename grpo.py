@@ -14,9 +14,11 @@ A trajectory is a list of token ids with a role per position. The ids are kept e
 observations are appended as ids, so the positions the loss trains on are exactly the tokens the model chose.
 """
 import contextlib
+import copy
 from dataclasses import dataclass, field
 
 import torch
+import torch.utils.checkpoint
 
 from retrieve import format_docs
 
@@ -382,9 +384,12 @@ def autocast(precision, device):
     """The forward passes' precision: "bf16" autocasts matmuls to bfloat16, "fp32" runs them in float32, "auto"
     takes bf16 where the hardware computes it natively (a GPU with bf16, a CPU with AVX-512 or AMX) and fp32
     elsewhere. Weights, optimizer state, log-softmax and losses stay fp32 in every case (see head_logprobs)."""
-    if precision == "auto":
-        precision = "bf16" if bf16_native(device) else "fp32"
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16_forwards(precision, device))
+
+
+def bf16_forwards(precision, device):
+    """Whether `precision` (auto | bf16 | fp32) runs the forwards in bf16 on `device`."""
+    return precision == "bf16" or (precision == "auto" and bf16_native(device))
 
 
 @contextlib.contextmanager
@@ -407,6 +412,22 @@ def recompute(model, on=True):
         model.eval()
 
 
+def frozen_copy(model, precision):
+    """The frozen reference (METHOD §3.2): a copy of the policy that takes no gradient. Where the forwards run in
+    bf16, its linear layers are kept in bf16, which is exactly what autocast casts them to in every forward:
+    the same log-probs for half the memory. The vocabulary head stays fp32 (head_logits), and with it the
+    input embedding where the two are tied, as do the norms."""
+    ref = copy.deepcopy(model).eval().requires_grad_(False)
+    device = next(model.parameters()).device
+    if not bf16_forwards(precision, device):
+        return ref
+    head = ref.get_output_embeddings()
+    for m in ref.modules():
+        if isinstance(m, torch.nn.Linear) and m is not head:
+            m.to(torch.bfloat16)
+    return ref
+
+
 def bf16_native(device):
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
@@ -425,9 +446,27 @@ def head_logits(head, h):
         return head(h.to(head.weight.dtype)).float()
 
 
+HEAD_CHUNK = 512  # states whose vocabulary logits exist at once (head_logprobs)
+
+
 def head_logprobs(head, h, tokens):
     """log π(tokens[n] | state h[n]): the vocabulary projection of only the states whose next token is read.
-    h [n, H], tokens [n] -> [n]"""
+    h [n, H], tokens [n] -> [n]
+
+    HEAD_CHUNK states at a time, and under autograd each chunk's logits are recomputed in the backward rather
+    than kept: the fp32 logits of a micro-batch's policy tokens, and their log-softmax, would take gigabytes
+    (3,072 tokens × a 152k vocabulary × 4 bytes = 1.9 GB, twice), more than the rest of the update together."""
+    out = []
+    for s in range(0, max(h.shape[0], 1), HEAD_CHUNK):  # no state: one empty chunk, still in the graph
+        hs, ts = h[s:s + HEAD_CHUNK], tokens[s:s + HEAD_CHUNK]
+        if torch.is_grad_enabled() and (hs.requires_grad or head.weight.requires_grad):
+            out.append(torch.utils.checkpoint.checkpoint(_chunk_logprobs, head, hs, ts, use_reentrant=False))
+        else:
+            out.append(_chunk_logprobs(head, hs, ts))
+    return torch.cat(out)
+
+
+def _chunk_logprobs(head, h, tokens):
     return head_logits(head, h).log_softmax(-1).gather(-1, tokens[:, None]).squeeze(-1)
 
 

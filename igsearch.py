@@ -16,7 +16,6 @@ ranks.py (several processes under torchrun).
 experiments.py evaluates runs (eval) and compares the three rewards (compare).
 """
 import argparse
-import copy
 import dataclasses
 import json
 import os
@@ -437,7 +436,7 @@ def _train(cfg, out, ckpt, resume, before, device, retriever, splits, dev):
     smoke = smoke or evals.get("smoke", False)
     ref_model = None
     if cfg.beta_kl > 0 or cfg.reward == "inforeasoner":  # frozen copy of the initial policy
-        ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+        ref_model = grpo.frozen_copy(model, cfg.precision)
     dp = ranks.data_parallel(model, cfg.parallel)  # under torchrun: DDP or FSDP (before the optimizer); else None
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     print(f"run {out}  model {start}  reward {cfg.reward}  corpus {len(retriever.docs)} docs  "

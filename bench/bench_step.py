@@ -170,7 +170,7 @@ def main(argv=None):
     t = time.perf_counter()
     model, tok, smoke = runs.load_model(args.model, device, args.seed)
     load_s = time.perf_counter() - t
-    ref_model = copy.deepcopy(model).requires_grad_(False)
+    ref_model = grpo.frozen_copy(model, cfg.precision)
     variants = [v for v in args.rewards.split(",") if v]
     print(f"model {args.model} ({sum(q.numel() for q in model.parameters()) / 1e6:.1f}M params, loaded in "
           f"{load_s:.1f} s) on {device}, torch {torch.__version__}, {torch.get_num_threads()} threads; --tiny preset: "

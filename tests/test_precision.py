@@ -53,6 +53,53 @@ def test_head_runs_in_fp32_inside_bf16_autocast(tiny):
     assert plain.dtype == torch.bfloat16 and not torch.equal(plain.float(), exact)
 
 
+def test_head_logprobs_by_chunks_keep_no_logits_for_the_backward(tiny, monkeypatch):
+    # 10 states in chunks of 4: the same log-probs and gradients as one log-softmax over all of them, written
+    # out; and the backward keeps no logits (nothing saved as large as one chunk's [4, V]): it recomputes them
+    model, _ = tiny
+    head = model.get_output_embeddings()
+    V = head.weight.shape[0]
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(10, model.config.hidden_size, generator=g, requires_grad=True)
+    tokens = torch.randint(0, V, (10,), generator=g)
+    logits = h @ head.weight.T                                  # [10, V]
+    exact = logits[torch.arange(10), tokens] - logits.logsumexp(-1)
+    (w_exact, h_exact) = torch.autograd.grad(exact.sum(), (head.weight, h))
+    monkeypatch.setattr(grpo, "HEAD_CHUNK", 4)
+    saved, rows = [], []
+    hook = head.register_forward_hook(lambda m, args, out: rows.append(out.shape[0]))
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        got = grpo.head_logprobs(head, h, tokens)
+    torch.testing.assert_close(got, exact, rtol=1e-5, atol=1e-5)
+    (w_got, h_got) = torch.autograd.grad(got.sum(), (head.weight, h))
+    hook.remove()
+    assert rows[:3] == [4, 4, 2] and sorted(rows[3:]) == [2, 4, 4]  # the chunks; each again in the backward
+    torch.testing.assert_close(w_got, w_exact, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(h_got, h_exact, rtol=1e-4, atol=1e-6)
+    assert saved and max(saved) < 4 * V
+    with torch.no_grad():  # no autograd: plain chunks, the same numbers
+        torch.testing.assert_close(grpo.head_logprobs(head, h, tokens), exact.detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_reference_keeps_its_linear_layers_in_bf16_and_gives_the_same_logprobs(tiny):
+    # under bf16 forwards, a linear layer's weights are cast to bf16 in every forward anyway: a reference that
+    # stores them so gives bit-identical log-probs; the head (tied to the embedding here) and the norms stay fp32
+    model, tok = tiny
+    ids, attn, mask = batch(tok)
+    ref = grpo.frozen_copy(model, "bf16")
+    head = ref.get_output_embeddings()
+    linears = [m for m in ref.modules() if isinstance(m, torch.nn.Linear) and m is not head]
+    assert linears and all(m.weight.dtype == torch.bfloat16 for m in linears)
+    assert head.weight.dtype == torch.float32 and ref.get_input_embeddings().weight.dtype == torch.float32
+    assert all(not p.requires_grad for p in ref.parameters()) and not ref.training
+    bf16_bytes = sum(p.numel() * p.element_size() for p in ref.parameters())
+    assert bf16_bytes < sum(p.numel() * p.element_size() for p in model.parameters())
+    with torch.no_grad(), grpo.autocast("bf16", CPU):
+        assert torch.equal(grpo.token_logprobs(ref, ids, attn, mask), grpo.token_logprobs(model, ids, attn, mask))
+    # fp32 forwards: an fp32 copy
+    assert all(p.dtype == torch.float32 for p in grpo.frozen_copy(model, "fp32").parameters())
+
+
 def test_bf16_logprobs_and_loss_agree_with_fp32(tiny):
     model, tok = tiny
     ids, attn, mask = batch(tok)

@@ -1,0 +1,135 @@
+"""Peak memory of each phase of a run, each in a process of its own: what a machine needs to hold `--tiny`.
+
+    python bench/bench_memory.py --model PATH/SmolLM2-135M-Instruct.Q4_1.gguf
+    python bench/bench_memory.py --model WARMED_UP_DIR --cases outcome,igsearch-forced --preset cpu
+    python bench/bench_memory.py --model PATH.gguf --token-budget 1024 --forward-budget 8192
+
+A case runs in a fresh child process, which loads the model, the corpus and the questions as igsearch.py does,
+builds what that phase holds (the frozen reference, AdamW), then resets the kernel's peak-RSS mark
+(/proc/self/clear_refs) and runs the phase once: one warm-up step, one GRPO step of a reward (its rollouts
+sampled, or searching in every turn: `-forced`), or the greedy evaluation. It reports the RSS before the phase,
+the phase's peak, and the peak of loading (a .gguf is de-quantized in memory). On a GPU it reports peak CUDA
+memory as well. The run's peak is the largest of them all."""
+import argparse
+import dataclasses
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import grpo  # noqa: E402
+import igsearch  # noqa: E402
+import retrieve  # noqa: E402
+import runs  # noqa: E402
+import warmup  # noqa: E402
+from bench_step import forced_search_turns  # noqa: E402
+
+CASES = ("warmup", "outcome", "igsearch", "inforeasoner", "outcome-forced", "igsearch-forced",
+         "inforeasoner-forced", "eval")
+
+
+def rss_mb(field):
+    """VmRSS (now) or VmHWM (the peak since the last reset) of this process, in MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def reset_peak():
+    Path("/proc/self/clear_refs").write_text("5")  # Linux >= 4.0: VmHWM := VmRSS
+
+
+def one_case(case, cfg):
+    """Run one phase in this process; returns its memory figures (MiB)."""
+    device = runs.pick_device(cfg.device)
+    igsearch.seed_everything(cfg.seed)
+    retriever = retrieve.Retriever(retrieve.load_vital_articles())
+    from data.prepare import load_tiny_qa
+    qa = load_tiny_qa()
+    model, tok, _ = runs.load_model(cfg.model, device, cfg.seed)
+    load_peak = rss_mb("VmHWM")
+    rng, generator = random.Random(cfg.seed), torch.Generator().manual_seed(cfg.seed)
+    ref = opt = None
+    if case not in ("warmup", "eval"):
+        ref = grpo.frozen_copy(model, cfg.precision)
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    reset_peak()
+    before = rss_mb("VmRSS")
+    if case == "warmup":
+        warmup.warmup(model, tok, retriever, qa["train"], dataclasses.replace(cfg, warmup_steps=1), rng,
+                      log=lambda *a: None)
+    elif case == "eval":
+        igsearch.evaluate(model, tok, retriever, qa["dev"][:cfg.eval_questions], cfg)
+    else:
+        reward, _, forced = case.partition("-")
+        cfg = dataclasses.replace(cfg, reward=reward)
+        questions = rng.sample(qa["train"], cfg.questions_per_step)
+        rollouts = None
+        if forced:
+            batch_q = [q for q in questions for _ in range(cfg.group_size)]
+            groups = [i for i in range(len(questions)) for _ in range(cfg.group_size)]
+            with grpo.autocast(cfg.precision, device):
+                rollouts = grpo.generate_rollouts(model, tok, batch_q, groups, retriever,
+                                                  **igsearch.rollout_kwargs(cfg, cfg.temperature, generator),
+                                                  turn_fn=forced_search_turns(model, tok, cfg, generator))
+        igsearch.train_step(model, ref, opt, tok, retriever, questions, cfg, generator, rng, rollouts=rollouts)
+    out = {"case": case, "load_peak": load_peak, "before": before, "peak": rss_mb("VmHWM")}
+    if device.type == "cuda":
+        out["cuda_peak"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="tiny-random")
+    p.add_argument("--preset", default="tiny", choices=sorted(igsearch.PRESETS))
+    p.add_argument("--cases", default=",".join(CASES), help="comma-separated, of: " + ", ".join(CASES))
+    p.add_argument("--token-budget", type=int, default=None)
+    p.add_argument("--forward-budget", type=int, default=None)
+    p.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--precision", default=None, choices=("auto", "bf16", "fp32"))
+    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: run this one case here
+    args = p.parse_args(argv)
+    cases = [c for c in args.cases.split(",") if c]
+    bad = [c for c in cases if c not in CASES]
+    if bad:
+        p.error(f"--cases {','.join(bad)}: unknown; choose from {', '.join(CASES)}")
+    explicit = {k: v for k, v in dict(token_budget=args.token_budget, forward_budget=args.forward_budget,
+                                      grad_checkpointing=args.grad_checkpointing, precision=args.precision).items()
+                if v is not None}
+    cfg = dataclasses.replace(igsearch.Config(), **{**igsearch.PRESETS[args.preset], **explicit},
+                              model=args.model, device=args.device, seed=args.seed)
+    if args.child:
+        print(json.dumps(one_case(args.child, cfg)))
+        return
+
+    print(f"model {args.model}, preset {args.preset}: token budget {cfg.token_budget}, forward budget "
+          f"{cfg.forward_budget}, gradient checkpointing {cfg.grad_checkpointing}, precision {cfg.precision}; "
+          f"{torch.get_num_threads()} threads")
+    print(f"{'case':<22}{'load peak MiB':>14}{'before MiB':>12}{'peak MiB':>10}{'peak - before':>15}")
+    worst = 0.0
+    for case in cases:
+        cmd = [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:]), "--child", case]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode != 0:
+            print(f"{case:<22} failed: {res.stderr.strip().splitlines()[-1] if res.stderr.strip() else res.returncode}")
+            continue
+        m = json.loads(res.stdout.strip().splitlines()[-1])
+        worst = max(worst, m["load_peak"], m["peak"])
+        cuda = f"   CUDA peak {m['cuda_peak']:.0f} MiB" if "cuda_peak" in m else ""
+        print(f"{case:<22}{m['load_peak']:>14.0f}{m['before']:>12.0f}{m['peak']:>10.0f}"
+              f"{m['peak'] - m['before']:>15.0f}{cuda}", flush=True)
+    print(f"peak RSS of the run: {worst:.0f} MiB ({worst / 1024:.2f} GiB); the issue's goal for --tiny: 4 GiB")
+
+
+if __name__ == "__main__":
+    main()
