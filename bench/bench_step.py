@@ -44,29 +44,76 @@ def time_variant(model, ref_model, tok, retriever, rollouts, cfg, reward, seed):
 def ig_prefix_sharing(model, tok, retriever, rollouts, cfg, seed):
     """IG-Search scoring time with the shared prefix cache (rewards.gold_scorer) against scoring each of a
     step's 1 + N contexts whole, as written in METHOD §4.1; same blocks drawn (same seed), same IG up to float
-    error. Returns (shared s, whole s, max |IG difference|)."""
+    error. Returns (shared s, whole s, max |IG difference|, the shared scoring's FLOPs: 2·P per position)."""
     shared = lambda prefix: rewards.gold_scorer(model, prefix, cfg.ig_head_tokens, cfg.ig_head_weight,
                                                 cfg.forward_budget)
     whole_scores = lambda prefix: lambda suffixes, golds: rewards.gold_scorer(
         model, [], cfg.ig_head_tokens, cfg.ig_head_weight, cfg.forward_budget)([prefix + s for s in suffixes], golds)
-    out = []
+    out, positions = [], Positions(model)
     for scorer in (shared, whole_scores):
         t = time.perf_counter()
         ig, _ = rewards.igsearch_information_gain(scorer, tok, rollouts, retriever, cfg.ig_samples, cfg.ig_baseline,
                                                   random.Random(seed), cfg.ig_max_context)
         out.append((time.perf_counter() - t, [g for gains in ig for g in gains]))
+        if scorer is shared:
+            positions.remove()
     diff = max((abs(a - b) for a, b in zip(out[0][1], out[1][1])), default=0.0)
-    return out[0][0], out[1][0], diff
+    return out[0][0], out[1][0], diff, 2 * body_params(model) * positions.n
+
+
+# ----------------------------------------------------------------------------------------------------
+# Roofline: each phase's achieved rate against the machine's dense matmul rate at the model's sizes
+
+def body_params(model):
+    """Parameters of the decoder's matmuls (every Linear but the vocabulary head): 2 FLOPs each per token
+    forward. The head is left out (our forwards project only the positions whose log-prob is read), and so is
+    attention's own T² term: the rates below are, if anything, understated."""
+    head = model.get_output_embeddings()
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head)
+
+
+def matmul_rate(model, dtype, tokens=2048, repeats=5):
+    """FLOP/s of a plain torch.mm at the model's MLP size, [tokens, hidden] @ [hidden, intermediate]."""
+    device = next(model.parameters()).device
+    H = model.config.hidden_size
+    inter = getattr(model.config, "intermediate_size", 4 * H)
+    a, b = torch.randn(tokens, H, device=device, dtype=dtype), torch.randn(H, inter, device=device, dtype=dtype)
+    torch.mm(a, b)  # warm-up
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    t = time.perf_counter()
+    for _ in range(repeats):
+        torch.mm(a, b)
+    sync()
+    return 2 * tokens * H * inter * repeats / (time.perf_counter() - t)
+
+
+class Positions:
+    """Token positions the decoder computes, counted by a pre-hook (real tokens where an attention mask says
+    which; every position otherwise, as gold_scorer's right-padded rows are computed)."""
+
+    def __init__(self, model):
+        self.n = 0
+        self.hook = model.base_model.register_forward_pre_hook(self.count, with_kwargs=True)
+
+    def count(self, module, args, kwargs):
+        ids, attn = kwargs["input_ids"], kwargs.get("attention_mask")
+        self.n += int(attn[:, -ids.shape[1]:].sum()) if attn is not None else ids.numel()
+
+    def remove(self):
+        self.hook.remove()
 
 
 def engine_vs_generate(model, tok, prompts, new_tokens, seed):
     """Tokens/s of grpo.generate_turn against model.generate on the same prompts, same number of new tokens
-    (no stop strings, EOS ignored on both sides so both produce exactly new_tokens per row)."""
+    (no stop strings, EOS ignored on both sides so both produce exactly new_tokens per row), and the engine's
+    FLOP/s (2·P per prompt and generated token)."""
     grpo.generate_turn(model, tok, prompts, [4] * len(prompts), [], set(), 1.0, torch.Generator())  # warm-up
     gen = torch.Generator().manual_seed(seed)
     t = time.perf_counter()
     outs, _ = grpo.generate_turn(model, tok, prompts, [new_tokens] * len(prompts), [], set(), 1.0, gen)
-    ours = sum(len(o) for o in outs) / (time.perf_counter() - t)
+    ours_s = time.perf_counter() - t
+    ours = sum(len(o) for o in outs) / ours_s
 
     device = next(model.parameters()).device
     L = max(len(p) for p in prompts)
@@ -80,7 +127,8 @@ def engine_vs_generate(model, tok, prompts, new_tokens, seed):
                          top_k=0, top_p=1.0, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                          pad_token_id=tok.pad_token_id)
     theirs = (out.shape[1] - L) * len(prompts) / (time.perf_counter() - t)
-    return ours, theirs
+    flops = 2 * body_params(model) * (sum(len(p) for p in prompts) + sum(len(o) for o in outs)) / ours_s
+    return ours, theirs, flops
 
 
 def tokens_past_stop(rollouts, tok):
@@ -177,6 +225,7 @@ def main(argv=None):
           f"{cfg.questions_per_step} questions x G={cfg.group_size}, max_turns {cfg.max_turns}")
 
     rng = random.Random(args.seed)
+    fast = lambda: grpo.autocast(cfg.precision, device)  # noqa: E731
     # warm-up (allocator, kernels, lazy init), untimed: otherwise whichever variant runs first pays for it
     warm = grpo.generate_rollouts(model, tok, train_q[:2], [0, 1], retriever,
                                   **igsearch.rollout_kwargs(cfg, cfg.temperature, torch.Generator().manual_seed(0)))
@@ -184,28 +233,28 @@ def main(argv=None):
     rows = {v: {"scoring": 0.0, "update": 0.0} for v in variants}
     sample_s = retrieval_s = 0.0
     searches = n_roll = past = extra_tok = 0
-    share = [0.0, 0.0, 0.0]  # IG scoring: shared prefix s, whole contexts s, max |IG difference|
+    share = [0.0, 0.0, 0.0, 0.0]  # IG scoring: shared prefix s, whole contexts s, max |IG difference|, FLOPs
+    tokens = 0  # the rollouts' real tokens: the update's work is 8·P·tokens
     for rep in range(args.repeats):
         questions = rng.sample(train_q, cfg.questions_per_step)
         batch_q = [q for q in questions for _ in range(cfg.group_size)]
         groups = [i for i in range(len(questions)) for _ in range(cfg.group_size)]
         retriever.seconds = 0.0
         t = time.perf_counter()
+        gen = torch.Generator().manual_seed(args.seed + rep)
         if args.scripted_searches:
             rollouts = scripted_rollouts(tok, batch_q, groups, retriever, cfg, args.scripted_searches)
-        elif args.force_search:
-            gen = torch.Generator().manual_seed(args.seed + rep)
-            rollouts = grpo.generate_rollouts(model, tok, batch_q, groups, retriever,
-                                              **igsearch.rollout_kwargs(cfg, cfg.temperature, gen),
-                                              turn_fn=forced_search_turns(model, tok, cfg, gen))
         else:
-            rollouts = grpo.generate_rollouts(model, tok, batch_q, groups, retriever,
-                                              **igsearch.rollout_kwargs(cfg, cfg.temperature,
-                                                                        torch.Generator().manual_seed(args.seed + rep)))
+            with fast():  # the precision train_step samples in
+                rollouts = grpo.generate_rollouts(model, tok, batch_q, groups, retriever,
+                                                  **igsearch.rollout_kwargs(cfg, cfg.temperature, gen),
+                                                  turn_fn=forced_search_turns(model, tok, cfg, gen)
+                                                  if args.force_search else None)
         sample_s += time.perf_counter() - t - retriever.seconds
         retrieval_s += retriever.seconds
         searches += sum(len(r.searches) for r in rollouts)
         n_roll += len(rollouts)
+        tokens += sum(len(r.ids) for r in rollouts)
         past += tokens_past_stop(rollouts, tok)
         for v in variants[rep % len(variants):] + variants[:rep % len(variants)]:  # rotate: no variant always first
             times, metrics = time_variant(model, ref_model, tok, retriever, rollouts, cfg, v, args.seed)
@@ -214,8 +263,9 @@ def main(argv=None):
             if v == "inforeasoner":
                 extra_tok += metrics.get("ir_extra_tokens", 0.0)
         if "igsearch" in variants and args.ig_whole:
-            a, b, d = ig_prefix_sharing(model, tok, retriever, rollouts, cfg, args.seed)
-            share = [share[0] + a, share[1] + b, max(share[2], d)]
+            with fast():
+                a, b, d, f = ig_prefix_sharing(model, tok, retriever, rollouts, cfg, args.seed)
+            share = [share[0] + a, share[1] + b, max(share[2], d), share[3] + f]
 
     shared = sample_s + retrieval_s
     base = shared + rows[variants[0]]["scoring"] + rows[variants[0]]["update"]
@@ -238,9 +288,33 @@ def main(argv=None):
               f"{share[1] / args.repeats:.2f} s: ratio {share[0] / share[1]:.2f} (max |IG difference| {share[2]:.1e})")
 
     prompts = [grpo.prompt_ids(tok, q["question"]) for q in train_q[:8]]
-    ours, theirs = engine_vs_generate(model, tok, prompts, 64, args.seed)
+    with fast():
+        ours, theirs, gen_flops = engine_vs_generate(model, tok, prompts, 64, args.seed)
     print(f"\nrollout engine {ours:.0f} tok/s vs model.generate {theirs:.0f} tok/s on the same 8 prompts x 64 new "
           f"tokens: ratio {ours / theirs:.2f}")
+
+    # roofline: every rate against a plain matmul at the model's sizes, measured here, now
+    P, bf16 = body_params(model), grpo.bf16_forwards(cfg.precision, device)
+    mm = {dt: matmul_rate(model, dt) for dt in (torch.bfloat16, torch.float32)}
+    peak = mm[torch.bfloat16 if bf16 else torch.float32]
+    print(f"\nroofline: torch.mm [2048 x {model.config.hidden_size}] @ [{model.config.hidden_size} x "
+          f"{getattr(model.config, 'intermediate_size', 0)}] runs at {mm[torch.bfloat16] / 1e9:.1f} GFLOP/s in bf16, "
+          f"{mm[torch.float32] / 1e9:.1f} in fp32; the forwards run in {'bf16' if bf16 else 'fp32'}; "
+          f"P = {P / 1e6:.1f}M matmul parameters (head excluded)")
+    print(f"{'phase':<46}{'GFLOP/s':>9}{'of matmul':>11}")
+    upd_s = rows[variants[0]]["update"]
+    phases = [("update (8·P·tokens: policy fwd+bwd, reference)", 8 * P * tokens / upd_s if upd_s else None),
+              ("IG scoring (2·P·positions, shared prefix)", share[3] / share[0] if share[0] else None),
+              ("generation (2·P·tokens, prefill and decode)", gen_flops)]
+    for name, rate in phases:
+        if rate:
+            print(f"{name:<46}{rate / 1e9:>9.1f}{rate / peak:>10.0%}")
+    if "igsearch" in variants and share[0] and upd_s:
+        out_step = (shared + rows[variants[0]]["scoring"] + upd_s) / args.repeats
+        predicted = (out_step + share[3] / args.repeats / (8 * P * tokens / upd_s)) / out_step
+        measured = (shared + rows["igsearch"]["scoring"] + rows["igsearch"]["update"]) / (out_step * args.repeats)
+        print(f"igsearch / {variants[0]} step: measured {measured:.2f}; predicted {predicted:.2f} from the FLOP count "
+              f"(IG scoring's FLOPs at the update's achieved rate)")
     print(f"peak memory: {peak_memory_mb(device):.0f} MiB ({'GPU allocated' if device.type == 'cuda' else 'process RSS'})")
     if smoke:
         print("(smoke model: random weights; give --model for meaningful rollouts)")

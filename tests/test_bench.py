@@ -39,3 +39,20 @@ def test_forced_search_turns_search_in_every_turn_but_the_last(tmp_path):
         last = max(k for k, role in enumerate(r.roles) if role != grpo.POLICY) + 1
         assert not tok.decode(r.ids[last:]).startswith("<search>")
     assert bench_step.tokens_past_stop(rs, tok) == 0
+
+
+def test_roofline_counts_the_decoders_matmul_parameters_and_the_positions_it_computes():
+    # P: q, k, v, o and the MLP's gate, up, down in every layer, from the config's sizes; not the head
+    model, tok = runs.tiny_random_model(seed=0)
+    c = model.config
+    H, I, L, d = c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.head_dim
+    attn = H * c.num_attention_heads * d * 2 + H * c.num_key_value_heads * d * 2  # q, o; k, v
+    assert bench_step.body_params(model) == L * (attn + 3 * H * I)
+    # positions: real tokens where a mask says which (3 + 5 here), every position of a batch without one
+    positions = bench_step.Positions(model)
+    ids = torch.tensor([[0, 0, 11, 12, 13], [11, 12, 13, 14, 15]])
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=(ids != 0).long())
+        model(input_ids=ids)
+    positions.remove()
+    assert positions.n == 8 + 10
