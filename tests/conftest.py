@@ -52,3 +52,17 @@ def require_tool(present, tool, install):
     if os.environ.get("CI"):
         pytest.fail(f"{tool} is absent in CI: .ci/run must install it ({install})")
     pytest.skip(f"{tool} is absent (optional tool: {install})")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """(model, tok): a tiny random-initialised Qwen3 and the Qwen3 tokenizer, one per test module. Tests that
+    change the weights deep-copy the model first."""
+    import runs
+    model, tok = runs.tiny_random_model(seed=0)
+    return model.eval(), tok
+
+
+@pytest.fixture(scope="module")
+def tok(tiny):
+    return tiny[1]

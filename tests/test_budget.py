@@ -19,7 +19,6 @@ import igsearch
 import ranks
 import retrieve
 import rewards
-import runs
 import warmup
 
 DOCS = [{"id": "d0", "title": "Paris", "text": "Paris is the capital and largest city of France."},
@@ -29,12 +28,6 @@ DOCS = [{"id": "d0", "title": "Paris", "text": "Paris is the capital and largest
 FRANCE = {"id": "q0", "question": "What is the capital of France?", "golden_answers": ["Paris"]}
 RIVER = {"id": "q1", "question": "Which river flows through Vienna?", "golden_answers": ["Danube", "the Danube"]}
 SEARCH = "<think>I need to search.</think>\n<search> {} </search>"
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    model, tok = runs.tiny_random_model(0)
-    return model.eval(), tok
 
 
 @pytest.fixture

@@ -7,12 +7,6 @@ import torch
 
 import demo
 import igsearch
-import runs
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return runs.qwen_tokenizer()
 
 
 def test_igsearch_moves_toward_the_good_query_and_outcome_does_not(tok, tmp_path):

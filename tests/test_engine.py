@@ -18,11 +18,6 @@ import retrieve
 import runs
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return runs.qwen_tokenizer()
-
-
 def enc(tok, text):
     return tok.encode(text, add_special_tokens=False)
 

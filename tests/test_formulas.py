@@ -18,19 +18,12 @@ import torch
 import grpo
 import igsearch
 import rewards
-import runs
 from retrieve import Retriever, format_docs
 
 PARIS = {"id": "paris", "title": "Paris", "text": "Paris is the capital and largest city of France."}
 LYON = {"id": "lyon", "title": "Lyon", "text": "Lyon is a city in France."}
 NICE = {"id": "nice", "title": "Nice", "text": "Nice lies on the Riviera."}
 Q = {"question": "What is the capital of France?", "golden_answers": ["Paris"]}
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    model, tok = runs.tiny_random_model(seed=0)
-    return model.eval(), tok
 
 
 def enc(tok, text):

@@ -40,18 +40,6 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    """(model, tok): shared by the tests that do not change the weights (the others deep-copy the model)."""
-    model, tok = runs.tiny_random_model(0)
-    return model.eval(), tok
-
-
-@pytest.fixture(scope="module")
-def tok(tiny):
-    return tiny[1]
-
-
 @pytest.fixture
 def retriever(tmp_path):
     return retrieve.Retriever(DOCS, cache_dir=tmp_path)

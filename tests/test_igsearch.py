@@ -17,23 +17,11 @@ from torch import nn
 import grpo
 import igsearch
 import rewards
-import runs
 from retrieve import Retriever
 
 
 # ----------------------------------------------------------------------------------------------------
 # Shared set-up: the real Qwen tokenizer with a tiny random Qwen3, and a hand-made corpus
-
-@pytest.fixture(scope="module")
-def tiny():
-    model, tok = runs.tiny_random_model(seed=0)
-    return model.eval(), tok
-
-
-@pytest.fixture(scope="module")
-def tok(tiny):
-    return tiny[1]
-
 
 def D(title, text):
     return {"id": title.lower(), "title": title, "text": text}

@@ -11,18 +11,11 @@ import torch
 import grpo
 import igsearch
 import rewards
-import runs
 from retrieve import DataError
 from rewards import (Belief, belief, default_equivalent, entailment_index, inforeasoner_information_gain,
                      information_gain, load_nli, nli_equivalent, semantic_classes, smoothed_p_gold, weigh_samples)
 
 EPS = rewards.IR_EPS
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    model, tok = runs.tiny_random_model(seed=0)
-    return model.eval(), tok
 
 
 def test_docstring_examples():

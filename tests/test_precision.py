@@ -5,15 +5,8 @@ import torch
 
 import grpo
 import rewards
-import runs
 
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    model, tok = runs.tiny_random_model(0)
-    return model.eval(), tok
 
 
 def batch(tok):

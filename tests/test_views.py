@@ -12,7 +12,6 @@ import torch
 import grpo
 import igsearch
 import retrieve
-import runs
 import views
 from conftest import require_tool
 
@@ -21,11 +20,6 @@ DOCS = [{"id": "d0", "title": "Marie Curie", "text": "Marie Curie discovered pol
 QUESTION = {"id": "q", "question": "Who discovered polonium?", "golden_answers": ["Marie Curie"]}
 SCRIPTS = [["<search> who discovered polonium </search>", "<answer> Marie Curie </answer>"],
            ["<think>no idea</think> <answer> a < b & c </answer>"]]
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return runs.qwen_tokenizer()
 
 
 @pytest.fixture

@@ -32,12 +32,6 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    model, tok = runs.tiny_random_model(0)
-    return model.eval(), tok
-
-
 @pytest.fixture
 def retriever(tmp_path):
     return retrieve.Retriever(DOCS, cache_dir=tmp_path)
