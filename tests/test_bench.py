@@ -56,3 +56,41 @@ def test_roofline_counts_the_decoders_matmul_parameters_and_the_positions_it_com
         model(input_ids=ids)
     positions.remove()
     assert positions.n == 8 + 10
+
+
+# ----------------------------------------------------------------------------------------------------
+# bench_versions: before/after on the same inputs
+
+import bench_versions  # noqa: E402
+import pytest  # noqa: E402
+
+
+def test_versions_scripted_rollouts_give_every_group_a_reward_spread(tmp_path):
+    tok = runs.qwen_tokenizer()
+    retriever = Retriever(DOCS, cache_dir=tmp_path)
+    cfg = dataclasses.replace(igsearch.Config(), group_size=4, max_turns=2, topk=1, max_turn_tokens=64,
+                              max_response_tokens=400)
+    q2 = {"id": "q2", "question": "What is Doc5?", "golden_answers": ["topic 5"]}
+    rs = bench_versions.scripted_rollouts(grpo, tok, retriever, [Q, q2], cfg)
+    assert [r.group for r in rs] == [0, 0, 0, 0, 1, 1, 1, 1]
+    assert [r.answer for r in rs] == ["more", "unknown"] * 2 + ["topic 5", "unknown"] * 2
+    assert [igsearch.score_outcome(rs)[0][k] for k in range(8)] == [1.0, 0.0] * 4
+    assert all(len(r.searches) == 1 and r.searches[0]["query"] == r.question["question"] for r in rs)
+
+
+def test_versions_agree_within_the_stated_tolerances():
+    a = {"loss": 1.0, "grad_norm": 2.0}
+    assert bench_versions.agree(a, {"loss": 1.04, "grad_norm": 2.09}) == "yes"    # 0.04 nats, 4.5%
+    assert bench_versions.agree(a, {"loss": 1.06, "grad_norm": 2.0}) == "no"      # the loss is 0.06 off
+    assert bench_versions.agree(a, {"loss": 1.0, "grad_norm": 2.11}) == "no"      # the gradient norm 5.5%
+    assert bench_versions.agree({"loss": 3.0}, {"loss": 3.01}) == "yes"           # warm-up: a loss alone
+    assert bench_versions.agree({"loss": None}, {"loss": 3.0}) is None
+
+
+def test_versions_unpack_writes_a_commits_tree_and_names_a_bad_one(tmp_path):
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    tree = bench_versions.unpack("HEAD", tmp_path)
+    assert (tree / "igsearch.py").read_text().startswith('"""')
+    with pytest.raises(SystemExit, match=r"git archive no-such-rev failed: .* \(give a commit"):
+        bench_versions.unpack("no-such-rev", tmp_path)
