@@ -120,10 +120,12 @@ class Config:
 # micro-batch of 3,072 tokens peaks at +1.9 GB (4,096: +2.5 GB); without it (cpu) 2 rows × 1,160 tokens took
 # +2.8 GB and 3,072 tokens +3.8 GB, hence 2,048 there. Generation: 8 rows × 1,160 tokens of KV cache took +0.9 GB,
 # so 16,384 tokens hold about +1.6 GB, below the old evaluation batch of 25 such rows (+2.8 GB), and keep batches
-# of 25 rows or more in a first turn (where 3 rows a batch generate about 1.5× slower than 8 or 24).
+# of 25 rows or more in a first turn (where 3 rows a batch generate about 1.5× slower than 8 or 24). --tiny holds
+# 8,192: its IG-Search step peaked at 4.09 GB with 16,384 (bench_memory), at 3.39 GB with 8,192, and 8,192 still
+# batches 8 rows of a turn with documents.
 PRESETS = {
     "tiny": dict(steps=4, questions_per_step=2, group_size=4, max_turns=2, topk=3, max_turn_tokens=128,
-                 max_response_tokens=1024, lr=1e-5, eval_questions=50, token_budget=3072, forward_budget=16384,
+                 max_response_tokens=1024, lr=1e-5, eval_questions=50, token_budget=3072, forward_budget=8192,
                  show_every=1, warmup_steps=8, warmup_batch=4),
     "cpu": dict(steps=10, questions_per_step=4, group_size=4, max_turns=2, topk=3, max_turn_tokens=128,
                 max_response_tokens=1024, lr=1e-5, eval_questions=300, token_budget=2048, forward_budget=16384,
