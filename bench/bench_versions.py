@@ -18,11 +18,12 @@ to leave out are printed. The inputs are the same on both sides:
   with a wrong one. Its loss and gradient norm are compared.
 - step, sampled: a full step whose rollouts the model samples (seeded). Precision changes the samples, so this
   row compares times only.
-- warm-up: one warm-up step on the same oracle trajectories (the same questions and seed). Its loss is compared.
+- warm-up: one warm-up step on oracle trajectories of the same questions with the same seed. A tree builds them
+  with its own warmup.py, so the "inputs" columns say whether they are the same (policy tokens, trajectories).
 
-A row's numbers agree when the loss is within 0.05 (nats a token, bf16 forwards against fp32; tests/
-test_precision.py bounds each log-prob the same way) and the gradient norm within 5%. The machine should be
-otherwise idle: the times are wall clock."""
+Where a row's inputs are the same, its numbers agree when the loss is within 0.05 (nats a token, bf16 forwards
+against fp32; tests/test_precision.py bounds each log-prob the same way) and the gradient norm within 5%. The
+machine should be otherwise idle: the times are wall clock."""
 import argparse
 import dataclasses
 import json
@@ -79,8 +80,10 @@ def run_phase(spec):
         import warmup
         cfg = dataclasses.replace(cfg, warmup_steps=1)
         t = time.perf_counter()
-        losses = warmup.warmup(model, tok, retriever, spec["questions"], cfg, rng, log=lambda *a: None)
-        out.update(seconds=time.perf_counter() - t, loss=losses[0] if losses else None)
+        said = []  # its one log line names the step's policy tokens and trajectories: the inputs, compared
+        losses = warmup.warmup(model, tok, retriever, spec["questions"], cfg, rng, log=said.append)
+        out.update(seconds=time.perf_counter() - t, loss=losses[0] if losses else None,
+                   tokens=said[0].split(" over ")[-1].split(",")[0].replace(" trajectories", "") if said else None)
     else:
         ref = None
         if cfg.beta_kl > 0 or cfg.reward == "inforeasoner":  # as igsearch.py builds it, in either tree
@@ -93,7 +96,7 @@ def run_phase(spec):
         metrics, rollouts, _ = igsearch.train_step(model, ref, opt, tok, retriever, qs, cfg, generator, rng,
                                                    rollouts=rollouts)
         out.update(seconds=time.perf_counter() - t, loss=metrics.get("loss"), grad_norm=metrics.get("grad_norm"),
-                   reward=metrics.get("reward"), tokens=int(sum(len(r.ids) for r in rollouts)),
+                   reward=metrics.get("reward"), tokens=f"{sum(len(r.ids) for r in rollouts)} tokens",
                    times={k[5:]: v for k, v in metrics.items() if k.startswith("time_")})
     out["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
     return out
@@ -146,8 +149,8 @@ def fmt(x, spec=".3f"):
 
 
 def table(rows):
-    head = ("phase", "before s", "after s", "speed-up", "before loss", "after loss", "before |g|", "after |g|",
-            "agree", "before GB", "after GB")
+    head = ("phase", "before s", "after s", "speed-up", "before inputs", "after inputs", "before loss", "after loss",
+            "before |g|", "after |g|", "agree", "before GB", "after GB")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for phase, a, b in rows:
         if "error" in a or "error" in b:
@@ -155,8 +158,8 @@ def table(rows):
             continue
         lines.append("| " + " | ".join([
             phase, fmt(a["seconds"], ".1f"), fmt(b["seconds"], ".1f"), f"{a['seconds'] / b['seconds']:.2f}×",
-            fmt(a.get("loss"), ".4f"), fmt(b.get("loss"), ".4f"), fmt(a.get("grad_norm")), fmt(b.get("grad_norm")),
-            (agree(a, b) if phase != "step-sampled" else None) or "—",
+            str(a.get("tokens")), str(b.get("tokens")), fmt(a.get("loss"), ".4f"), fmt(b.get("loss"), ".4f"), fmt(a.get("grad_norm")), fmt(b.get("grad_norm")),
+            (agree(a, b) if a.get("tokens") == b.get("tokens") and phase != "step-sampled" else None) or "—",
             fmt(a["peak_rss_gb"], ".2f"), fmt(b["peak_rss_gb"], ".2f")]) + " |")
     return "\n".join(lines)
 
