@@ -150,7 +150,7 @@ def fmt(x, spec=".3f"):
 
 def table(rows):
     head = ("phase", "before s", "after s", "speed-up", "before inputs", "after inputs", "before loss", "after loss",
-            "before |g|", "after |g|", "agree", "before GB", "after GB")
+            "before grad norm", "after grad norm", "agree", "before GB", "after GB")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for phase, a, b in rows:
         if "error" in a or "error" in b:

@@ -94,3 +94,14 @@ def test_versions_unpack_writes_a_commits_tree_and_names_a_bad_one(tmp_path):
     assert (tree / "igsearch.py").read_text().startswith('"""')
     with pytest.raises(SystemExit, match=r"git archive no-such-rev failed: .* \(give a commit"):
         bench_versions.unpack("no-such-rev", tmp_path)
+
+
+def test_versions_table_compares_numbers_only_where_the_inputs_are_the_same():
+    a = {"seconds": 60.0, "tokens": "612 policy tokens of 4", "loss": 2.0, "peak_rss_gb": 6.0}
+    same = dict(a, seconds=20.0, loss=2.01, peak_rss_gb=3.0)
+    other = dict(same, tokens="640 policy tokens of 4")
+    rows = bench_versions.table([("warmup", a, same), ("warmup", a, other), ("step-sampled", a, same)]).splitlines()
+    cells = [[c.strip() for c in r.strip("|").split("|")] for r in rows[2:]]
+    agree = rows[0].strip("|").split("|").index(" agree ")
+    assert [c[3] for c in cells] == ["3.00×"] * 3                # before s / after s
+    assert [c[agree] for c in cells] == ["yes", "—", "—"]        # other inputs, or sampled: nothing to compare
