@@ -109,7 +109,7 @@ class Config:
 
 # --tiny: the real offline model (SmolLM2-135M where the default is not cached), a short format warm-up, then a
 # few GRPO steps, evaluated before and after on 50 dev questions: minutes on a laptop GPU; on a 2-core CPU the
-# target is 15, and 30 were measured on one busy core (README, "Learning"). --preset cpu: the learning
+# target is 15; 18 were measured on two free cores (README, "Learning"). --preset cpu: the learning
 # experiment of `compare --preset cpu`, hours there; on a 24 GB machine it trades memory for speed (no
 # gradient checkpointing). A turn holds 128 tokens: the warm-up's queries (up to 24 words, with the turn's
 # think) take about 60, and a policy that learns longer queries must not be cut off at the edge of what it was
