@@ -370,7 +370,7 @@ def group_advantages(rewards, groups, eps=1e-6):
     for g in groups.unique():
         m = groups == g
         r = rewards[m]
-        if m.sum() > 1 and not torch.all(r == r[0]):  # all equal: no signal, and std = 0 would give NaN
+        if not torch.all(r == r[0]):  # all equal (one rollout too): no signal, and std = 0 (or NaN) would divide
             adv[m] = (r - r.mean()) / (r.std(unbiased=True) + eps)
     return adv
 

@@ -468,6 +468,11 @@ def test_group_advantages_by_hand():
 def test_all_equal_group_gets_exactly_zero():
     adv = grpo.group_advantages([0.0, 0.0, 0.0, 0.7, 0.7, 1.0], [0, 0, 0, 1, 1, 2])  # group 2 has one rollout
     assert adv.tolist() == [0.0] * 6 and not torch.isnan(adv).any()
+    # six equal float32 rewards whose float32 mean is one ulp off (0.88166535 * 6 / 6 != 0.88166535): computing
+    # (R - mean) / (std + eps) anyway would give about 0.056 to each, a gradient from no signal at all
+    r = torch.tensor([0.8816653490066528] * 6)
+    assert (r - r.mean()).abs().max() > 0  # the premise
+    assert grpo.group_advantages(r, [0] * 6).tolist() == [0.0] * 6
 
 
 def test_groups_never_mix(tok, retriever):
