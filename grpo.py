@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.utils.checkpoint
+from transformers import PreTrainedModel
+from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from retrieve import format_docs
 
@@ -160,6 +162,44 @@ def generate_turn(model, tok, seqs, max_new, stop_strings, eos_ids, temperature,
     return gens, why
 
 
+class RoomyLayer(DynamicLayer):
+    """One layer's KV cache with room for `room` tokens past its prefill, written in place. transformers'
+    DynamicLayer appends each token with torch.cat, which allocates and copies the whole cache at every step: at
+    25 rows × 400 tokens that took 0.3 of a decode step on this project's CPU (bench/bench_step.py, the engine
+    line). Keys and values get a buffer each, in their own dtype (under bf16 autocast, RoPE leaves the keys fp32
+    and the values bf16); attention reads views of the filled part, so it computes what DynamicLayer computes."""
+
+    def __init__(self, room):
+        super().__init__()
+        self.room = room
+
+    def update(self, keys, values, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(keys, values)
+            B, H, n, _ = keys.shape
+            self.k_buf = keys.new_empty(B, H, n + self.room, keys.shape[-1])      # [B, H, n + room, D]
+            self.v_buf = values.new_empty(B, H, n + self.room, values.shape[-1])
+        n0, n1 = self.get_seq_length(), self.get_seq_length() + keys.shape[-2]
+        self.k_buf[:, :, n0:n1], self.v_buf[:, :, n0:n1] = keys, values
+        self.keys, self.values = self.k_buf[:, :, :n1], self.v_buf[:, :, :n1]
+        return self.keys, self.values
+
+    def batch_select_indices(self, indices):
+        n = self.get_seq_length()
+        self.k_buf, self.v_buf = self.k_buf[indices], self.v_buf[indices]
+        self.keys, self.values = self.k_buf[:, :, :n], self.v_buf[:, :, :n]
+
+
+def kv_cache(model, room):
+    """A KV cache for a transformers model that will generate up to `room` tokens past its prefill (RoomyLayer);
+    None for any other model, which then builds its own (the constructed models of tests/test_engine.py)."""
+    if not isinstance(model, PreTrainedModel):
+        return None
+    cache = DynamicCache(config=model.config)
+    cache.layers = [RoomyLayer(room) if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    return cache
+
+
 @torch.no_grad()
 def _generate_batch(model, tok, seqs, max_new, stop_strings, eos_ids, temperature, generator):
     """generate_turn on one batch: every row of `seqs` in one left-padded batch and one KV cache."""
@@ -173,7 +213,8 @@ def _generate_batch(model, tok, seqs, max_new, stop_strings, eos_ids, temperatur
         attn[b, L - len(s):] = 1
     ids, attn = ids.to(device), attn.to(device)
     pos = (attn.cumsum(-1) - 1).clamp(min=0)  # [B, L] positions that ignore the padding
-    out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1)
+    out = model(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=kv_cache(model, max(max_new)),
+                use_cache=True, logits_to_keep=1)
     cache, logits = out.past_key_values, out.logits[:, -1].float()  # [B, V]
     rows = list(range(B))  # original row of each row still in the batch
     gens, why = [[] for _ in range(B)], [None] * B
@@ -476,15 +517,20 @@ def token_logprobs(model, ids, attention_mask, mask, token_budget=None):
     One forward per chunk of rows of at most token_budget tokens (token_chunks over the rows' real lengths;
     None: all rows in one forward). The vocabulary projection is applied only at the masked positions: with a
     150k-token vocabulary the full logits of a batch would take gigabytes for nothing (the loss only reads
-    policy tokens)."""
+    policy tokens).
+
+    Rows are right-padded (collate), so the forward needs no attention mask: causal attention alone keeps a
+    row's tokens from the padding after them, and the attention kernel then skips the masked half instead of
+    reading an explicit [b, n, n] mask (about a third of the update's attention time on a CPU)."""
     head = model.get_output_embeddings()
     out = torch.zeros(ids.shape, dtype=torch.float32, device=ids.device)      # [B, T]
-    lengths = attention_mask.sum(-1)                                           # [B] right padding
+    lengths = attention_mask.sum(-1)                                           # [B]
+    if not torch.equal(attention_mask.bool(), torch.arange(ids.shape[1], device=ids.device) < lengths[:, None]):
+        raise ValueError("token_logprobs takes right-padded rows: each row's attention mask must be 1s then 0s")
     for sl in token_chunks(lengths.tolist(), token_budget):
         n = int(lengths[sl].max())                         # cut the chunk's own tail of padding
-        i, a, m = ids[sl, :n], attention_mask[sl, :n], mask[sl, :n]
-        pos = (a.cumsum(-1) - 1).clamp(min=0)
-        h = model.base_model(input_ids=i, attention_mask=a, position_ids=pos).last_hidden_state  # [b, n, H]
+        i, m = ids[sl, :n], mask[sl, :n]
+        h = model.base_model(input_ids=i).last_hidden_state  # [b, n, H] causal; positions 0..n-1
         target = m[:, 1:]                                  # token k is predicted at position k - 1
         lp = head_logprobs(head, h[:, :-1][target], i[:, 1:][target])  # [n_target]
         out[sl, 1:n][target] = lp

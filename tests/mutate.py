@@ -45,13 +45,13 @@ ROOT = Path(__file__).resolve().parents[1]
 # file -> the functions (or classes / module constants) whose lines are formula lines. "a.b" is the nested
 # function b of a.
 TARGETS = {
-    "rewards.py": ["normalize_answer", "exact_match", "f1_score", "extract_answer", "head_weights", "gold_scorer",
+    "rewards.py": ["normalize_answer", "exact_match", "f1_score", "head_weights", "gold_scorer",
                    "gold_scorer.score", "batch_pool", "baseline_blocks", "igsearch_information_gain", "weigh_samples",
                    "default_equivalent", "semantic_classes", "belief", "smoothed_p_gold", "information_gain",
                    "nli_equivalent.equivalent", "entailment_index", "load_nli.entail", "sample_logprobs",
                    "sample_answers", "trajectory_evidence", "inforeasoner_information_gain", "inforeasoner_beliefs",
                    "ir_metrics", "IR_EPS"],
-    "grpo.py": ["stop_ids", "token_chunks", "generate_turn", "_generate_batch", "Batch.policy_mask",
+    "grpo.py": ["extract_answer", "stop_ids", "token_chunks", "generate_turn", "_generate_batch", "Batch.policy_mask",
                 "group_advantages", "token_advantages",
                 "head_logprobs", "token_logprobs", "grpo_loss", "ig_gate", "add_query_bonus"],
     "igsearch.py": ["Config", "PRESETS", "train_step", "update_policy"],
@@ -71,8 +71,8 @@ FIELDS = {"Config": {"group_size", "temperature", "max_turns", "topk", "lr", "be
 # function -> the pytest runs that guard it, fastest and most direct first; a mutant is killed by the first that fails
 FAST_IR = ["tests/test_formulas.py", "tests/test_inforeasoner.py -k 'not nli_model_loads'"]
 TESTS = {
-    **{f: ["rewards.py", "tests/test_outcome.py"] for f in ("normalize_answer", "exact_match", "f1_score",
-                                                             "extract_answer")},
+    **{f: ["rewards.py", "tests/test_outcome.py"] for f in ("normalize_answer", "exact_match", "f1_score")},
+    "extract_answer": ["grpo.py", "tests/test_outcome.py"],
     **{f: ["rewards.py", "tests/test_igsearch.py -k 'head_weights or gold_score'",
            "tests/test_formulas.py -k 'gold_scorer or defaults'", "tests/test_budget.py -k 'gold or ig_'"]
        for f in ("head_weights", "gold_scorer", "gold_scorer.score")},

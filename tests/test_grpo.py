@@ -256,6 +256,45 @@ def test_max_new_per_row(engine, two_prompts):
     assert gens == [ref_s[:3], ref_l[:9], ref_s[:1]] and why == ["length"] * 3
 
 
+
+def test_kv_cache_writes_in_place_and_gives_the_dynamic_caches_logits(engine, two_prompts):
+    # the preallocated cache against transformers' own: two left-padded rows, a prefill and 4 decode steps, the
+    # second row dropped after step 2 (as when it stops); the same logits, and every step writes into the one buffer
+    model, tok = engine
+    short, long = two_prompts[:2]
+    L = len(long)
+    ids = torch.tensor([[0] * (L - len(short)) + short, long])
+    attn = (torch.arange(L)[None] >= torch.tensor([[L - len(short)], [0]])).long()    # [2, L] left padding
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)
+    logits = {}
+    for name, past in (("dynamic", None), ("roomy", grpo.kv_cache(model, 5))):
+        a, p, steps = attn, pos, []
+        with torch.no_grad():
+            out = model(input_ids=ids, attention_mask=a, position_ids=p, past_key_values=past, use_cache=True)
+            cache, nxt = out.past_key_values, out.logits[:, -1].argmax(-1)
+            steps.append(out.logits[:, -1])
+            if name == "roomy":
+                buf = cache.layers[0].k_buf.data_ptr()
+            for step in range(4):
+                if step == 2:  # the second row leaves the batch
+                    cache.batch_select_indices(torch.tensor([0]))
+                    a, p, nxt = a[:1], p[:1], nxt[:1]
+                    if name == "roomy":
+                        buf = cache.layers[0].k_buf.data_ptr()  # selecting rows is the one copy
+                a, p = torch.cat([a, torch.ones_like(a[:, :1])], 1), p[:, -1:] + 1
+                out = model(input_ids=nxt[:, None], attention_mask=a, position_ids=p, past_key_values=cache,
+                            use_cache=True)
+                cache, nxt = out.past_key_values, out.logits[:, -1].argmax(-1)
+                steps.append(out.logits[:, -1])
+                if name == "roomy":
+                    assert cache.layers[0].k_buf.data_ptr() == buf and cache.get_seq_length() == L + step + 1
+        logits[name] = steps
+    assert isinstance(cache.layers[0], grpo.RoomyLayer) and cache.layers[0].k_buf.shape[2] == L + 5
+    for d, r in zip(logits["dynamic"], logits["roomy"]):
+        assert torch.allclose(d, r, atol=1e-5)
+    # a model that is not a transformers model builds its own cache
+    assert grpo.kv_cache(torch.nn.Linear(2, 2), 5) is None
+
 # Stop strings across token boundaries, EOS and rows leaving the batch at different steps: tests/test_engine.py,
 # on a constructed model whose continuations are known by hand (a random model's need not suit the test).
 
@@ -652,6 +691,9 @@ def test_token_logprobs_matches_a_full_forward(engine):
                 assert torch.count_nonzero(got[~mask]) == 0
                 assert torch.allclose(got, expected, atol=2e-5), (budget, (got - expected).abs().max())
                 assert (got[mask] < 0).all()
+        # the forward takes right padding as causal attention alone: a left-padded mask is refused, not misread
+        with pytest.raises(ValueError, match="right-padded"):
+            grpo.token_logprobs(model, ids, attn.flip(-1), dense)
 
 
 # ----------------------------------------------------------------------------------------------------
