@@ -434,6 +434,7 @@ def _train(cfg, out, ckpt, resume, before, device, retriever, splits, dev):
     start, evals = cfg.model, {}
     if cfg.warmup_steps > 0:  # METHOD §6: RL starts from the warmed-up model, and so does the reference
         start, evals = warm_start(cfg, out, retriever, splits, dev, device)
+        runs.release_memory()  # the warm-up's model and optimizer state are freed: hand their pages back first
     model, tok, smoke = runs.load_model(start, device, cfg.seed)
     smoke = smoke or evals.get("smoke", False)
     ref_model = None

@@ -18,6 +18,8 @@ weights: a hub id or local directory does not change, tiny-random is seeded), ne
 """
 import argparse
 import contextlib
+import ctypes
+import gc
 import importlib.util
 import json
 import os
@@ -250,6 +252,17 @@ def _first_line(e):
     """An exception as one short line, for the messages that quote a library's error."""
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0][:160]}" if text else type(e).__name__
+
+
+def release_memory():
+    """Collect garbage and give the freed heap back to the operating system, between phases of one process.
+    glibc keeps freed memory for reuse, and the next phase's tensors, of other sizes, need not fit in it, so a
+    process's resident size can grow past what any one phase holds. A no-op where libc has no malloc_trim."""
+    gc.collect()
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def save_model(model, tok, path):

@@ -124,4 +124,5 @@ def warmup(model, tok, retriever, questions, cfg, rng, log=print):
         losses.append(total)
         log(f"warm-up step {step + 1}/{cfg.warmup_steps}: loss {total:.4f} over {int(norm)} policy tokens "
             f"of {len(rollouts)} trajectories, {sum(len(r.searches) for r in rollouts) / len(rollouts):.2f} searches each")
+    opt.zero_grad(set_to_none=True)  # the last step's gradients (the model's size again) are not kept past the warm-up
     return losses

@@ -3,6 +3,7 @@ dev or test question reaches it. Expectations come from a plain forward pass and
 import dataclasses
 import json
 import random
+import weakref
 
 import pytest
 import torch
@@ -176,16 +177,31 @@ def test_no_dev_or_test_question_reaches_the_warmup(monkeypatch, tmp_path, qa_fi
 
 def test_rl_starts_from_the_warmed_model_and_a_resume_skips_the_warmup(monkeypatch, tmp_path, qa_files):
     data, corpus = qa_files
-    loaded, calls = [], []
+    loaded, calls, no_grads, warm_models, warm_alive = [], [], [], [], []
     real_load, real_warmup = runs.load_model, warmup.warmup
-    monkeypatch.setattr(runs, "load_model", lambda name, *a, **kw: loaded.append(name) or real_load(name, *a, **kw))
-    monkeypatch.setattr(warmup, "warmup", lambda *a, **kw: calls.append(1) or real_warmup(*a, **kw))
+
+    def spy_load(name, *a, **kw):
+        loaded.append(name)
+        warm_alive.append(any(r() is not None for r in warm_models))
+        return real_load(name, *a, **kw)
+
+    def spy_warmup(model, *a, **kw):
+        calls.append(1)
+        losses = real_warmup(model, *a, **kw)
+        no_grads.append(all(p.grad is None for p in model.parameters()))
+        warm_models.append(weakref.ref(model))
+        return losses
+
+    monkeypatch.setattr(runs, "load_model", spy_load)
+    monkeypatch.setattr(warmup, "warmup", spy_warmup)
     cfg = igsearch.Config(model="tiny-random", corpus=f"jsonl:{corpus}", data=str(data), out=str(tmp_path / "run"),
                           device="cpu", steps=1, questions_per_step=1, group_size=2, max_turns=1, max_turn_tokens=48,
                           max_response_tokens=200, eval_questions=1, show_every=0, warmup_steps=1, warmup_batch=2)
     igsearch.train(cfg)
     warm = str(tmp_path / "run" / "warmup" / "model")
     assert loaded == ["tiny-random", warm] and calls == [1]
+    # memory: the warm-up keeps no gradients, and its model is freed before RL loads the saved one
+    assert no_grads == [True] and warm_alive == [False, False]
     # the RL start (and so the reference) holds the warmed weights, not the initial ones
     init = runs.tiny_random_model(0)[0].state_dict()
     warmed = real_load(warm, torch.device("cpu"))[0].state_dict()
