@@ -91,7 +91,7 @@ TESTS = {
     "_generate_batch": ["tests/test_engine.py",
                         "tests/test_grpo.py -k 'greedy or max_new or stop_string or engine_rollouts or reproducible'"],
     **{f: ["grpo.py", "tests/test_grpo.py -k 'loss or advantage or gradient or mask or logprobs or micro or learns "
-                      "or unlearns or equal_rewards'", "tests/test_training.py -k 'ppo or clipping or one_policy'",
+                      "or unlearns or equal or clip or kl or group or seq_mean'", "tests/test_training.py -k 'ppo or clipping or one_policy'",
                  "tests/test_formulas.py -k 'clip_fraction or defaults'",
                  "tests/test_budget.py -k 'update or logprobs'"]
        for f in ("Batch.policy_mask", "group_advantages", "token_advantages", "head_logprobs", "token_logprobs",
@@ -146,6 +146,21 @@ EQUIVALENT = {
         'a 2-D tensor: dim 1 is dim -1',
     ('ir_metrics', 'extra = {"ir_ig_mean": mean, "ir_ig_std": math.sqrt(sum(((mean - x)) ** 2 for x in ig) / n),'):
         '(x - m)^2 = (m - x)^2',
+    ('grpo_loss', 'kl = torch.clamp(torch.exp(d) - d - 1, -11, 10)'):
+        'the k3 estimator e^d - d - 1 is never negative: the lower bound never binds',
+    ('grpo_loss', 'per_seq = (loss_tok * mask).sum(-1) / mask.sum(1).clamp(min=1)   # a row without policy tokens: 0'):
+        'a 2-D tensor: dim 1 is dim -1',
+    ('grpo_loss', 'per_seq = (loss_tok * mask).sum(1) / mask.sum(-1).clamp(min=1)   # a row without policy tokens: 0'):
+        'a 2-D tensor: dim 1 is dim -1',
+    ('ig_gate', 'return x if (x >= 0) else rho * x'):
+        'at x = 0 both branches give 0',
+    ('update_policy', 'micro = ranks.same_count(grpo.token_chunks(attn.sum(1).tolist(), cfg.token_budget))  # row slices'):
+        'a 2-D tensor: dim 1 is dim -1',
+    ('update_policy', 'old = torch.cat([policy(ids[sl], attn[sl], mask[sl]) for sl in micro])'):
+        'with one epoch the stored old log-probs are the current ones, which the loss otherwise takes detached: '
+        'the same numbers, one forward more',
+    ('update_policy', 'old = torch.cat([policy(ids[sl], attn[sl], mask[sl]) for sl in micro]) if (cfg.ppo_epochs >= 1) else None'):
+        'ppo_epochs is at least 1: the stored old log-probs always, the same numbers as above',
 }
 
 

@@ -386,6 +386,14 @@ def test_tiny_preset():
     assert igsearch.parse_args(["--tiny", "--max-turns", "3"])[0].max_turns == 3
 
 
+def test_cpu_preset():
+    # README, the learning experiment: 10 steps of 4 questions x G = 4, max_turns 2 (§1), top-3 documents
+    cfg, _ = igsearch.parse_args(["--preset", "cpu"])
+    assert (cfg.max_turns, cfg.questions_per_step, cfg.group_size, cfg.steps, cfg.topk) == (2, 4, 4, 10, 3)
+    assert (cfg.clip_eps, cfg.beta_kl, cfg.ig_alpha, cfg.ig_samples, cfg.ir_samples, cfg.ir_lambda) == \
+        (0.2, 0.001, 0.5, 3, 10, 0.6)
+
+
 def defaults(fn, *names):
     """The defaults of the named parameters (a parameter added later does not break the check)."""
     params = inspect.signature(fn).parameters

@@ -441,6 +441,10 @@ def test_seq_mean_counts_a_row_without_policy_tokens():
     mask = torch.tensor([[0, 1, 1, 1], [0, 0, 0, 0]])
     loss, st = grpo.grpo_loss(LOGP, LOGP.clone(), None, ADV, mask, agg="seq-mean-token-mean")
     assert loss.item() == pytest.approx((-3 / 3 + 0.0) / 2, abs=1e-6) and st["n_tokens"] == 3.0
+    # a row with a single policy token is its own mean: (-A[0, 2] / 1 + 0) / 2 rows
+    loss, _ = grpo.grpo_loss(LOGP, LOGP.clone(), None, ADV, torch.tensor([[0, 0, 1, 0], [0, 0, 0, 0]]),
+                             agg="seq-mean-token-mean")
+    assert loss.item() == pytest.approx(-1.0 / 2, abs=1e-6)
 
 
 def test_loss_with_kl():
@@ -504,7 +508,7 @@ def test_group_advantages_by_hand():
     assert adv.tolist() == pytest.approx([-1 / (math.sqrt(2) + 1), 1 / (math.sqrt(2) + 1)], rel=1e-3)
 
 
-def test_all_equal_group_gets_exactly_zero():
+def test_all_equal_group_gets_exactly_zero_advantage():
     adv = grpo.group_advantages([0.0, 0.0, 0.0, 0.7, 0.7, 1.0], [0, 0, 0, 1, 1, 2])  # group 2 has one rollout
     assert adv.tolist() == [0.0] * 6 and not torch.isnan(adv).any()
     # six equal float32 rewards whose float32 mean is one ulp off (0.88166535 * 6 / 6 != 0.88166535): computing
@@ -625,6 +629,24 @@ def test_micro_batching_does_not_change_the_update(tiny, tok, retriever, agg):
         for n in w1:
             assert torch.allclose(w[n], w1[n], atol=1e-6), n
 
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
+def test_update_policy_loss_is_the_whole_batch_mean(tiny, tok, retriever, agg):
+    # one row a micro-batch; with one epoch the ratio is 1, so the loss is -A averaged the METHOD §3.3 way over the
+    # whole batch: over its policy tokens (token-mean), or per row and then over the 3 rows (seq-mean)
+    rs = run_scripts(tok, retriever, [[TURN0, TURN2], ["hmm", "<answer> Lyon </answer>"], ["<answer> Paris </answer>"]],
+                     max_turns=2)
+    batch = grpo.collate(rs, tok.pad_token_id)
+    n = batch.policy_mask.sum(-1).tolist()                                     # policy tokens per row
+    assert len(set(n)) == 3
+    adv = [1.0, -0.4, -0.2]
+    A = grpo.token_advantages(torch.tensor(adv), batch.roles)
+    cfg = igsearch.Config(beta_kl=0.0, token_budget=1, grad_clip=1e9, loss_agg=agg)
+    model = copy.deepcopy(tiny[0])
+    stats = igsearch.update_policy(model, None, torch.optim.SGD(model.parameters(), lr=0.0), batch, A, cfg)
+    expected = (-sum(a * k for a, k in zip(adv, n)) / sum(n) if agg == "token-mean" else -sum(adv) / 3)
+    assert stats["loss"] == pytest.approx(expected, abs=1e-6)
 
 @pytest.mark.parametrize("beta_kl", [0.0, 0.5])
 def test_gradient_reaches_only_policy_positions(tiny, scripted_batch, beta_kl):
