@@ -166,8 +166,9 @@ class RoomyLayer(DynamicLayer):
     """One layer's KV cache with room for `room` tokens past its prefill, written in place. transformers'
     DynamicLayer appends each token with torch.cat, which allocates and copies the whole cache at every step: at
     25 rows × 400 tokens that took 0.3 of a decode step on this project's CPU (bench/bench_step.py, the engine
-    line). Keys and values get a buffer each, in their own dtype (under bf16 autocast, RoPE leaves the keys fp32
-    and the values bf16); attention reads views of the filled part, so it computes what DynamicLayer computes."""
+    line). Under autocast both are stored in its dtype: RoPE leaves the keys fp32, and the attention would cast
+    the whole cache of keys to bf16 again at every step (a tenth of a step at 25 rows). Attention reads views of
+    the filled part, so it computes what DynamicLayer computes, to the bit."""
 
     def __init__(self, room):
         super().__init__()
@@ -177,8 +178,10 @@ class RoomyLayer(DynamicLayer):
         if not self.is_initialized:
             self.lazy_initialization(keys, values)
             B, H, n, _ = keys.shape
-            self.k_buf = keys.new_empty(B, H, n + self.room, keys.shape[-1])      # [B, H, n + room, D]
-            self.v_buf = values.new_empty(B, H, n + self.room, values.shape[-1])
+            kind = keys.device.type
+            dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
+            self.k_buf = keys.new_empty(B, H, n + self.room, keys.shape[-1], dtype=dtype or keys.dtype)  # [B, H, n + room, D]
+            self.v_buf = values.new_empty(B, H, n + self.room, values.shape[-1], dtype=dtype or values.dtype)
         n0, n1 = self.get_seq_length(), self.get_seq_length() + keys.shape[-2]
         self.k_buf[:, :, n0:n1], self.v_buf[:, :, n0:n1] = keys, values
         self.keys, self.values = self.k_buf[:, :, :n1], self.v_buf[:, :, :n1]

@@ -267,9 +267,11 @@ def test_kv_cache_writes_in_place_and_gives_the_dynamic_caches_logits(engine, tw
     attn = (torch.arange(L)[None] >= torch.tensor([[L - len(short)], [0]])).long()    # [2, L] left padding
     pos = (attn.cumsum(-1) - 1).clamp(min=0)
     logits = {}
-    for name, past in (("dynamic", None), ("roomy", grpo.kv_cache(model, 5))):
+    cases = [(f"{name} {prec}", name, prec) for prec in ("fp32", "bf16") for name in ("dynamic", "roomy")]
+    for key, name, prec in cases:
+        past = grpo.kv_cache(model, 5) if name == "roomy" else None
         a, p, steps = attn, pos, []
-        with torch.no_grad():
+        with torch.no_grad(), grpo.autocast(prec, torch.device("cpu")):
             out = model(input_ids=ids, attention_mask=a, position_ids=p, past_key_values=past, use_cache=True)
             cache, nxt = out.past_key_values, out.logits[:, -1].argmax(-1)
             steps.append(out.logits[:, -1])
@@ -288,10 +290,13 @@ def test_kv_cache_writes_in_place_and_gives_the_dynamic_caches_logits(engine, tw
                 steps.append(out.logits[:, -1])
                 if name == "roomy":
                     assert cache.layers[0].k_buf.data_ptr() == buf and cache.get_seq_length() == L + step + 1
-        logits[name] = steps
+        logits[key] = steps
     assert isinstance(cache.layers[0], grpo.RoomyLayer) and cache.layers[0].k_buf.shape[2] == L + 5
-    for d, r in zip(logits["dynamic"], logits["roomy"]):
-        assert torch.allclose(d, r, atol=1e-5)
+    # under bf16 autocast the keys are stored as the attention reads them (it casts them to bf16 itself)
+    assert cache.layers[0].k_buf.dtype == cache.layers[0].v_buf.dtype == torch.bfloat16
+    for prec in ("fp32", "bf16"):
+        for d, r in zip(logits[f"dynamic {prec}"], logits[f"roomy {prec}"]):
+            assert torch.equal(d, r)
     # a model that is not a transformers model builds its own cache
     assert grpo.kv_cache(torch.nn.Linear(2, 2), 5) is None
 
