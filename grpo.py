@@ -208,17 +208,26 @@ def _generate_batch(model, tok, seqs, max_new, stop_strings, eos_ids, temperatur
     """generate_turn on one batch: every row of `seqs` in one left-padded batch and one KV cache."""
     device = next(model.parameters()).device
     B, L = len(seqs), max(len(s) for s in seqs)
+    cache = kv_cache(model, max(max_new))
+    # rows that repeat a prompt (InfoReasoner's K samples of one belief) share one prefill, then a copy of its cache
+    first = {}
+    src = [first.setdefault(tuple(s), len(first)) for s in seqs] if cache is not None else list(range(B))
+    uniq = list(first) if cache is not None else seqs
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    ids = torch.full((B, L), pad, dtype=torch.long)
-    attn = torch.zeros((B, L), dtype=torch.long)
-    for b, s in enumerate(seqs):  # left padding: every row's next token goes at the same column
+    ids = torch.full((len(uniq), L), pad, dtype=torch.long)
+    attn = torch.zeros((len(uniq), L), dtype=torch.long)
+    for b, s in enumerate(uniq):  # left padding: every row's next token goes at the same column
         ids[b, L - len(s):] = torch.tensor(s)
         attn[b, L - len(s):] = 1
     ids, attn = ids.to(device), attn.to(device)
-    pos = (attn.cumsum(-1) - 1).clamp(min=0)  # [B, L] positions that ignore the padding
-    out = model(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=kv_cache(model, max(max_new)),
-                use_cache=True, logits_to_keep=1)
-    cache, logits = out.past_key_values, out.logits[:, -1].float()  # [B, V]
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)  # [U, L] positions that ignore the padding
+    out = model(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=cache, use_cache=True,
+                logits_to_keep=1)
+    cache, logits = out.past_key_values, out.logits[:, -1].float()  # [U, V]
+    if len(uniq) < B:  # one row per sequence again: [U, ...] -> [B, ...]
+        sel = torch.tensor(src, device=device)
+        cache.batch_select_indices(sel)
+        logits, attn, pos = logits[sel], attn[sel], pos[sel]
     rows = list(range(B))  # original row of each row still in the batch
     gens, why = [[] for _ in range(B)], [None] * B
     while rows:

@@ -257,6 +257,25 @@ def test_max_new_per_row(engine, two_prompts):
 
 
 
+def test_repeated_prompts_share_one_prefill(engine, two_prompts):
+    # InfoReasoner's K samples of one belief: the rows of a repeated prompt are prefilled once, then each row
+    # continues on its own copy of the cache: greedy gives each prompt's own continuation, sampling K different ones
+    model, tok = engine
+    short, long, ref_s, ref_l = two_prompts
+    prefill_rows = []
+    hook = model.register_forward_pre_hook(
+        lambda m, args, kw: prefill_rows.append(kw["input_ids"].shape) if kw["input_ids"].shape[1] > 1 else None,
+        with_kwargs=True)
+    try:
+        gens, _ = grpo.generate_turn(model, tok, [short, short, long, short], [12] * 4, [], set(), 0.0, None)
+        assert gens == [ref_s, ref_s, ref_l, ref_s]
+        assert [rows for rows, _ in prefill_rows] == [2]  # one prefill, of the 2 distinct prompts
+        gen = torch.Generator().manual_seed(0)
+        gens, _ = grpo.generate_turn(model, tok, [long] * 6, [12] * 6, [], set(), 1.0, gen)
+        assert [rows for rows, _ in prefill_rows] == [2, 1] and len({tuple(g) for g in gens}) == 6
+    finally:
+        hook.remove()
+
 def test_kv_cache_writes_in_place_and_gives_the_dynamic_caches_logits(engine, two_prompts):
     # the preallocated cache against transformers' own: two left-padded rows, a prefill and 4 decode steps, the
     # second row dropped after step 2 (as when it stops); the same logits, and every step writes into the one buffer
