@@ -427,18 +427,21 @@ def load_nli(name, device="cpu"):
 # Sampling the beliefs with the model (METHOD §5.1)
 
 @torch.no_grad()
-def sample_logprobs(model, prompts, samples, pad_id, token_budget=None):
-    """Mean token log-prob of each sample given its prompt, teacher-forced on prompt + sample (right-padded
-    like grpo.collate, the sample's tokens in the POLICY role; forwards of at most token_budget tokens).
-    Returns a list of N floats."""
-    rows = [grpo.Rollout(question=None, group=0, ids=list(p) + list(s),
-                         roles=[grpo.PROMPT] * len(p) + [grpo.POLICY] * len(s)) for p, s in zip(prompts, samples)]
-    batch = grpo.collate(rows, pad_id)                                 # ids, roles [N, T]
-    device = next(model.parameters()).device
-    mask = batch.policy_mask                                           # [N, T] the sample's tokens
-    lp = grpo.token_logprobs(model, batch.ids.to(device), batch.attention_mask.to(device), mask.to(device),
-                             token_budget).cpu()                       # [N, T]
-    return ((lp * mask).sum(-1) / mask.sum(-1).clamp(min=1)).tolist()
+def sample_logprobs(model, prompts, samples, token_budget=None):
+    """Mean token log-prob of each sample given its prompt, teacher-forced, no grad. Returns a list of N floats.
+
+    The samples of one prompt (K of them, §5.1) share its forward: gold_scorer with equal weights runs the prompt
+    once and scores every sample from its KV cache, in chunks of at most token_budget tokens (prompt + sample
+    a row), instead of K forwards over the whole prompt."""
+    rows = {}
+    for j, p in enumerate(prompts):
+        rows.setdefault(tuple(p), []).append(j)
+    out = [0.0] * len(prompts)
+    for p, js in rows.items():
+        score = gold_scorer(model, list(p), head_tokens=0, head_weight=1.0, token_budget=token_budget)  # w_k = 1
+        for j, x in zip(js, score([[]] * len(js), [samples[j] for j in js]).tolist()):
+            out[j] = x
+    return out
 
 
 def sample_answers(model, tok, prompts, cfg, generator):
@@ -455,8 +458,7 @@ def sample_answers(model, tok, prompts, cfg, generator):
     seqs = [p for p in prompts for _ in range(K)]                      # [P*K] prompt p at rows p*K .. p*K+K-1
     gens, _ = grpo.generate_turn(model, tok, seqs, [cfg.ir_max_tokens] * len(seqs), ["\n"], grpo.stop_ids(tok, model),
                                  cfg.ir_temperature, generator, cfg.forward_budget)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    lps = sample_logprobs(model, seqs, gens, pad, cfg.forward_budget)
+    lps = sample_logprobs(model, seqs, gens, cfg.forward_budget)
     texts = [tok.decode(g, skip_special_tokens=True).split("\n")[0].strip() for g in gens]
     return ([texts[p * K:(p + 1) * K] for p in range(len(prompts))],
             [lps[p * K:(p + 1) * K] for p in range(len(prompts))], sum(len(g) for g in gens))

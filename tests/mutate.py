@@ -159,6 +159,8 @@ EQUIVALENT = {
     ('update_policy', 'old = torch.cat([policy(ids[sl], attn[sl], mask[sl]) for sl in micro])'):
         'with one epoch the stored old log-probs are the current ones, which the loss otherwise takes detached: '
         'the same numbers, one forward more',
+    ('update_policy', 'opt.zero_grad(set_to_none=False)'):
+        'gradients accumulate into zeros instead of None: the same sums',
     ('update_policy', 'old = torch.cat([policy(ids[sl], attn[sl], mask[sl]) for sl in micro]) if (cfg.ppo_epochs >= 1) else None'):
         'ppo_epochs is at least 1: the stored old log-probs always, the same numbers as above',
 }
@@ -373,7 +375,8 @@ def preload():
 def run_pytest(workdir, spec, timeout):
     """'killed', 'survived' or 'timeout' for one `pytest -x -q` run of `spec` (files and -k) in a forked child."""
     import shlex
-    args = ["-x", "-q", "-p", "no:cacheprovider", *shlex.split(spec)]
+    # one basetemp in the copy, emptied by each run: pytest's own keeps every run's directory (tens of GB a run)
+    args = ["-x", "-q", "-p", "no:cacheprovider", "--basetemp", str(workdir / ".pytest-tmp"), *shlex.split(spec)]
     pid = os.fork()
     if pid == 0:  # the child: run the tests on the copy, quietly, and exit with pytest's code
         try:

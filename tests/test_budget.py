@@ -282,7 +282,7 @@ def test_belief_sampling_fits_the_budget_and_its_logprobs_do_not_depend_on_it(ti
     seqs = [p for p in prompts for _ in range(3)]
     gens, _ = grpo.generate_turn(model, tok, seqs, [6] * 6, ["\n"], grpo.stop_ids(tok, model), 1.0,
                                  torch.Generator().manual_seed(0), budget)
-    whole = rewards.sample_logprobs(model, seqs, gens, tok.pad_token_id)
+    whole = rewards.sample_logprobs(model, seqs, gens)
     assert [x for row in lps for x in row] == pytest.approx(whole, rel=1e-5, abs=1e-6)
 
 

@@ -77,7 +77,7 @@ def test_sample_logprobs_is_the_mean_over_the_samples_tokens(tiny):
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(0, 5000, (n,), generator=g).tolist() for n in (7, 3, 12, 5)]
     samples = [torch.randint(0, 5000, (m,), generator=g).tolist() for m in (1, 6, 3, 9)]
-    got = rewards.sample_logprobs(model, prompts, samples, tok.pad_token_id, token_budget=30)  # rows 8, 9 | 15, 14
+    got = rewards.sample_logprobs(model, prompts, samples, token_budget=30)  # rows 8, 9 | 15, 14
     expected = [mean_logprob_by_hand(model, p, s) for p, s in zip(prompts, samples)]
     assert got == pytest.approx(expected, abs=1e-5)
     # the mean, not the sum: a 6-token sample's sum is ~6 times its mean (-12 per token on a random model)
