@@ -441,7 +441,7 @@ def _train(cfg, out, ckpt, resume, before, device, retriever, splits, dev):
     if cfg.beta_kl > 0 or cfg.reward == "inforeasoner":  # frozen copy of the initial policy
         ref_model = grpo.frozen_copy(model, cfg.precision)
     dp = ranks.data_parallel(model, cfg.parallel)  # under torchrun: DDP or FSDP (before the optimizer); else None
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+    opt = grpo.adamw(model.parameters(), cfg.lr)
     print(f"run {out}  model {start}  reward {cfg.reward}  corpus {len(retriever.docs)} docs  "
           f"train {len(splits['train'])} questions  device {device}{ranks.describe(cfg.parallel)}")
 

@@ -99,7 +99,7 @@ def warmup(model, tok, retriever, questions, cfg, rng, log=print):
     """cfg.warmup_steps AdamW steps of grpo.warmup_loss (METHOD §6) on cfg.warmup_batch oracle trajectories
     each, drawn from `questions` (the train split). Returns the loss of each step."""
     device = next(model.parameters()).device
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.warmup_lr, weight_decay=0.0)
+    opt = grpo.adamw(model.parameters(), cfg.warmup_lr)
     losses = []
     for step in range(cfg.warmup_steps):
         qs = rng.sample(questions, min(cfg.warmup_batch, len(questions)))

@@ -6,8 +6,9 @@
 
 A case runs in a fresh child process, which loads the model, the corpus and the questions as igsearch.py does,
 builds what that phase holds (the frozen reference, AdamW), then resets the kernel's peak-RSS mark
-(/proc/self/clear_refs) and runs the phase once: one warm-up step, one GRPO step of a reward (its rollouts
-sampled, or searching in every turn: `-forced`), or the greedy evaluation. It reports the RSS before the phase,
+(/proc/self/clear_refs) and runs the phase: two warm-up steps, a GRPO step of a reward after one unmeasured step
+(its rollouts sampled, or searching in every turn: `-forced`), or the greedy evaluation; so AdamW holds its
+moments, as in every step of a run but the first. It reports the RSS before the phase,
 the phase's peak, and the peak of loading (a .gguf is de-quantized in memory). On a GPU it reports peak CUDA
 memory as well. The run's peak is the largest of them all."""
 import argparse
@@ -57,29 +58,34 @@ def one_case(case, cfg):
     ref = opt = None
     if case not in ("warmup", "eval"):
         ref = grpo.frozen_copy(model, cfg.precision)
-        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+        opt = grpo.adamw(model.parameters(), cfg.lr)
+    def grpo_step():
+        reward, _, forced = case.partition("-")
+        c = dataclasses.replace(cfg, reward=reward)
+        questions = rng.sample(qa["train"], c.questions_per_step)
+        rollouts = None
+        if forced:
+            batch_q = [q for q in questions for _ in range(c.group_size)]
+            groups = [i for i in range(len(questions)) for _ in range(c.group_size)]
+            with grpo.autocast(c.precision, device):
+                rollouts = grpo.generate_rollouts(model, tok, batch_q, groups, retriever,
+                                                  **igsearch.rollout_kwargs(c, c.temperature, generator),
+                                                  turn_fn=forced_search_turns(model, tok, c, generator))
+        igsearch.train_step(model, ref, opt, tok, retriever, questions, c, generator, rng, rollouts=rollouts)
+
+    if case not in ("warmup", "eval"):
+        grpo_step()  # unmeasured: from the first step on AdamW holds its two moments, as in every later step
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     reset_peak()
     before = rss_mb("VmRSS")
-    if case == "warmup":
-        warmup.warmup(model, tok, retriever, qa["train"], dataclasses.replace(cfg, warmup_steps=1), rng,
+    if case == "warmup":  # two steps: the second holds AdamW's moments
+        warmup.warmup(model, tok, retriever, qa["train"], dataclasses.replace(cfg, warmup_steps=2), rng,
                       log=lambda *a: None)
     elif case == "eval":
         igsearch.evaluate(model, tok, retriever, qa["dev"][:cfg.eval_questions], cfg)
     else:
-        reward, _, forced = case.partition("-")
-        cfg = dataclasses.replace(cfg, reward=reward)
-        questions = rng.sample(qa["train"], cfg.questions_per_step)
-        rollouts = None
-        if forced:
-            batch_q = [q for q in questions for _ in range(cfg.group_size)]
-            groups = [i for i in range(len(questions)) for _ in range(cfg.group_size)]
-            with grpo.autocast(cfg.precision, device):
-                rollouts = grpo.generate_rollouts(model, tok, batch_q, groups, retriever,
-                                                  **igsearch.rollout_kwargs(cfg, cfg.temperature, generator),
-                                                  turn_fn=forced_search_turns(model, tok, cfg, generator))
-        igsearch.train_step(model, ref, opt, tok, retriever, questions, cfg, generator, rng, rollouts=rollouts)
+        grpo_step()
     out = {"case": case, "load_peak": load_peak, "before": before, "peak": rss_mb("VmHWM")}
     if device.type == "cuda":
         out["cuda_peak"] = torch.cuda.max_memory_allocated() / 2**20

@@ -89,7 +89,8 @@ def run_phase(spec):
         if cfg.beta_kl > 0 or cfg.reward == "inforeasoner":  # as igsearch.py builds it, in either tree
             ref = (grpo.frozen_copy(model, cfg.precision) if hasattr(grpo, "frozen_copy")
                    else copy.deepcopy(model).eval().requires_grad_(False))
-        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+        opt = (grpo.adamw(model.parameters(), cfg.lr) if hasattr(grpo, "adamw")  # as the tree builds it
+               else torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0))
         qs = spec["questions"][: cfg.questions_per_step]
         rollouts = scripted_rollouts(grpo, tok, retriever, qs, cfg) if spec["phase"] == "step-scripted" else None
         t = time.perf_counter()

@@ -91,7 +91,7 @@ def one_step(cache_dir, parallel=None, **kw):
     model, tok = tiny_model(0)
     ref_model = copy.deepcopy(model).eval().requires_grad_(False)
     dp = ranks.data_parallel(model, parallel) if parallel else None
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+    opt = grpo.adamw(model.parameters(), cfg.lr)
     retriever = Retriever(DOCS, cache_dir=cache_dir)
     rng = random.Random(5)
     seen, pool_of, sampled_for, micro = [], rewards.batch_pool, [], []

@@ -1,5 +1,7 @@
 """bf16 autocast (grpo.autocast): the forward matmuls in bfloat16, the vocabulary projection, log-softmax, loss
 and weights in fp32. Losses, log-probs and IG scores agree with fp32 to a stated tolerance on the tiny model."""
+import copy
+
 import pytest
 import torch
 
@@ -170,3 +172,20 @@ def test_gradient_checkpointing_recomputes_and_gives_the_same_gradients(tiny):
     for n in grads[False]:
         torch.testing.assert_close(grads[True][n], grads[False][n], rtol=1e-5, atol=1e-7, msg=n)
     assert any(g.abs().sum() > 0 for g in grads[True].values())
+
+
+def test_adamw_is_fused_and_steps_like_plain_adamw():
+    # the fused kernel where torch has one (the CPU has), and the same three updates as the for-each AdamW
+    torch.manual_seed(0)
+    a = torch.nn.Linear(6, 4)
+    b = copy.deepcopy(a)
+    opt_a, opt_b = grpo.adamw(a.parameters(), 1e-2), torch.optim.AdamW(b.parameters(), lr=1e-2, weight_decay=0.0)
+    assert opt_a.defaults["fused"] is True and opt_a.defaults["weight_decay"] == 0.0
+    for step in range(3):
+        x = torch.randn(5, 6)
+        for m, o in ((a, opt_a), (b, opt_b)):
+            o.zero_grad()
+            m(x).square().sum().backward()
+            o.step()
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.allclose(p, q, atol=1e-6) and not torch.equal(p, torch.zeros_like(p))
