@@ -333,6 +333,7 @@ def update_policy(model, ref_model, opt, batch, A, cfg, dp=None):
         gn = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         grad_norm += ranks.grad_norm(gn) / cfg.ppo_epochs
         opt.step()
+    opt.zero_grad(set_to_none=True)  # not held through the next step's sampling and scoring: the model's size again
     return {**ranks.reduce_values(totals), "grad_norm": grad_norm}  # every rank's share of the batch's sums
 
 
