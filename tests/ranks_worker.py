@@ -92,6 +92,9 @@ def one_step(cache_dir, parallel=None, **kw):
     ref_model = copy.deepcopy(model).eval().requires_grad_(False)
     dp = ranks.data_parallel(model, parallel) if parallel else None
     opt = grpo.adamw(model.parameters(), cfg.lr)
+    step_grads = {}  # the gradients the optimizer steps on (update_policy drops them after the step)
+    opt.register_step_pre_hook(lambda *a: step_grads.update(
+        {n: whole(p.grad).detach().clone() for n, p in model.named_parameters()}))
     retriever = Retriever(DOCS, cache_dir=cache_dir)
     rng = random.Random(5)
     seen, pool_of, sampled_for, micro = [], rewards.batch_pool, [], []
@@ -123,7 +126,7 @@ def one_step(cache_dir, parallel=None, **kw):
     block_question = {tuple(r.ids[slice(*s["info_span"])]): r.question["id"] for r in rollouts for s in r.searches}
     lo, hi = ranks.span(len(rollouts))
     pools = {i: sorted({block_question[b] for b in pool}) for i, pool in seen if lo <= i < hi}
-    grads = {n: whole(p.grad).detach().clone() for n, p in model.named_parameters()}
+    grads = step_grads
     weights = {n: whole(p).detach().clone() for n, p in model.named_parameters()}
     opt_state = ranks.full_state(model, opt, dp)[1] or opt.state_dict()
     return {"metrics": {k: v for k, v in metrics.items() if not k.startswith("time_")}, "A": A, "grads": grads,

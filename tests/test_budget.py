@@ -135,9 +135,13 @@ def test_update_micro_batches_fit_the_budget_and_give_the_same_gradients(tiny, r
         policy = copy.deepcopy(model)
         cfg = igsearch.Config(token_budget=budget, forward_budget=other, beta_kl=0.1, ppo_epochs=2, grad_clip=1e9,
                               loss_agg=agg)
+        opt, grads = torch.optim.SGD(policy.parameters(), lr=0.1), {}
+        # the last epoch's gradients, read before its step (update_policy drops them after it)
+        opt.register_step_pre_hook(lambda *a: grads.update({n: p.grad.clone() for n, p in policy.named_parameters()}))
         with Forwards(policy) as fw, Forwards(ref) as fw_ref:  # ppo_epochs 2: the old log-probs are a pass too
-            stats = igsearch.update_policy(policy, ref, torch.optim.SGD(policy.parameters(), lr=0.1), batch, A, cfg)
-        results[budget] = stats, {n: p.grad.clone() for n, p in policy.named_parameters()}
+            stats = igsearch.update_policy(policy, ref, opt, batch, A, cfg)
+        assert all(p.grad is None for p in policy.parameters())
+        results[budget] = stats, grads
         assert fw.within(budget) == (2 if budget == small else 4)
         assert fw_ref.within(other) == (2 if other == small else 4)
         # the old log-probs' pass, then per epoch the policy's micro-batches; the reference's pass
