@@ -217,9 +217,11 @@ def small_config(budget, **kw):
 
 
 def two_first_turns(tok):
-    """A budget that holds two first turns (prompt + 12 new tokens) but not three, nor three prompts alone
-    with the tokens they generate: a cut that forgot max_new would batch three."""
-    return 3 * (max(len(grpo.prompt_ids(tok, q["question"])) for q in (FRANCE, RIVER)) + 12) - 1
+    """A budget that holds two first turns (prompt + 12 new tokens) but not three of either question, nor
+    three prompts alone with the tokens they generate: a cut that forgot max_new would batch three."""
+    n = [len(grpo.prompt_ids(tok, q["question"])) + 12 for q in (FRANCE, RIVER)]
+    assert 2 * max(n) < 3 * min(n)
+    return 3 * min(n) - 1
 
 
 def test_rollout_generation_fits_the_budget(tiny, retriever):
@@ -242,6 +244,19 @@ def test_generate_turn_counts_every_row_at_the_turns_longest_max_new(tiny):
                                        None, 30)
     assert fw.within(30) == 1
     assert [len(g) for g in gens] == [12, 12, 2] and why == ["length"] * 3
+
+
+def test_rows_that_need_several_batches_are_cut_shortest_first(tiny):
+    # lengths 5, 20, 5, 20 with 2 new tokens and a budget of 2 × 22: in the given order the batches would be
+    # (5, 20) and (5, 20), each padded to 20; shortest first they are (5, 5) and (20, 20), and half the
+    # prefill's padding is gone. Greedy, the answers are those of one batch, each in its own row.
+    model, tok = tiny
+    g = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(10, 5000, (n,), generator=g).tolist() for n in (5, 20, 5, 20)]
+    with Forwards(model) as fw:
+        gens, why = grpo.generate_turn(model, tok, seqs, [2] * 4, [], set(), 0.0, None, 44)
+    assert [s for s in fw.seen if s[1] in (5, 20)] == [(2, 5), (2, 20)]  # the two prefills
+    assert (gens, why) == grpo.generate_turn(model, tok, seqs, [2] * 4, [], set(), 0.0, None)
 
 
 def test_one_batch_samples_as_the_engine_did_before_the_budget(tiny):
