@@ -109,7 +109,7 @@ class Config:
 
 # --tiny: the real offline model (SmolLM2-135M where the default is not cached), a short format warm-up, then a
 # few GRPO steps, evaluated before and after on 50 dev questions: minutes on a laptop GPU; on a 2-core CPU the
-# target is 15; 18 were measured on two free cores (README, "Learning"). --preset cpu: the learning
+# target is 15; 12.3–12.8 were measured on two free cores (README, "Learning"). --preset cpu: the learning
 # experiment of `compare --preset cpu`, hours there; on a 24 GB machine it trades memory for speed (no
 # gradient checkpointing). A turn holds 128 tokens: the warm-up's queries (up to 24 words, with the turn's
 # think) take about 60, and a policy that learns longer queries must not be cut off at the edge of what it was
@@ -118,14 +118,16 @@ class Config:
 # evaluation batch, a step's rollouts at once). Measured on the 2-core CPU, RSS above weights and gradients, with a
 # random model of SmolLM2-135M's shape in bf16 and 35% policy tokens: with gradient checkpointing an update
 # micro-batch of 3,072 tokens peaks at +1.9 GB (4,096: +2.5 GB); without it (cpu) 2 rows × 1,160 tokens took
-# +2.8 GB and 3,072 tokens +3.8 GB, hence 2,048 there. Generation: 8 rows × 1,160 tokens of KV cache took +0.9 GB,
+# +2.8 GB and 3,072 tokens +3.8 GB, hence 2,048 there. --tiny holds 1,024 (one row of a rollout with its
+# documents): with AdamW's moments held, its outcome step peaked at 4.2 GB, against 5.2 GB with 3,072, and the
+# whole --tiny run took 12.3 min against 12.8 (the update's few-row matmuls lose little on a CPU). Generation: 8 rows × 1,160 tokens of KV cache took +0.9 GB,
 # so 16,384 tokens hold about +1.6 GB, below the old evaluation batch of 25 such rows (+2.8 GB), and keep batches
 # of 25 rows or more in a first turn (where 3 rows a batch generate about 1.5× slower than 8 or 24). --tiny holds
 # 8,192: its IG-Search step peaked at 4.09 GB with 16,384 (bench_memory), at 3.39 GB with 8,192, and 8,192 still
 # batches 8 rows of a turn with documents.
 PRESETS = {
     "tiny": dict(steps=4, questions_per_step=2, group_size=4, max_turns=2, topk=3, max_turn_tokens=128,
-                 max_response_tokens=1024, lr=1e-5, eval_questions=50, token_budget=3072, forward_budget=8192,
+                 max_response_tokens=1024, lr=1e-5, eval_questions=50, token_budget=1024, forward_budget=8192,
                  show_every=1, warmup_steps=8, warmup_batch=4),
     "cpu": dict(steps=10, questions_per_step=4, group_size=4, max_turns=2, topk=3, max_turn_tokens=128,
                 max_response_tokens=1024, lr=1e-5, eval_questions=300, token_budget=2048, forward_budget=16384,
@@ -488,6 +490,8 @@ def _train(cfg, out, ckpt, resume, before, device, retriever, splits, dev):
                 ranks.on_main(runs.save_checkpoint, out, step + 1, model, tok, opt, generator, rng,
                               **ranks.checkpoint_state(model, opt, dp, generator))
 
+    del opt, ref_model  # AdamW's moments and the reference (1.3 GB for SmolLM2) are not needed by the evaluation
+    runs.release_memory()
     after = evaluate(model, tok, retriever, dev, cfg, dp)[0] if dev else {}
     ranks.on_main(runs.write_json, out / "eval_after.json", after)
     if dev:

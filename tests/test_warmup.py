@@ -210,6 +210,30 @@ def test_rl_starts_from_the_warmed_model_and_a_resume_skips_the_warmup(monkeypat
     assert loaded[2:] == [warm] and calls == [1]
 
 
+def test_the_last_evaluation_holds_no_optimizer_and_no_reference(monkeypatch, tmp_path, qa_files):
+    # memory: AdamW's two moments and the frozen reference are freed before the evaluation after GRPO
+    data, corpus = qa_files
+    held, alive = [], []
+    real_adamw, real_copy, real_eval = grpo.adamw, grpo.frozen_copy, igsearch.evaluate
+
+    def keep(x):
+        held.append(weakref.ref(x))
+        return x
+
+    def spy_eval(*a, **kw):
+        alive.append([r() is not None for r in held])
+        return real_eval(*a, **kw)
+
+    monkeypatch.setattr(grpo, "adamw", lambda *a, **kw: keep(real_adamw(*a, **kw)))
+    monkeypatch.setattr(grpo, "frozen_copy", lambda *a, **kw: keep(real_copy(*a, **kw)))
+    monkeypatch.setattr(igsearch, "evaluate", spy_eval)
+    cfg = igsearch.Config(model="tiny-random", corpus=f"jsonl:{corpus}", data=str(data), out=str(tmp_path / "run"),
+                          device="cpu", steps=1, questions_per_step=1, group_size=2, max_turns=1, max_turn_tokens=16,
+                          max_response_tokens=200, eval_questions=1, show_every=0, beta_kl=0.001)
+    igsearch.train(cfg)
+    assert alive == [[True, True], [False, False]]  # before GRPO: the reference and AdamW; after: neither
+
+
 def test_a_run_cut_while_evaluating_the_warmup_keeps_it(monkeypatch, tmp_path, qa_files):
     data, corpus = qa_files
     calls, evals = [], []
