@@ -146,6 +146,12 @@ EQUIVALENT = {
         'a 2-D tensor: dim 1 is dim -1',
     ('ir_metrics', 'extra = {"ir_ig_mean": mean, "ir_ig_std": math.sqrt(sum(((mean - x)) ** 2 for x in ig) / n),'):
         '(x - m)^2 = (m - x)^2',
+    ('grpo_loss', 'if clip_ratio_c > 1:'):
+        'checks.check_config refuses 0 < clip_ratio_c <= 1 (verl: c > 1), so c > 0 and c > 1 select the same runs',
+    ('grpo_loss', 'dual = ((A <= 0)) & (pg > cap)'):
+        'at A = 0 the token loss and the cap are both 0, so pg > cap is false either way',
+    ('grpo_loss', 'pg = torch.where((A <= 0), torch.minimum(pg, cap), pg)'):
+        'at A = 0 the token loss and the cap are both 0: the minimum is the loss, and its gradient -r A is 0',
     ('grpo_loss', 'kl = torch.clamp(torch.exp(d) - d - 1, -11, 10)'):
         'the k3 estimator e^d - d - 1 is never negative: the lower bound never binds',
     ('grpo_loss', 'per_seq = (loss_tok * mask).sum(-1) / mask.sum(1).clamp(min=1)   # a row without policy tokens: 0'):
@@ -415,10 +421,10 @@ def tally(all_mutants, logs):
         for ln in Path(log).read_text().splitlines():
             hit = re.match(r"\[\d+/\d+ +\d+s\] (\w+) +(.*?)(?:   \(.*)?$", ln)
             if hit:
-                outcome[hit[2]] = hit[1]
+                outcome[unlined(hit[2])] = hit[1]
     counts = {"killed": 0, "equivalent": 0, "survived": 0, "not run": 0}
     for m in all_mutants:
-        o = outcome.get(describe(m), "not run")
+        o = outcome.get(unlined(describe(m)), "not run")
         o = "killed" if o == "timeout" else o
         if o in ("survived", "equivalent"):
             o = "equivalent" if (m["function"], m["new"]) in EQUIVALENT else "survived"
@@ -434,6 +440,16 @@ def tally(all_mutants, logs):
 
 def describe(m):
     return f"{m['file']}:{m['line']} {m['function']} [{m['kind']}] {m['old']}  ->  {m['new']}"
+
+
+def unlined(text):
+    """A mutant's description (or a log line holding one) without its line number: an earlier run's log still
+    names the mutants after edits above them have moved their lines.
+
+    >>> unlined("[3/9  12s] survived   grpo.py:600 grpo_loss [compare] a < b  ->  a <= b")
+    '[3/9  12s] survived   grpo.py grpo_loss [compare] a < b  ->  a <= b'
+    """
+    return re.sub(r"\.py:\d+ ", ".py ", text, count=1)
 
 
 def copy_repo(dest):
@@ -459,12 +475,12 @@ def main(argv=None):
     only = {x.strip() for x in args.only.split(",") if x.strip()}
     all_mutants = [m for f in TARGETS for m in mutants(ROOT / f) if not only or m["function"] in only]
     if args.survivors:
-        log = [ln for ln in Path(args.survivors).read_text().splitlines() if "] survived " in ln]
-        all_mutants = [m for m in all_mutants if any(describe(m) in ln for ln in log)
+        log = [unlined(ln) for ln in Path(args.survivors).read_text().splitlines() if "] survived " in ln]
+        all_mutants = [m for m in all_mutants if any(unlined(describe(m)) in ln for ln in log)
                        and (m["function"], m["new"]) not in EQUIVALENT]
     if args.skip_done:
-        log = [ln for ln in Path(args.skip_done).read_text().splitlines() if ln.startswith("[")]
-        all_mutants = [m for m in all_mutants if not any(describe(m) in ln for ln in log)]
+        log = [unlined(ln) for ln in Path(args.skip_done).read_text().splitlines() if ln.startswith("[")]
+        all_mutants = [m for m in all_mutants if not any(unlined(describe(m)) in ln for ln in log)]
     if args.tally:
         return tally(all_mutants, args.tally)
     if args.list:

@@ -460,6 +460,18 @@ def test_dual_clip_by_hand():
     assert high.item() == pytest.approx(off.item(), abs=1e-6)
 
 
+def test_dual_clip_leaves_positive_advantages_and_its_boundary_alone():
+    # token 0: A = 0.5 > 0, r = 2: never capped, loss -min(2 * 0.5, 1.2 * 0.5) = -0.6 (a cap of -A c = -1.5
+    # there would change it). token 1: A = -1 and r exactly c: the loss r equals the cap, and like verl's
+    # pg_clipfrac_lower (a strict >) the dual clip is not counted as binding. token 2: A = -1, r = 0.5: 0.8.
+    d = torch.tensor([[math.log(2.0), 1.2, math.log(0.5)]])
+    c = float(torch.exp(d[0, 1]))                 # the ratio as computed, so that loss and cap are equal floats
+    A = torch.tensor([[0.5, -1.0, -1.0]])
+    loss, st = grpo.grpo_loss(d, torch.zeros_like(d), None, A, torch.ones_like(d), clip_ratio_c=c)
+    assert loss.item() == pytest.approx((-0.6 + c + 0.8) / 3, abs=1e-6)
+    assert st["dual_clip_frac"] == 0.0
+
+
 def test_seq_mean_counts_a_row_without_policy_tokens():
     # row 1 has no policy token: it adds 0 and still counts in the divisor (2 rows), as verl's agg_loss
     mask = torch.tensor([[0, 1, 1, 1], [0, 0, 0, 0]])
