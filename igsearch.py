@@ -519,6 +519,7 @@ def warm_start(cfg, out, retriever, splits, dev, device, eval_before=True):
         before = evaluate(model, tok, retriever, dev, cfg)[0] if dev and eval_before else {}
         print(f"format warm-up: {cfg.warmup_steps} steps of {cfg.warmup_batch} oracle trajectories (METHOD §6)")
         losses = ranks.on_main(warmup.warmup, model, tok, retriever, splits["train"], cfg, random.Random(cfg.seed))
+        runs.release_memory()  # the warm-up's AdamW state is freed: hand its pages back before evaluating
         ranks.broadcast_weights(model)
         ranks.on_main(runs.save_model, model, tok, wdir / "model")
         ranks.on_main(runs.write_json, done, {"before": before, "warm-up": None, "losses": losses, "smoke": smoke,
