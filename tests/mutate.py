@@ -419,7 +419,8 @@ def tally(all_mutants, logs):
     outcome = {}
     for log in logs:
         for ln in Path(log).read_text().splitlines():
-            hit = re.match(r"\[\d+/\d+ +\d+s\] (\w+) +(.*?)(?:   \(.*)?$", ln)
+            # the mutant, less the test that killed it or the reason it is equivalent
+            hit = re.match(r"\[\d+/\d+ +\d+s\] (\w+) +(.*?)(?:   \(.*|   equivalent: .*)?$", ln)
             if hit:
                 outcome[unlined(hit[2])] = hit[1]
     counts = {"killed": 0, "equivalent": 0, "survived": 0, "not run": 0}
