@@ -720,7 +720,7 @@ def test_ctrl_c_ends_in_one_line_and_the_run_resumes(tmp_path, files):
     run = tmp_path / "run"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     argv = train_argv(data, corpus, run)
-    argv[argv.index("--steps") + 1] = "50"
+    argv[argv.index("--steps") + 1] = "1000000"  # still running at the signal, however slowly this process gets there
     proc = subprocess.Popen([sys.executable, str(ROOT / "igsearch.py"), *argv], cwd=tmp_path, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
