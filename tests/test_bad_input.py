@@ -721,8 +721,11 @@ def test_ctrl_c_ends_in_one_line_and_the_run_resumes(tmp_path, files):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     argv = train_argv(data, corpus, run)
     argv[argv.index("--steps") + 1] = "1000000"  # still running at the signal, however slowly this process gets there
+    # a shell's background job starts with SIGINT ignored, and Python then installs no KeyboardInterrupt handler:
+    # the child gets the default disposition back, as it has when a user runs it in a terminal
     proc = subprocess.Popen([sys.executable, str(ROOT / "igsearch.py"), *argv], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.time() + 180
         while not (run / "ckpt" / "step_000001").is_dir():
