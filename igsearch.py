@@ -121,10 +121,10 @@ class Config:
 # +2.8 GB and 3,072 tokens +3.8 GB, hence 2,048 there. --tiny holds 1,024 (one row of a rollout with its
 # documents): with AdamW's moments held, its outcome step peaked at 4.2 GB, against 5.2 GB with 3,072, and the
 # whole --tiny run took 12.3 min against 12.8 (the update's few-row matmuls lose little on a CPU).
-# Generation: 8 rows × 1,160 tokens of KV cache took +0.9 GB, so 16,384 tokens hold about +1.6 GB, below the old evaluation batch of 25 such rows (+2.8 GB), and keep batches
-# of 25 rows or more in a first turn (where 3 rows a batch generate about 1.5× slower than 8 or 24). --tiny holds
-# 8,192: its IG-Search step peaked at 4.09 GB with 16,384 (bench_memory), at 3.39 GB with 8,192, and 8,192 still
-# batches 8 rows of a turn with documents.
+# Generation: 8 rows × 1,160 tokens of KV cache took +0.9 GB, so 16,384 tokens hold about +1.6 GB, below the old
+# evaluation batch of 25 such rows (+2.8 GB), and keep batches of 25 rows or more in a first turn (where 3 rows a
+# batch generate about 1.5× slower than 8 or 24). --tiny holds 8,192: its IG-Search step peaked at 4.09 GB with 16,384
+# (bench_memory), at 3.39 GB with 8,192, and 8,192 still batches 8 rows of a turn with documents.
 PRESETS = {
     "tiny": dict(steps=4, questions_per_step=2, group_size=4, max_turns=2, topk=3, max_turn_tokens=128,
                  max_response_tokens=1024, lr=1e-5, eval_questions=50, token_budget=1024, forward_budget=8192,
