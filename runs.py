@@ -56,6 +56,7 @@ def cli(command, interrupted):
     """Run a command-line `command()`. Every failure the user can fix ends in one line on stderr, `error: ...`,
     and exit code 2 (bad input, settings or files; a file system error; out of memory); Ctrl-C ends in the
     line `interrupted()` returns and exit code 130, and a training run stays resumable. 0 otherwise."""
+    steady_heap()
     try:
         command()
     except DataError as e:
@@ -252,6 +253,23 @@ def _first_line(e):
     """An exception as one short line, for the messages that quote a library's error."""
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0][:160]}" if text else type(e).__name__
+
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
+
+
+def steady_heap(threshold=4 << 20):
+    """Serve every allocation of `threshold` bytes or more (4 MiB: a [2048 x 576] bf16 activation is 2.25 MiB)
+    with its own mmap, handed back to the operating system when freed. glibc's default threshold starts at
+    128 KiB and rises to the largest block freed so far (up to 32 MiB): after the first big tensor is freed,
+    tensors of a few MiB come from the heap, which keeps their pages after the phase that needed them, and a
+    run's resident size grows from step to step and phase to phase. A fixed threshold stops that. Measured on
+    a --tiny GRPO step of SmolLM2 (bench/bench_memory.py, README "Memory and precision"); smaller thresholds
+    save more but slow the update (each small tensor a system call). A no-op where libc has no mallopt."""
+    try:
+        return bool(ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, threshold))
+    except (OSError, AttributeError):
+        return False
 
 
 def release_memory():

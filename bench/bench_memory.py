@@ -10,7 +10,8 @@ builds what that phase holds (the frozen reference, AdamW), then resets the kern
 (its rollouts sampled, or searching in every turn: `-forced`), or the greedy evaluation; so AdamW holds its
 moments, as in every step of a run but the first. It reports the RSS before the phase,
 the phase's peak, and the peak of loading (a .gguf is de-quantized in memory). On a GPU it reports peak CUDA
-memory as well. The run's peak is the largest of them all."""
+memory as well. The run's peak is the largest of them all. Each child fixes glibc's mmap threshold as a run
+does (runs.steady_heap); --heap default leaves glibc's own."""
 import argparse
 import dataclasses
 import json
@@ -45,8 +46,10 @@ def reset_peak():
     Path("/proc/self/clear_refs").write_text("5")  # Linux >= 4.0: VmHWM := VmRSS
 
 
-def one_case(case, cfg):
+def one_case(case, cfg, heap="steady"):
     """Run one phase in this process; returns its memory figures (MiB)."""
+    if heap == "steady":  # as every command line does (runs.cli)
+        runs.steady_heap()
     device = runs.pick_device(cfg.device)
     igsearch.seed_everything(cfg.seed)
     retriever = retrieve.Retriever(retrieve.load_vital_articles())
@@ -103,6 +106,9 @@ def main(argv=None):
     p.add_argument("--precision", default=None, choices=("auto", "bf16", "fp32"))
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--heap", default="steady", choices=("steady", "default"),
+                   help="steady: glibc's mmap threshold fixed at 4 MiB, as a run sets it (runs.steady_heap); "
+                        "default: glibc's own, adaptive threshold")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: run this one case here
     args = p.parse_args(argv)
     cases = [c for c in args.cases.split(",") if c]
@@ -115,11 +121,12 @@ def main(argv=None):
     cfg = dataclasses.replace(igsearch.Config(), **{**igsearch.PRESETS[args.preset], **explicit},
                               model=args.model, device=args.device, seed=args.seed)
     if args.child:
-        print(json.dumps(one_case(args.child, cfg)))
+        print(json.dumps(one_case(args.child, cfg, args.heap)))
         return
 
     print(f"model {args.model}, preset {args.preset}: token budget {cfg.token_budget}, forward budget "
-          f"{cfg.forward_budget}, gradient checkpointing {cfg.grad_checkpointing}, precision {cfg.precision}; "
+          f"{cfg.forward_budget}, gradient checkpointing {cfg.grad_checkpointing}, precision {cfg.precision}, "
+          f"heap {args.heap}; "
           f"{torch.get_num_threads()} threads")
     print(f"{'case':<22}{'load peak MiB':>14}{'before MiB':>12}{'peak MiB':>10}{'peak - before':>15}")
     worst = 0.0

@@ -1,4 +1,5 @@
 """Run directories: checkpoints every step, --resume, a killed run, damaged checkpoints."""
+import ctypes
 import dataclasses
 import importlib.util
 import json
@@ -357,6 +358,35 @@ def test_a_save_clears_what_a_killed_save_left(tmp_path):
     path, weights, _, state = runs.last_checkpoint(tmp_path)
     assert path == final and state["step"] == 1
     assert torch.equal(weights["model.embed_tokens.weight"], model.model.embed_tokens.weight)
+
+
+STEADY_HEAP_CHILD = """
+import ctypes, sys, torch
+import runs
+class Info(ctypes.Structure):  # glibc's struct mallinfo2
+    _fields_ = [(n, ctypes.c_size_t) for n in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = Info
+if sys.argv[1] == "steady":
+    assert runs.steady_heap()
+big = torch.empty(4 << 20); del big  # 16 MiB freed: glibc's own threshold rises to 16 MiB
+mapped = libc.mallinfo2().hblkhd
+x = torch.empty(2 << 20)  # 8 MiB
+print((libc.mallinfo2().hblkhd - mapped) / 2**20)
+"""
+
+
+@pytest.mark.skipif(not hasattr(ctypes.CDLL(None), "mallinfo2"), reason="needs glibc >= 2.33 (mallinfo2) to read the heap")
+def test_steady_heap_maps_a_big_tensor_after_a_bigger_one_was_freed():
+    # glibc's default: once a 16 MiB block is freed, an 8 MiB tensor comes from the heap (0 MiB newly mapped);
+    # with steady_heap's fixed 4 MiB threshold it gets a mapping of its own (8 MiB and a page header)
+    def mapped_mib(mode):
+        out = subprocess.run([sys.executable, "-c", STEADY_HEAP_CHILD, mode], capture_output=True, text=True,
+                             cwd=ROOT, check=True).stdout
+        return float(out)
+
+    assert mapped_mib("default") == 0
+    assert 8 <= mapped_mib("steady") < 8.1
 
 
 @pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads the resident size from /proc (Linux)")
