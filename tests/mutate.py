@@ -86,7 +86,7 @@ TESTS = {
                                                                                                "load_nli.entail")},
     "stop_ids": ["tests/test_engine.py"],
     "token_chunks": ["grpo.py", "tests/test_budget.py -k 'chunks or update or logprobs'"],
-    "generate_turn": ["tests/test_budget.py -k 'rollout or evaluation or one_batch or belief or longest'",
+    "generate_turn": ["tests/test_budget.py -k 'rollout or evaluation or one_batch or belief or longest or shortest'",
                       "tests/test_engine.py"],
     "_generate_batch": ["tests/test_engine.py",
                         "tests/test_grpo.py -k 'greedy or max_new or stop_string or engine_rollouts or reproducible'"],
@@ -96,6 +96,7 @@ TESTS = {
                  "tests/test_budget.py -k 'update or logprobs'"]
        for f in ("Batch.policy_mask", "group_advantages", "token_advantages", "head_logprobs", "token_logprobs",
                  "grpo_loss")},
+    "head_logprobs": ["tests/test_precision.py -k head_logprobs", "tests/test_grpo.py -k 'logprobs or gradient'"],
     **{f: ["grpo.py", "tests/test_igsearch.py -k 'gate or bonus or failed or alpha'",
            "tests/test_formulas.py -k defaults"] for f in
        ("ig_gate", "add_query_bonus")},
@@ -142,8 +143,23 @@ EQUIVALENT = {
         "the pad id sits only at right-padded, masked positions: it never changes a real position's log-prob",
     ('sample_answers', 'pad = tok.pad_token_id'):
         'load_model gives every tokenizer a pad id (its EOS when it has none)',
-    ('_generate_batch', 'pos = (attn.cumsum(1) - 1).clamp(min=0)  # [B, L] positions that ignore the padding'):
+    ('_generate_batch', 'pos = (attn.cumsum(1) - 1).clamp(min=0)  # [U, L] positions that ignore the padding'):
         'a 2-D tensor: dim 1 is dim -1',
+    ('_generate_batch', 'probs = torch.softmax(logits / temperature, dim=1)'):
+        "the last position's logits are 2-D, [U, V]: dim 1 is dim -1",
+    ('_generate_batch', 'nxt = logits.argmax(1).cpu()'):
+        "the last position's logits are 2-D, [U, V]: dim 1 is dim -1",
+    ('head_logprobs', 'for s in range(0, max(h.shape[0], 2), HEAD_CHUNK):  # no state: one empty chunk, still in the graph'):
+        'HEAD_CHUNK >= 2: with 0 or 1 states, range(0, 2, HEAD_CHUNK) is the same one chunk as range(0, 1, HEAD_CHUNK)',
+    ('head_logprobs', 'if (torch.is_grad_enabled() or (hs.requires_grad or head.weight.requires_grad)):'):
+        'checkpoint and the plain call compute the same numbers; they differ only in what autograd keeps for a '
+        'backward, and with autograd off there is none',
+    ('sample_logprobs', 'out = [0.0] * len(prompts)'.replace('0.0', '1.0')):
+        'a placeholder: every prompt belongs to one of the rows, and each of its samples is written',
+    ('sample_logprobs', 'score = gold_scorer(model, list(p), head_tokens=0, head_weight=2.0, token_budget=token_budget)  # w_k = 1'):
+        'with head_tokens=0 no token is a head token, so the head weight is never applied',
+    ('sample_logprobs', 'score = gold_scorer(model, list(p), head_tokens=1, head_weight=1.0, token_budget=token_budget)  # w_k = 1'):
+        'a head weight of 1 is the weight of every other token: the mean is the same',
     ('ir_metrics', 'extra = {"ir_ig_mean": mean, "ir_ig_std": math.sqrt(sum(((mean - x)) ** 2 for x in ig) / n),'):
         '(x - m)^2 = (m - x)^2',
     ('grpo_loss', 'if clip_ratio_c > 1:'):

@@ -139,6 +139,10 @@ def test_nli_equivalence_needs_more_than_one_half_both_ways():
     assert not eq("Paris", "Paris")                                   # p > 0.5, strictly
     eq = rewards.nli_equivalent(lambda p, h: 0.51, "Q?")
     assert eq("Paris", "Paris")
+    # each direction on its own: 0.5 one way and 0.9 the other is not equivalent, in either order
+    one_half_from_a = lambda p, h: 0.5 if p.endswith("a") else 0.9  # noqa: E731
+    assert not rewards.nli_equivalent(one_half_from_a, "Q?")("a", "b")
+    assert not rewards.nli_equivalent(one_half_from_a, "Q?")("b", "a")
 
 
 def test_clip_fraction_counts_ratios_strictly_outside_the_range():

@@ -308,6 +308,18 @@ def test_ig_real_evidence_vs_useless_evidence(tok, retriever):
         (4, 0, -1.0, -1.0, 0.0), (4, 1, 0.0, -2.0, 2.0)]
 
 
+def test_ig_of_some_rollouts_only_scores_those_with_the_draws_of_the_whole_step(tok, retriever):
+    # a rank scores its own rollouts (only=): those get the values of the whole step above, the others None and
+    # no details (that their baseline draws are still taken, tests/test_ranks.py checks against one process)
+    rs = scripted(tok, retriever, MAIN)
+    scorer = FakeScorer(tok, bonus={"Ostrand Republic": 1.0})
+    ig, details = rewards.igsearch_information_gain(scorer, tok, rs, retriever, n_samples=3, rng=random.Random(0),
+                                                    only={3, 4})
+    assert ig == [None, None, None, [2.0], [0.0, 2.0]]
+    assert [(d["rollout"], d["step"], d["real"], d["baseline"]) for d in details] == [
+        (3, 0, 0.0, -2.0), (4, 0, -1.0, -1.0), (4, 1, 0.0, -2.0)]
+
+
 def test_ig_contexts_and_golds(tok, retriever):
     rs = scripted(tok, retriever, MAIN)
     scorer = FakeScorer(tok, bonus={"Ostrand Republic": 1.0})

@@ -76,6 +76,27 @@ def test_head_logprobs_by_chunks_keep_no_logits_for_the_backward(tiny, monkeypat
         torch.testing.assert_close(grpo.head_logprobs(head, h, tokens), exact.detach(), rtol=1e-5, atol=1e-5)
 
 
+def test_head_logprobs_keeps_no_logits_when_only_the_states_need_a_gradient(tiny, monkeypatch):
+    # a frozen head (weights without grad) under states that need one: the backward still recomputes each
+    # chunk's logits instead of keeping them, and the states' gradient is the written-out log-softmax's
+    model, _ = tiny
+    head = model.get_output_embeddings()
+    V = head.weight.shape[0]
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(6, model.config.hidden_size, generator=g, requires_grad=True)
+    tokens = torch.randint(0, V, (6,), generator=g)
+    monkeypatch.setattr(grpo, "HEAD_CHUNK", 4)
+    monkeypatch.setattr(head.weight, "requires_grad", False)
+    logits = h @ head.weight.T
+    (h_exact,) = torch.autograd.grad((logits[torch.arange(6), tokens] - logits.logsumexp(-1)).sum(), (h,))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        got = grpo.head_logprobs(head, h, tokens)
+    (h_got,) = torch.autograd.grad(got.sum(), (h,))
+    torch.testing.assert_close(h_got, h_exact, rtol=1e-4, atol=1e-6)
+    assert saved and max(saved) < 4 * V
+
+
 def test_bf16_reference_keeps_its_linear_layers_in_bf16_and_gives_the_same_logprobs(tiny):
     # under bf16 forwards, a linear layer's weights are cast to bf16 in every forward anyway: a reference that
     # stores them so gives bit-identical log-probs; the head (tied to the embedding here) and the norms stay fp32
