@@ -3,12 +3,14 @@ older commit and in this checkout, side by side in one run, on the same inputs.
 
     python bench/bench_versions.py --step-model WARMED_UP_DIR          # the GRPO step from a model that searches
     python bench/bench_versions.py --before 82b6ed2^ --warmup-before 82b6ed2 --warmup-precision fp32
+    python bench/bench_versions.py --step-model WARMED_UP_DIR --after-flags "--no-grad-checkpointing"
 
 "Before" is the code as issue 11 found it. Its GRPO step is the parent of 82b6ed2, the commit that added bf16
 autocast: it ran every forward in fp32, with no gradient checkpointing and no token budgets. The warm-up did not
 exist there. It came in 82b6ed2 itself, so the warm-up's "before" is that commit with its forwards forced to fp32
 (--warmup-precision). "After" is this checkout with its defaults. Each older commit is unpacked with
-`git archive` into a temporary directory.
+`git archive` into a temporary directory. --after-flags adds igsearch.py flags to the "after" side only, to
+see what a setting buys: gradient checkpointing, for one, trades update time for the 4 GB `--tiny` holds.
 
 Every phase runs in a fresh child process in the tree it measures. The child imports that tree's own modules
 and applies this checkout's --tiny settings, as far as the old Config has the same fields. The settings it had
@@ -30,6 +32,7 @@ import json
 import os
 import random
 import resource
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -174,6 +177,8 @@ def main(argv=None):
     p.add_argument("--step-model", default=None, help="the model the GRPO step starts from (default: --model)")
     p.add_argument("--reward", default="outcome", choices=("outcome", "igsearch", "inforeasoner"))
     p.add_argument("--phases", default=",".join(PHASES), help="comma-separated, of: " + ", ".join(PHASES))
+    p.add_argument("--after-flags", default="", help="igsearch.py flags for the 'after' side beside --tiny, "
+                   "e.g. '--no-grad-checkpointing'")
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: run one phase here
@@ -194,6 +199,10 @@ def main(argv=None):
     cfg, _ = igsearch.parse_args(["--tiny", "--reward", args.reward, "--seed", str(args.seed)])
     settings = {k: v for k, v in dataclasses.asdict(cfg).items()
                 if k not in ("model", "out", "device", "seed", "precision", "token_budget", "forward_budget")}
+    after_cfg, _ = igsearch.parse_args(["--tiny", "--reward", args.reward, "--seed", str(args.seed),
+                                        *shlex.split(args.after_flags)])
+    after_settings = {k: v for k, v in dataclasses.asdict(after_cfg).items()
+                      if k not in ("model", "out", "device", "seed")}
     train = load_tiny_qa()["train"]
     questions = random.Random(args.seed).sample(train, max(cfg.questions_per_step, cfg.warmup_batch))
 
@@ -207,13 +216,17 @@ def main(argv=None):
         print(f"before: step at {args.before}, warm-up at {args.warmup_before} (precision "
               f"{args.warmup_precision}); after: {ROOT}; {args.reward} reward; step model {step_model}; "
               f"warm-up model {model}", flush=True)
+        tiny = dataclasses.asdict(cfg)
+        changed = {k: v for k, v in after_settings.items() if tiny.get(k) != v}
+        if changed:
+            print(f"after: --tiny with {', '.join(f'{k} {v}' for k, v in changed.items())} ({args.after_flags})")
         for phase in phases:
             warm = phase == "warmup"
             base = dict(phase=phase, seed=args.seed, device=args.device, questions=questions,
                         model=model if warm else step_model, settings=settings)
             before = dict(base, label="before", tree=trees[args.warmup_before if warm else args.before],
                           settings=dict(settings, **({"precision": args.warmup_precision} if warm else {})))
-            after = dict(base, label="after", tree=str(ROOT))
+            after = dict(base, label="after", tree=str(ROOT), settings=after_settings)
             a, b = run_child(before, tmp), run_child(after, tmp)
             if a.get("left_out"):
                 print(f"{phase}: settings the 'before' tree has no field for: {', '.join(a['left_out'])}")
