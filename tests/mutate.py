@@ -149,6 +149,10 @@ EQUIVALENT = {
         "the last position's logits are 2-D, [U, V]: dim 1 is dim -1",
     ('_generate_batch', 'nxt = logits.argmax(1).cpu()'):
         "the last position's logits are 2-D, [U, V]: dim 1 is dim -1",
+    ('token_logprobs', 'lengths = attention_mask.sum(1)                                           # [B]'):
+        'attention_mask is 2-D, [B, T]: dim 1 is dim -1',
+    ('train_step', "stats = update_policy(model, ref_model, opt, batch[lo:hi], A[lo:hi + 1], cfg, dp)  # this rank's rows"):
+        "update_policy reads A only as A[sl] for row slices of its batch's rows: a trailing extra row is never read",
     ('head_logprobs', 'for s in range(0, max(h.shape[0], 2), HEAD_CHUNK):  # no state: one empty chunk, still in the graph'):
         'HEAD_CHUNK >= 2: with 0 or 1 states, range(0, 2, HEAD_CHUNK) is the same one chunk as range(0, 1, HEAD_CHUNK)',
     ('head_logprobs', 'if (torch.is_grad_enabled() or (hs.requires_grad or head.weight.requires_grad)):'):

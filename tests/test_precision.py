@@ -76,7 +76,7 @@ def test_head_logprobs_by_chunks_keep_no_logits_for_the_backward(tiny, monkeypat
         torch.testing.assert_close(grpo.head_logprobs(head, h, tokens), exact.detach(), rtol=1e-5, atol=1e-5)
 
 
-def test_head_logprobs_keeps_no_logits_when_only_the_states_need_a_gradient(tiny, monkeypatch):
+def test_head_logprobs_when_only_the_states_or_only_the_head_need_a_gradient(tiny, monkeypatch):
     # a frozen head (weights without grad) under states that need one: the backward still recomputes each
     # chunk's logits instead of keeping them, and the states' gradient is the written-out log-softmax's
     model, _ = tiny
@@ -95,6 +95,14 @@ def test_head_logprobs_keeps_no_logits_when_only_the_states_need_a_gradient(tiny
     (h_got,) = torch.autograd.grad(got.sum(), (h,))
     torch.testing.assert_close(h_got, h_exact, rtol=1e-4, atol=1e-6)
     assert saved and max(saved) < 4 * V
+    # and the other way round, a trainable head over states without a gradient (a frozen body): the head's
+    # gradient still arrives (a reentrant checkpoint would drop it: none of its inputs needs a gradient)
+    monkeypatch.setattr(head.weight, "requires_grad", True)
+    h = h.detach()
+    logits = h @ head.weight.T
+    (w_exact,) = torch.autograd.grad((logits[torch.arange(6), tokens] - logits.logsumexp(-1)).sum(), (head.weight,))
+    (w_got,) = torch.autograd.grad(grpo.head_logprobs(head, h, tokens).sum(), (head.weight,))
+    torch.testing.assert_close(w_got, w_exact, rtol=1e-4, atol=1e-6)
 
 
 def test_bf16_reference_keeps_its_linear_layers_in_bf16_and_gives_the_same_logprobs(tiny):
