@@ -259,13 +259,14 @@ M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
 
 
 def steady_heap(threshold=4 << 20):
-    """Serve every allocation of `threshold` bytes or more (4 MiB: a [2048 x 576] bf16 activation is 2.25 MiB)
-    with its own mmap, handed back to the operating system when freed. glibc's default threshold starts at
-    128 KiB and rises to the largest block freed so far (up to 32 MiB): after the first big tensor is freed,
-    tensors of a few MiB come from the heap, which keeps their pages after the phase that needed them, and a
-    run's resident size grows from step to step and phase to phase. A fixed threshold stops that. Measured on
-    a --tiny GRPO step of SmolLM2 (bench/bench_memory.py, README "Memory and precision"); smaller thresholds
-    save more but slow the update (each small tensor a system call). A no-op where libc has no mallopt."""
+    """Serve every allocation of `threshold` bytes or more with its own mmap, handed back to the operating
+    system when freed (4 MiB: a chunk of head logits, [512 x 49152] fp32, is mapped; a [1024 x 1536] bf16 MLP
+    activation, 3 MiB, is not). glibc's default threshold starts at 128 KiB and rises to the largest block
+    freed so far (up to 32 MiB): after the first big tensor is freed, tensors of a few MiB come from the heap,
+    which keeps their pages after the phase that needed them, and a run's resident size grows from step to
+    step and phase to phase. A fixed threshold stops that for the large tensors; smaller ones still fragment
+    the heap. Measured with bench/bench_memory.py (README "Memory and precision"); smaller thresholds save more
+    but slow the update (a system call for each small tensor). A no-op where libc has no mallopt."""
     try:
         return bool(ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, threshold))
     except (OSError, AttributeError):
