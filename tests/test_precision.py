@@ -120,6 +120,11 @@ def test_bf16_reference_keeps_its_linear_layers_in_bf16_and_gives_the_same_logpr
     assert bf16_bytes < sum(p.numel() * p.element_size() for p in model.parameters())
     with torch.no_grad(), grpo.autocast("bf16", CPU):
         assert torch.equal(grpo.token_logprobs(ref, ids, attn, mask), grpo.token_logprobs(model, ids, attn, mask))
+    # the policy is left as it was (fp32, trainable), and the copy shares no weight with it
+    assert all(p.dtype == torch.float32 and p.requires_grad for p in model.parameters())
+    policy_ptrs = {p.data_ptr() for p in model.parameters()}
+    assert not policy_ptrs & {p.data_ptr() for p in ref.parameters()}
+    assert ref.get_output_embeddings().weight is ref.get_input_embeddings().weight  # still tied, one tensor
     # fp32 forwards: an fp32 copy
     assert all(p.dtype == torch.float32 for p in grpo.frozen_copy(model, "fp32").parameters())
 
