@@ -4,6 +4,7 @@
     python experiments.py eval --model Qwen/Qwen2.5-0.5B-Instruct --data hotpotqa:dev.json --limit 200
     python experiments.py compare --tiny                                  # outcome, igsearch, inforeasoner
     python experiments.py compare --preset cpu --seeds 0,1 --out runs/cmp # the README's learning experiment
+    python experiments.py report runs/cmp-s0 runs/cmp-s1 --out docs/cmp   # one table from several compares
     torchrun --nproc_per_node 2 experiments.py compare --tiny             # every run data-parallel (ranks.py)
 
 Both take igsearch.py's settings and use its evaluate and train; nothing here is part of the method.
@@ -107,7 +108,7 @@ def check_run_typo(path):
 # python experiments.py compare --tiny: the three rewards from the same seed and data, one table
 
 REWARDS = ("outcome", "igsearch", "inforeasoner")
-COMPARE_FILES = ("compare.json", "compare.md", "curves.png", "warmup", runs.LOCK)
+COMPARE_FILES = ("compare.json", "compare.md", "seeds.json", "curves.png", "warmup", runs.LOCK)
 
 
 def claim_compare_root(root):
@@ -192,7 +193,16 @@ def report(cfg, seeds, root, run_dirs, results, evals):
     table = views.markdown_table(rows)
     print(table)
     runs.write_json(root / "compare.json", rows, indent=1)
-    (root / "compare.md").write_text(f"{title}\n\n{table}\n")
+    text = f"{title}\n\n{table}\n"
+    pooled = views.seed_rows(run_dirs, results, evals)
+    if pooled:  # each reward over its seeds, and paired with outcome of the same seed
+        note = ("Each reward over its seeds: a question's value is its mean over the seeds, the interval is "
+                "bootstrapped over questions; the changes are paired question by question (with outcome of "
+                "the same seed)")
+        print(f"\n{note}\n{views.seed_table(pooled)}")
+        text += f"\n{note}\n\n{views.seed_table(pooled)}\n"
+        runs.write_json(root / "seeds.json", pooled, indent=1)
+    (root / "compare.md").write_text(text)
     try:
         print(f"curves: {views.plot_runs(run_dirs, root / 'curves.png')}")
     except DataError as e:  # matplotlib is optional; the table stands on its own
@@ -200,7 +210,57 @@ def report(cfg, seeds, root, run_dirs, results, evals):
     return rows
 
 
-COMMANDS = {"eval": eval_command, "compare": compare_command}
+# ----------------------------------------------------------------------------------------------------
+# python experiments.py report DIR [DIR ...] --out OUT: one table from the finished runs of several compares
+
+def report_command(argv):
+    """The table and curves of compare, written to --out, from the finished runs of one or more compare
+    directories that started from the same warm-up: e.g. seed 0 and seed 1 run apart (each resumable on its
+    own, or each from its own commit) and reported together. Trains nothing, loads no model."""
+    p = runs.ArgParser(prog="experiments.py report", description=report_command.__doc__.split(":")[0])
+    p.add_argument("dirs", nargs="+", help="compare directories (their --out)")
+    p.add_argument("--out", required=True, help="the directory for compare.md, compare.json, seeds.json, curves.png")
+    args = p.parse_args(argv)
+    run_dirs, results, evals, seeds, first = [], {}, None, set(), None
+    for d in map(Path, args.dirs):
+        done = d / "warmup" / "done.json"
+        if not done.is_file():
+            raise DataError(f"{d}: no warmup/done.json; give directories written by `experiments.py compare "
+                            "--warmup-steps N` (a --preset cpu or --tiny compare)")
+        info = runs.read_json(done, "the warm-up's summary")
+        if evals is None:
+            evals, first = {"before": info.get("before") or {}, "warm-up": info.get("warm-up") or {}}, d
+        elif info.get("warm-up") != evals["warm-up"]:
+            raise DataError(f"{d}: its warm-up is not the one of {first} (other evaluation); report compares "
+                            "runs that started from one model")
+        for reward in REWARDS:
+            for run in sorted(d.glob(f"{reward}-s*"), key=lambda r: int(r.name.rpartition("-s")[2] or 0)):
+                if not (run / "eval_after.json").is_file():
+                    print(f"{run}: not finished (no eval_after.json), left out")
+                    continue
+                seed = run.name.rpartition("-s")[2]
+                if any(r.name == run.name for r in run_dirs):
+                    raise DataError(f"{run}: {run.name} is in two of the directories; give each seed once")
+                run_dirs.append(run)
+                seeds.add(int(seed))
+                results[run] = {"before": runs.read_json(run / "eval_before.json"),
+                                "after": runs.read_json(run / "eval_after.json")}
+    if not run_dirs:
+        raise DataError(f"{', '.join(args.dirs)}: no finished run (reward-sN with eval_after.json)")
+    cfg = igsearch.run_config(run_dirs[0])
+    same = ("data", "steps", "questions_per_step", "group_size", "lr", "eval_questions")
+    for run in run_dirs[1:]:
+        other = igsearch.run_config(run)
+        if any(getattr(other, k) != getattr(cfg, k) for k in same):
+            raise DataError(f"{run}: trained with other settings than {run_dirs[0]} (" + ", ".join(
+                f"{k} {getattr(other, k)} vs {getattr(cfg, k)}" for k in same if getattr(other, k) != getattr(cfg, k))
+                + "); report compares runs of one experiment")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    return report(cfg, sorted(seeds), out, run_dirs, results, evals)
+
+
+COMMANDS = {"eval": eval_command, "compare": compare_command, "report": report_command}
 
 
 def main(argv=None):

@@ -367,9 +367,74 @@ def compare_rows(runs, results, evals):
         rows.append({"model": run.name, **flat_eval(results[run]["after"]), **gains,
                      "mean_ig": float(np.mean(ig)) if ig else None, "mean_ig_ci": bootstrap_ci(ig) if ig else None,
                      "train_reward": float(np.mean([m["reward"] for m in steps])) if steps else None,
-                     "s_per_step": float(np.mean([sum(v for k, v in m.items() if k.startswith("time_"))
-                                                  for m in steps])) if steps else None})
+                     # the median: a run paused or resumed on a busy machine has a few steps of hours
+                     "s_per_step": float(np.median([sum(v for k, v in m.items() if k.startswith("time_"))
+                                                    for m in steps])) if steps else None})
     return rows
+
+
+def seed_rows(runs, results, evals):
+    """One row per reward over all its seeds (one seed or more). The unit is the question (every seed met
+    the same ones): a question's value is its mean over the seeds, and the interval is bootstrapped over
+    questions. Paired columns: the change from the start, and from outcome with the same seed, on the same
+    questions. F1, searches, mean IG and train reward: the mean of the seeds' values.
+
+    Worked example (tests/test_runs.py): two questions, seeds 0 and 1; outcome gets EM [0, 1] and [0, 0],
+    igsearch [1, 1] and [0, 1]. Per question over the seeds, outcome 0 and 0.5 (EM 0.25), igsearch 0.5 and 1
+    (EM 0.75); igsearch − outcome: q1 (1 − 0 + 0 − 0) / 2 = 0.5, q2 (1 − 1 + 1 − 0) / 2 = 0.5, so +0.5.
+    """
+    by_reward = {}
+    for run in runs:
+        reward, _, seed = run.name.rpartition("-s")
+        by_reward.setdefault(reward, {})[seed] = run
+
+    def each(summary, metric):
+        return dict(zip(summary["each"]["id"], summary["each"][metric])) if "each" in summary else {}
+
+    def per_question(pairs, metric):
+        """[(after, baseline or None)] -> each question's mean over the pairs of after (- baseline)."""
+        tables = [(each(a, metric), each(b, metric) if b is not None else None) for a, b in pairs]
+        common = set.intersection(*(set(a) & (set(b) if b is not None else set(a)) for a, b in tables))
+        return [float(np.mean([a[q] - (b[q] if b is not None else 0.0) for a, b in tables])) for q in sorted(common)]
+
+    def mean_ci(values):
+        return (float(np.mean(values)), bootstrap_ci(values)) if values else (None, None)
+
+    base = {s: results[r]["after"] for s, r in by_reward.get("outcome", {}).items()}  # outcome, by seed
+    rows = []
+    for reward, seeds in by_reward.items():
+        after = {s: results[r]["after"] for s, r in seeds.items()}
+        start = {s: evals["warm-up"] if evals else results[r]["before"] for s, r in seeds.items()}
+        row = {"model": reward, "seeds": ",".join(sorted(seeds, key=int)),
+               "n": len(per_question([(a, None) for a in after.values()], "em"))}
+        for metric in ("em", "answered"):
+            row[metric], row[metric + "_ci"] = mean_ci(per_question([(a, None) for a in after.values()], metric))
+            row[metric + "_gain"], row[metric + "_gain_ci"] = mean_ci(
+                per_question([(after[s], start[s]) for s in after], metric))
+            shared = [s for s in after if s in base]
+            row[metric + "_vs_outcome"], row[metric + "_vs_outcome_ci"] = (mean_ci(
+                per_question([(after[s], base[s]) for s in shared], metric)) if reward != "outcome" and shared
+                else (None, None))
+        for metric in ("f1", "searches"):
+            values = [a[metric] for a in after.values() if a.get(metric) is not None]
+            row[metric] = float(np.mean(values)) if values else None
+        steps = {s: read_metrics(r) for s, r in seeds.items()}
+        ig = [float(np.mean(v)) for v in ([m[k] for m in ms for k in ("ig_mean", "ir_ig_mean") if k in m]
+                                           for ms in steps.values()) if v]
+        rewards = [float(np.mean([m["reward"] for m in ms])) for ms in steps.values() if ms]
+        row["mean_ig"] = float(np.mean(ig)) if ig else None
+        row["train_reward"] = float(np.mean(rewards)) if rewards else None
+        rows.append(row)
+    return rows
+
+
+def seed_table(rows):
+    """seed_rows as a Markdown table: mean [95% interval] per cell, changes signed."""
+    cols = [("EM", "em"), ("answered", "answered"), ("EM − start", "em_gain"), ("EM − outcome", "em_vs_outcome"),
+            ("answered − outcome", "answered_vs_outcome"), ("F1", "f1"), ("searches", "searches"),
+            ("mean IG (train)", "mean_ig"), ("train reward", "train_reward")]
+    return _markdown(rows, [("reward", "model"), ("seeds", "seeds"), ("questions", "n")], cols,
+                     signed=("_gain", "_vs_outcome"))
 
 
 def flat_eval(summary):
@@ -382,16 +447,25 @@ def flat_eval(summary):
 
 def markdown_table(rows):
     """compare's rows as a Markdown table: mean [95% interval] per cell."""
+    cols = [("EM", "em"), ("F1", "f1"), ("answered", "answered"), ("searches", "searches"),
+            ("EM 1-hop", "h1_em"), ("EM 2-hop", "h2_em"), ("EM − start (paired)", "em_gain"),
+            ("answered − start (paired)", "answered_gain"), ("mean IG (train)", "mean_ig"),
+            ("train reward", "train_reward"), ("s/step (median)", "s_per_step")]
+    return _markdown(rows, [("model", "model"), ("n", "n")], cols)
+
+
+def _markdown(rows, plain, cols, signed=()):
+    """A Markdown table: the `plain` columns as they are, then each of `cols` as mean [95% interval] (its
+    key + "_ci"), signed where the key ends in one of `signed`; – where a value is missing."""
     def cell(r, k):
         v, ci = r.get(k), r.get(k + "_ci")
         if v is None:
             return "–"
-        return f"{v:.3f} [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else (f"{v:.3f}" if isinstance(v, float) else str(v))
-    cols = [("EM", "em"), ("F1", "f1"), ("answered", "answered"), ("searches", "searches"),
-            ("EM 1-hop", "h1_em"), ("EM 2-hop", "h2_em"), ("EM − start (paired)", "em_gain"),
-            ("answered − start (paired)", "answered_gain"), ("mean IG (train)", "mean_ig"),
-            ("train reward", "train_reward"), ("s/step", "s_per_step")]
-    lines = ["| model | n | " + " | ".join(c for c, _ in cols) + " |", "|---" * (len(cols) + 2) + "|"]
+        if not isinstance(v, float):
+            return str(v)
+        sign = "+" if signed and k.endswith(signed) else ""
+        return f"{v:{sign}.3f} [{ci[0]:{sign}.2f}, {ci[1]:{sign}.2f}]" if ci else f"{v:.3f}"
+    lines = ["| " + " | ".join(c for c, _ in plain + cols) + " |", "|---" * (len(plain) + len(cols)) + "|"]
     for r in rows:
-        lines.append(f"| {r['model']} | {r.get('n')} | " + " | ".join(cell(r, k) for _, k in cols) + " |")
+        lines.append("| " + " | ".join([str(r.get(k)) for _, k in plain] + [cell(r, k) for _, k in cols]) + " |")
     return "\n".join(lines)

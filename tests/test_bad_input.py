@@ -672,6 +672,25 @@ def test_compare_refusals(tmp_path, capsys, untouched, no_model):
     one_line_error(capsys, base + ["--out", str(tmp_path / "c"), "--seeds", "a"], "comma-separated integers")
 
 
+
+def test_report_refusals(tmp_path, capsys, untouched, no_model):
+    from test_runs import fake_compare_dir
+    em = {r: (0, 1) for r in experiments.REWARDS}
+    fake_compare_dir(tmp_path / "a", 0, em)
+    fake_compare_dir(tmp_path / "other-warmup", 1, em, warm_em=(1, 1))
+    fake_compare_dir(tmp_path / "more-steps", 1, em, steps=5)
+    fake_compare_dir(tmp_path / "cut", 1, em, finished=False)
+    (tmp_path / "empty").mkdir()
+    untouched()
+    report = lambda *dirs: ["report", *(str(tmp_path / d) for d in dirs), "--out", str(tmp_path / "run")]
+    one_line_error(capsys, report("a", "empty"), "empty: no warmup/done.json")
+    one_line_error(capsys, report("a", "other-warmup"), "its warm-up is not the one of")
+    one_line_error(capsys, report("a", "more-steps"), "trained with other settings", "steps 5 vs 2")
+    one_line_error(capsys, report("a", "a"), "outcome-s0 is in two of the directories")
+    one_line_error(capsys, report("cut"), "no finished run")
+    one_line_error(capsys, ["report", str(tmp_path / "a")], "--out")
+
+
 # ----------------------------------------------------------------------------------------------------
 # 7. Faults: Ctrl-C, two processes on one run, an unusable cache directory
 

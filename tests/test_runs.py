@@ -312,7 +312,12 @@ def test_compare_starts_every_run_from_one_warmup_and_resumes(tmp_path, capsys, 
     ig = {r["model"]: r["mean_ig"] for r in rows[2:]}
     assert ig["outcome-s3"] is None and ig["igsearch-s3"] == pytest.approx(0.15) and ig["inforeasoner-s4"] == pytest.approx(0.15)
     assert all(r["train_reward"] == 0.5 and r["s_per_step"] == 1.5 for r in rows[2:])
-    assert (tmp_path / "cmp" / "compare.md").read_text().count("\n| ") == 9   # header + 8 rows
+    md = (tmp_path / "cmp" / "compare.md").read_text()
+    assert md.count("\n| ") == 9 + 4   # header + 8 rows; then one row per reward over the seeds, and its header
+    assert "\n| igsearch | 3,4 | 0 | – |" in md   # these summaries hold no per-question values to pool
+    pooled = json.loads((tmp_path / "cmp" / "seeds.json").read_text())
+    assert [(r["model"], r["seeds"], r["mean_ig"]) for r in pooled] == [
+        ("outcome", "3,4", None), ("igsearch", "3,4", pytest.approx(0.15)), ("inforeasoner", "3,4", pytest.approx(0.15))]
     # run again: every run is finished, so nothing is trained twice
     seen.clear()
     assert experiments.main(argv) == 0 and seen == []
@@ -321,6 +326,46 @@ def test_compare_starts_every_run_from_one_warmup_and_resumes(tmp_path, capsys, 
     (tmp_path / "cmp" / "igsearch-s4" / "ckpt" / "step_000001").mkdir(parents=True)
     assert experiments.main(argv) == 0
     assert [(c.reward, c.seed, resume) for c, resume, _ in seen] == [("igsearch", 4, True)]
+
+
+def fake_compare_dir(root, seed, em_of, warm_em=(0.0, 0.0), steps=2, finished=True):
+    """A compare directory written by hand: warmup/done.json and one run per reward, with per-question EM over
+    the questions q1, q2 (em_of[reward])."""
+    def summary(em):
+        return {"n": 2, "em": sum(em) / 2, "em_ci": [0.0, 1.0], "f1": sum(em) / 2, "answered": 1.0,
+                "each": {"id": ["q1", "q2"], "em": list(em), "answered": [1.0, 1.0]}}
+    (root / "warmup").mkdir(parents=True)
+    runs.write_json(root / "warmup" / "done.json", {"before": {}, "warm-up": summary(warm_em), "smoke": False,
+                                                    "losses": [], "from": "m"})
+    for reward in experiments.REWARDS:
+        run = root / f"{reward}-s{seed}"
+        run.mkdir()
+        cfg = igsearch.Config(reward=reward, seed=seed, steps=steps, out=str(run))
+        (run / "config.json").write_text(json.dumps(dataclasses.asdict(cfg)))
+        (run / "metrics.jsonl").write_text(json.dumps({"step": 0, "reward": 0.5, "time_update": 1.0}) + "\n")
+        runs.write_json(run / "eval_before.json", summary(warm_em))
+        if finished:
+            runs.write_json(run / "eval_after.json", summary(em_of[reward]))
+
+
+def test_report_pools_the_seeds_of_several_compare_directories(tmp_path, capsys):
+    fake_compare_dir(tmp_path / "a", 0, {"outcome": (0, 1), "igsearch": (1, 1), "inforeasoner": (0, 0)})
+    fake_compare_dir(tmp_path / "b", 1, {"outcome": (0, 0), "igsearch": (0, 1), "inforeasoner": (1, 0)})
+    out = tmp_path / "docs"
+    assert experiments.main(["report", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out)]) == 0
+    rows = json.loads((out / "compare.json").read_text())
+    assert [r["model"] for r in rows] == ["warm-up (start of every run)", "outcome-s0", "igsearch-s0",
+                                          "inforeasoner-s0", "outcome-s1", "igsearch-s1", "inforeasoner-s1"]
+    pooled = {r["model"]: r for r in json.loads((out / "seeds.json").read_text())}
+    # per question over the seeds: outcome q1 0, q2 0.5; igsearch 0.5, 1; inforeasoner 0.5, 0
+    assert [pooled[r]["em"] for r in experiments.REWARDS] == [0.25, 0.75, 0.25]
+    assert pooled["igsearch"]["em_vs_outcome"] == 0.5 and pooled["inforeasoner"]["em_vs_outcome"] == 0.0
+    assert "seeds [0, 1]" in (out / "compare.md").read_text() and "| igsearch | 0,1 | 2 |" in capsys.readouterr().out
+    # a cut run is left out, and said so
+    fake_compare_dir(tmp_path / "c", 2, {}, finished=False)
+    experiments.main(["report", str(tmp_path / "a"), str(tmp_path / "c"), "--out", str(out)])
+    assert "inforeasoner-s2: not finished (no eval_after.json), left out" in capsys.readouterr().out
+    assert [r["seeds"] for r in json.loads((out / "seeds.json").read_text())] == ["0", "0", "0"]
 
 
 def test_compare_on_the_tiny_preset_really_trains_all_three(tmp_path, capsys, monkeypatch):

@@ -123,6 +123,42 @@ def test_html_screenshot(group, tok, tmp_path):
     shutil.copy(png, tmp_path / "kept.png")
 
 
+def test_seed_rows_average_each_question_over_the_seeds_and_pair_with_outcome_of_the_same_seed(tmp_path):
+    def summary(ids, em, f1):
+        return {"each": {"id": ids, "em": em, "answered": [1.0] * len(em)}, "f1": f1, "searches": 1.0}
+
+    def run(name, rewards, ig=None):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "metrics.jsonl").write_text("".join(json.dumps({"step": i, "reward": r, **({"ig_mean": ig} if ig else {})})
+                                                 + "\n" for i, r in enumerate(rewards)))
+        return d
+
+    q = ["q1", "q2"]
+    res = {run("outcome-s0", [0.0, 1.0]): {"after": summary(q, [0.0, 1.0], 0.4)},
+           run("outcome-s1", [0.5]): {"after": summary(q[::-1], [0.0, 0.0], 0.2)},          # q2, q1: order is by id
+           run("igsearch-s0", [1.0], ig=2.0): {"after": summary(q, [1.0, 1.0], 0.9)},
+           run("igsearch-s1", [0.0], ig=4.0): {"after": summary(q + ["q3"], [0.0, 1.0, 1.0], 0.7)}}  # q3: one seed only
+    rows = views.seed_rows(list(res), res, {"warm-up": summary(q, [0.0, 0.0], 0.0)})
+    out, ig = rows
+    assert (out["model"], out["seeds"], out["n"], ig["model"], ig["n"]) == ("outcome", "0,1", 2, "igsearch", 2)
+    # outcome per question over the seeds: q1 (0 + 0) / 2 = 0, q2 (1 + 0) / 2 = 0.5; igsearch 0.5 and 1
+    assert out["em"] == pytest.approx(0.25) and ig["em"] == pytest.approx(0.75)
+    assert ig["em_gain"] == pytest.approx(0.75) and out["em_gain"] == pytest.approx(0.25)   # the start is all 0
+    # igsearch − outcome, same seed, same question: q1 (1 − 0 + 0 − 0) / 2 = 0.5, q2 (1 − 1 + 1 − 0) / 2 = 0.5
+    assert ig["em_vs_outcome"] == pytest.approx(0.5) and ig["em_vs_outcome_ci"] == [0.5, 0.5]
+    assert out["em_vs_outcome"] is None and ig["answered_vs_outcome"] == 0.0
+    assert ig["f1"] == pytest.approx(0.8) and out["train_reward"] == pytest.approx(0.5)   # (0.5 + 0.5) / 2
+    assert ig["mean_ig"] == pytest.approx(3.0) and out["mean_ig"] is None
+    table = views.seed_table(rows)
+    assert "| igsearch | 0,1 | 2 | 0.750 [0.50, 1.00] | 1.000 [1.00, 1.00] | +0.750 [+0.50, +1.00] | +0.500 [+0.50, +0.50] |" in table
+    # one seed: each reward's own values, and its paired change from outcome of that seed
+    one = {r: v for r, v in res.items() if r.name.endswith("-s0")}
+    rows = views.seed_rows(list(one), one, {"warm-up": summary(q, [0.0, 0.0], 0.0)})
+    assert [(r["seeds"], r["em"], r["em_vs_outcome"]) for r in rows] == [("0", 0.5, None), ("0", 1.0, 0.5)]
+    assert views.seed_rows([], {}, {}) == []
+
+
 def test_paired_gain_matches_questions_by_id_and_its_interval_holds_the_pairs():
     ids = [f"q{i}" for i in range(40)]
     start = {"each": {"id": ids, "em": [float(i % 2) for i in range(40)]}}
