@@ -203,8 +203,10 @@ def test_ig_of_a_step_fits_the_budget_and_does_not_depend_on_it(tiny, retriever)
             assert fw.within(budget) == 2
     assert max(rows for rows, _ in seen) == 3  # without a budget the 3 blocks of a step run together
     assert [len(x) for x in out[None]] == [0, 0, 1, 2]
+    # each IG is a difference of log-probs of several nats, summed in another order when batched otherwise: fp32
+    # rounding of a few 1e-6 (1.9e-6 seen on one CPU), far below a real change of budget-dependent scoring
     torch.testing.assert_close(torch.tensor(sum(out[400], [])), torch.tensor(sum(out[None], [])),
-                               rtol=1e-5, atol=1e-6)
+                               rtol=1e-5, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------------

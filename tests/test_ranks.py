@@ -66,7 +66,8 @@ def two_ranks(tmp_path_factory):
                                                                  "--max-turn-tokens", "64", "--max-response-tokens",
                                                                  "512"]],  # room for the oracle's turns
                           ["compare", run_argv(out / "compare", 1) + ["--ir-samples", "2"]]])
-    return out, [torch.load(out / f"step_rank{r}.pt", weights_only=True) for r in (0, 1)], proc.stdout
+    yield out, [torch.load(out / f"step_rank{r}.pt", weights_only=True) for r in (0, 1)], proc.stdout
+    shutil.rmtree(out, ignore_errors=True)  # 2.3 GB of runs and per-rank steps: kept, the suite's disk use doubles
 
 
 @pytest.fixture(scope="module")
