@@ -3,7 +3,7 @@ older commit and in this checkout, side by side in one run, on the same inputs.
 
     python bench/bench_versions.py --step-model WARMED_UP_DIR          # the GRPO step from a model that searches
     python bench/bench_versions.py --before 82b6ed2^ --warmup-before 82b6ed2 --warmup-precision fp32
-    python bench/bench_versions.py --step-model WARMED_UP_DIR --after-flags "--no-grad-checkpointing"
+    python bench/bench_versions.py --step-model WARMED_UP_DIR --after-flags=--no-grad-checkpointing
 
 "Before" is the code as issue 11 found it. Its GRPO step is the parent of 82b6ed2, the commit that added bf16
 autocast: it ran every forward in fp32, with no gradient checkpointing and no token budgets. The warm-up did not
@@ -178,7 +178,7 @@ def main(argv=None):
     p.add_argument("--reward", default="outcome", choices=("outcome", "igsearch", "inforeasoner"))
     p.add_argument("--phases", default=",".join(PHASES), help="comma-separated, of: " + ", ".join(PHASES))
     p.add_argument("--after-flags", default="", help="igsearch.py flags for the 'after' side beside --tiny, "
-                   "e.g. '--no-grad-checkpointing'")
+                   "given with '=' as they start with a dash: --after-flags=--no-grad-checkpointing")
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: run one phase here
