@@ -27,6 +27,7 @@ import igsearch  # noqa: E402
 import retrieve  # noqa: E402
 import rewards  # noqa: E402
 import runs  # noqa: E402
+from roofline import Positions, body_params, matmul_rate, mlp_sizes  # noqa: E402
 
 
 def time_variant(model, ref_model, tok, retriever, rollouts, cfg, reward, seed):
@@ -62,47 +63,7 @@ def ig_prefix_sharing(model, tok, retriever, rollouts, cfg, seed):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Roofline: each phase's achieved rate against the machine's dense matmul rate at the model's sizes
-
-def body_params(model):
-    """Parameters of the decoder's matmuls (every Linear but the vocabulary head): 2 FLOPs each per token
-    forward. The head is left out (our forwards project only the positions whose log-prob is read), and so is
-    attention's own T² term: the rates below are, if anything, understated."""
-    head = model.get_output_embeddings()
-    return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head)
-
-
-def matmul_rate(model, dtype, tokens=2048, repeats=5):
-    """FLOP/s of a plain torch.mm at the model's MLP size, [tokens, hidden] @ [hidden, intermediate]."""
-    device = next(model.parameters()).device
-    H = model.config.hidden_size
-    inter = getattr(model.config, "intermediate_size", 4 * H)
-    a, b = torch.randn(tokens, H, device=device, dtype=dtype), torch.randn(H, inter, device=device, dtype=dtype)
-    torch.mm(a, b)  # warm-up
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    sync()
-    t = time.perf_counter()
-    for _ in range(repeats):
-        torch.mm(a, b)
-    sync()
-    return 2 * tokens * H * inter * repeats / (time.perf_counter() - t)
-
-
-class Positions:
-    """Token positions the decoder computes, counted by a pre-hook (real tokens where an attention mask says
-    which; every position otherwise, as gold_scorer's right-padded rows are computed)."""
-
-    def __init__(self, model):
-        self.n = 0
-        self.hook = model.base_model.register_forward_pre_hook(self.count, with_kwargs=True)
-
-    def count(self, module, args, kwargs):
-        ids, attn = kwargs["input_ids"], kwargs.get("attention_mask")
-        self.n += int(attn[:, -ids.shape[1]:].sum()) if attn is not None else ids.numel()
-
-    def remove(self):
-        self.hook.remove()
-
+# Roofline (bench/roofline.py): each phase's achieved rate against the machine's dense matmul rate
 
 def engine_vs_generate(model, tok, prompts, new_tokens, seed):
     """Tokens/s of grpo.generate_turn against model.generate on the same prompts, same number of new tokens
@@ -295,7 +256,7 @@ def main(argv=None):
 
     # roofline: every rate against a plain matmul at the model's sizes, measured here, now
     P, bf16 = body_params(model), grpo.bf16_forwards(cfg.precision, device)
-    mm = {dt: matmul_rate(model, dt) for dt in (torch.bfloat16, torch.float32)}
+    mm = {dt: matmul_rate(*mlp_sizes(model), dt, device) for dt in (torch.bfloat16, torch.float32)}
     peak = mm[torch.bfloat16 if bf16 else torch.float32]
     print(f"\nroofline: torch.mm [2048 x {model.config.hidden_size}] @ [{model.config.hidden_size} x "
           f"{getattr(model.config, 'intermediate_size', 0)}] runs at {mm[torch.bfloat16] / 1e9:.1f} GFLOP/s in bf16, "

@@ -25,7 +25,13 @@ to leave out are printed. The inputs are the same on both sides:
 
 Where a row's inputs are the same, its numbers agree when the loss is within 0.05 (nats a token, bf16 forwards
 against fp32; tests/test_precision.py bounds each log-prob the same way) and the gradient norm within 5%. The
-machine should be otherwise idle: the times are wall clock."""
+machine should be otherwise idle: the times are wall clock.
+
+A second table bounds what is possible (bench/roofline.py): each side's work, counted from the positions its
+forwards compute (2·P each, 6·P where a backward follows), at this machine's plain matmul rate in that side's
+precision, measured after the phases. Its least time, over the 'after' side's, is the most the 'before' side
+could be sped up without doing less work. On a 2-core AVX2 CPU (no native bf16: auto runs fp32) the 'before'
+side already ran at about half that rate, and the ceiling was 1.9-2.1x (README, "Learning per CPU-hour")."""
 import argparse
 import dataclasses
 import json
@@ -38,6 +44,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import roofline  # bench/ (this script's folder): the same counts in every tree
 
 ROOT = Path(__file__).resolve().parents[1]
 PHASES = ("step-scripted", "step-sampled", "warmup")
@@ -79,6 +87,9 @@ def run_phase(spec):
     model, tok, _ = runs.load_model(spec["model"], device, cfg.seed)
     rng, generator = random.Random(cfg.seed), torch.Generator().manual_seed(cfg.seed)
     out = {"left_out": sorted(set(spec["settings"]) - have), "precision": getattr(cfg, "precision", "fp32")}
+    bf16 = hasattr(grpo, "bf16_forwards") and grpo.bf16_forwards(cfg.precision, device)  # older trees: fp32
+    out.update(P=roofline.body_params(model), mlp=roofline.mlp_sizes(model), bf16=bool(bf16))
+    counted = [roofline.Positions(model)]  # the work the phase needs (roofline.py), for its time at the matmul rate
     if spec["phase"] == "warmup":
         import warmup
         cfg = dataclasses.replace(cfg, warmup_steps=1)
@@ -92,6 +103,7 @@ def run_phase(spec):
         if cfg.beta_kl > 0 or cfg.reward == "inforeasoner":  # as igsearch.py builds it, in either tree
             ref = (grpo.frozen_copy(model, cfg.precision) if hasattr(grpo, "frozen_copy")
                    else copy.deepcopy(model).eval().requires_grad_(False))
+            counted.append(roofline.Positions(ref))
         opt = (grpo.adamw(model.parameters(), cfg.lr) if hasattr(grpo, "adamw")  # as the tree builds it
                else torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0))
         qs = spec["questions"][: cfg.questions_per_step]
@@ -102,6 +114,7 @@ def run_phase(spec):
         out.update(seconds=time.perf_counter() - t, loss=metrics.get("loss"), grad_norm=metrics.get("grad_norm"),
                    reward=metrics.get("reward"), tokens=f"{sum(len(r.ids) for r in rollouts)} tokens",
                    times={k[5:]: v for k, v in metrics.items() if k.startswith("time_")})
+    out["flops"] = sum(c.flops(out["P"]) for c in counted)
     out["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
     return out
 
@@ -165,6 +178,24 @@ def table(rows):
             str(a.get("tokens")), str(b.get("tokens")), fmt(a.get("loss"), ".4f"), fmt(b.get("loss"), ".4f"), fmt(a.get("grad_norm")), fmt(b.get("grad_norm")),
             (agree(a, b) if a.get("tokens") == b.get("tokens") and phase != "step-sampled" else None) or "—",
             fmt(a["peak_rss_gb"], ".2f"), fmt(b["peak_rss_gb"], ".2f")]) + " |")
+    return "\n".join(lines)
+
+
+def bound_table(rows, rate):
+    """Each side's counted work (roofline.py) at the plain matmul rate of its precision: the least time the
+    phase could take here, the fraction of that rate it reached, and so the most any change that keeps the
+    work could speed the 'before' side up (its time over the 'after' side's least time)."""
+    head = ("phase", "side", "precision", "GFLOP counted", "s at the matmul rate", "achieved", "speed-up ceiling")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for phase, a, b in rows:
+        if "error" in a or "error" in b or "flops" not in a:
+            continue
+        least = {side: x["flops"] / rate[x["bf16"]] for side, x in (("before", a), ("after", b))}
+        for side, x in (("before", a), ("after", b)):
+            lines.append("| " + " | ".join([
+                phase, side, "bf16" if x["bf16"] else "fp32", f"{x['flops'] / 1e9:,.0f}", f"{least[side]:.1f}",
+                f"{least[side] / x['seconds']:.0%}",
+                f"{a['seconds'] / least['after']:.2f}×" if side == "after" else "—"]) + " |")
     return "\n".join(lines)
 
 
@@ -234,6 +265,15 @@ def main(argv=None):
             rows.append((phase, a, b))
     print()
     print(table(rows))
+    sized = [x for _, a, b in rows for x in (a, b) if "mlp" in x]
+    if sized:  # the machine's matmul rate at the model's MLP size, idle, after the phases
+        import torch
+        rate = {bf16: roofline.matmul_rate(*sized[0]["mlp"], torch.bfloat16 if bf16 else torch.float32, args.device)
+                for bf16 in (False, True)}
+        H, inter = sized[0]["mlp"]
+        print(f"\nroofline: torch.mm [2048 x {H}] @ [{H} x {inter}] runs at {rate[True] / 1e9:.1f} GFLOP/s in bf16 "
+              f"and {rate[False] / 1e9:.1f} in fp32 here; P = {sized[0]['P'] / 1e6:.1f}M matmul parameters")
+        print(bound_table(rows, rate))
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from retrieve import Retriever
 
 sys.path.insert(0, str(ROOT / "bench"))
 import bench_step  # noqa: E402
+import roofline  # noqa: E402
 
 DOCS = [{"id": f"d{i}", "title": f"Doc{i}", "text": f"Doc{i} is about topic number {i} and more."} for i in range(8)]
 Q = {"id": "q", "question": "What is topic number 3 about?", "golden_answers": ["more"]}
@@ -47,15 +48,23 @@ def test_roofline_counts_the_decoders_matmul_parameters_and_the_positions_it_com
     c = model.config
     H, I, L, d = c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.head_dim
     attn = H * c.num_attention_heads * d * 2 + H * c.num_key_value_heads * d * 2  # q, o; k, v
-    assert bench_step.body_params(model) == L * (attn + 3 * H * I)
+    assert roofline.body_params(model) == L * (attn + 3 * H * I)
     # positions: real tokens where a mask says which (3 + 5 here), every position of a batch without one
-    positions = bench_step.Positions(model)
+    positions = roofline.Positions(model)
     ids = torch.tensor([[0, 0, 11, 12, 13], [11, 12, 13, 14, 15]])
     with torch.no_grad():
         model(input_ids=ids, attention_mask=(ids != 0).long())
         model(input_ids=ids)
+    assert (positions.n, positions.grad) == (8 + 10, 0)
+    # a forward that records a graph counts for its backward too; checkpointing's recomputed layers do not
+    layer_calls = []
+    hook = model.model.layers[0].self_attn.register_forward_pre_hook(lambda *a: layer_calls.append(1))  # inside it
+    with grpo.recompute(model, True):
+        model(input_ids=ids, attention_mask=(ids != 0).long()).logits.sum().backward()
+    hook.remove()
+    assert len(layer_calls) == 2 and (positions.n, positions.grad) == (26, 8)  # the layer ran twice, counted once
+    assert positions.flops(1000) == 2 * 1000 * 26 + 4 * 1000 * 8
     positions.remove()
-    assert positions.n == 8 + 10
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -105,3 +114,15 @@ def test_versions_table_compares_numbers_only_where_the_inputs_are_the_same():
     agree = rows[0].strip("|").split("|").index(" agree ")
     assert [c[3] for c in cells] == ["3.00×"] * 3                # before s / after s
     assert [c[agree] for c in cells] == ["yes", "—", "—"]        # other inputs, or sampled: nothing to compare
+
+
+def test_versions_bound_table_puts_each_sides_work_at_its_precisions_matmul_rate():
+    # before: 600 GFLOP in fp32 at 100 GFLOP/s: 6 s least, in 12 s (50%); after: 400 GFLOP in bf16 at 200: 2 s
+    # least, in 4 s (50%); no change that keeps the after side's work can make before faster than 12 / 2 = 6x
+    a = {"seconds": 12.0, "flops": 600e9, "bf16": False}
+    b = {"seconds": 4.0, "flops": 400e9, "bf16": True}
+    rows = bench_versions.bound_table([("step-scripted", a, b), ("warmup", {"error": "exit 1"}, b)],
+                                      {False: 100e9, True: 200e9}).splitlines()
+    cells = [[c.strip() for c in r.strip("|").split("|")] for r in rows[2:]]
+    assert cells == [["step-scripted", "before", "fp32", "600", "6.0", "50%", "—"],
+                     ["step-scripted", "after", "bf16", "400", "2.0", "50%", "6.00×"]]  # the failed phase: no rows

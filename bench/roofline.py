@@ -1,0 +1,61 @@
+"""The roofline's pieces, shared by bench_step.py and bench_versions.py: the decoder's matmul parameters P, the
+token positions its forwards compute, and the machine's dense matmul rate at the model's sizes. A phase's FLOPs
+are counted as 2·P per position of a forward without gradient and 6·P per position of one with (forward and
+backward); the vocabulary head and attention's T² term are left out, so the counts, and the rates made from
+them, are if anything understated. Imports torch only: bench_versions runs it inside older trees."""
+import time
+
+import torch
+
+
+def body_params(model):
+    """Parameters of the decoder's matmuls (every Linear but the vocabulary head): 2 FLOPs each per token
+    forward. The head is left out (our forwards project only the positions whose log-prob is read)."""
+    head = model.get_output_embeddings()
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head)
+
+
+class Positions:
+    """Token positions the decoder computes, counted by a pre-hook on its base model (real tokens where an
+    attention mask says which; every position otherwise, as right-padded rows without a mask are computed):
+    `n` in all, `grad` of them in forwards that record a graph (a backward follows). The recomputed forwards
+    of gradient checkpointing run the layers, not the base model, and are not counted: they are not work a
+    step needs."""
+
+    def __init__(self, model):
+        self.n = self.grad = 0
+        self.hook = model.base_model.register_forward_pre_hook(self.count, with_kwargs=True)
+
+    def count(self, module, args, kwargs):
+        ids = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else args[0]
+        attn = kwargs.get("attention_mask")
+        k = int(attn[:, -ids.shape[1]:].sum()) if attn is not None else ids.numel()
+        self.n += k
+        self.grad += k if torch.is_grad_enabled() else 0
+
+    def flops(self, P):
+        """2·P per position, and 4·P more per position that is back-propagated."""
+        return 2 * P * self.n + 4 * P * self.grad
+
+    def remove(self):
+        self.hook.remove()
+
+
+def matmul_rate(hidden, inter, dtype, device="cpu", tokens=2048, repeats=5):
+    """FLOP/s of a plain torch.mm at a model's MLP size, [tokens, hidden] @ [hidden, inter]."""
+    device = torch.device(device)
+    a, b = torch.randn(tokens, hidden, device=device, dtype=dtype), torch.randn(hidden, inter, device=device, dtype=dtype)
+    torch.mm(a, b)  # warm-up
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    t = time.perf_counter()
+    for _ in range(repeats):
+        torch.mm(a, b)
+    sync()
+    return 2 * tokens * hidden * inter * repeats / (time.perf_counter() - t)
+
+
+def mlp_sizes(model):
+    """(hidden, intermediate) of a model's MLP: the matmul the rate is measured at."""
+    H = model.config.hidden_size
+    return H, getattr(model.config, "intermediate_size", 4 * H)
