@@ -319,7 +319,10 @@ def update_policy(model, ref_model, opt, batch, A, cfg, dp=None):
     norm = n_tokens if cfg.loss_agg == "token-mean" else ranks.all_sum(ids.shape[0])
     totals, grad_norm = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "dual_clip_frac": 0.0}, 0.0
     for _ in range(cfg.ppo_epochs):
-        opt.zero_grad(set_to_none=True)
+        if dp is None:
+            grpo.flat_grads(model.parameters())  # one buffer: the heap stays flat from step to step
+        else:  # DDP and FSDP write the gradients themselves
+            opt.zero_grad(set_to_none=True)
         for j, sl in enumerate(micro):
             with fast(), grpo.recompute(model, cfg.grad_checkpointing), \
                     ranks.no_sync(dp, last=j == len(micro) - 1):  # DDP: one all-reduce per optimizer step

@@ -111,7 +111,7 @@ def warmup(model, tok, retriever, questions, cfg, rng, log=print):
         batch = grpo.collate(rollouts, tok.pad_token_id)
         ids, attn, mask = batch.ids.to(device), batch.attention_mask.to(device), batch.policy_mask.to(device)
         norm = mask.sum().clamp(min=1)                  # the whole batch's policy tokens: micro-batches add up
-        opt.zero_grad(set_to_none=True)
+        grpo.flat_grads(model.parameters())  # the last step's dropped, then one buffer (grpo.flat_zeros)
         total = 0.0
         for sl in grpo.token_chunks(attn.sum(-1).tolist(), cfg.token_budget):  # micro-batches within the budget
             with grpo.autocast(cfg.precision, device), grpo.recompute(model, cfg.grad_checkpointing):

@@ -223,3 +223,33 @@ def test_adamw_is_fused_and_steps_like_plain_adamw():
             o.step()
     for p, q in zip(a.parameters(), b.parameters()):
         assert torch.allclose(p, q, atol=1e-6) and not torch.equal(p, torch.zeros_like(p))
+    # its moments were made up front, each as views into one buffer, and the fused steps wrote them in place
+    for key in ("exp_avg", "exp_avg_sq"):
+        got = [opt_a.state[p][key] for p in a.parameters()]
+        assert len({t.untyped_storage().data_ptr() for t in got}) == 1
+        torch.testing.assert_close(got[0], opt_b.state[b.weight][key], rtol=1e-5, atol=1e-7)  # fused vs for-each
+        assert float(got[1].abs().sum()) > 0
+    assert float(opt_a.state[a.weight]["step"]) == 3.0
+
+
+def test_flat_grads_add_every_backward_into_one_buffer():
+    # two backwards (two micro-batches) into views of one buffer give the gradients of plain zero_grad; and a
+    # second call drops the first buffer's values (the next step starts from zero)
+    torch.manual_seed(0)
+    a = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.Linear(4, 3))
+    b = copy.deepcopy(a)
+    x1, x2 = torch.randn(5, 6), torch.randn(2, 6)
+    for flat in (True, True):  # twice: the second starts again from zeros
+        grpo.flat_grads(a.parameters())
+        for x in (x1, x2):
+            a(x).square().sum().backward()
+    b.zero_grad(set_to_none=True)
+    for x in (x1, x2):
+        b(x).square().sum().backward()
+    grads = [p.grad for p in a.parameters()]
+    assert len({g.untyped_storage().data_ptr() for g in grads}) == 1  # still views: added in place
+    for g, q in zip(grads, b.parameters()):
+        torch.testing.assert_close(g, q.grad, rtol=0, atol=1e-6)
+    frozen = torch.nn.Linear(2, 2).requires_grad_(False)
+    grpo.flat_grads(frozen.parameters())
+    assert frozen.weight.grad is None  # parameters that do not train get none
