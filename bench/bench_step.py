@@ -34,7 +34,7 @@ def time_variant(model, ref_model, tok, retriever, rollouts, cfg, reward, seed):
     """Scoring + update time of one variant on fixed rollouts, from the same weights. Returns (times, metrics)."""
     cfg = dataclasses.replace(cfg, reward=reward)
     m = copy.deepcopy(model)
-    opt = torch.optim.AdamW(m.parameters(), lr=cfg.lr)
+    opt = grpo.adamw(m.parameters(), cfg.lr)  # as a run makes it (fused, moments in one buffer)
     t = time.perf_counter()
     metrics, _, _ = igsearch.train_step(m, ref_model, opt, tok, retriever, [], cfg, torch.Generator().manual_seed(seed),
                                         random.Random(seed), rollouts=copy.deepcopy(rollouts))
