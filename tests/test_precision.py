@@ -239,7 +239,7 @@ def test_flat_grads_add_every_backward_into_one_buffer():
     a = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.Linear(4, 3))
     b = copy.deepcopy(a)
     x1, x2 = torch.randn(5, 6), torch.randn(2, 6)
-    for flat in (True, True):  # twice: the second starts again from zeros
+    for _ in range(2):  # twice: the second starts again from zeros
         grpo.flat_grads(a.parameters())
         for x in (x1, x2):
             a(x).square().sum().backward()
