@@ -51,7 +51,8 @@ TARGETS = {
                    "nli_equivalent.equivalent", "entailment_index", "load_nli.entail", "sample_logprobs",
                    "sample_answers", "trajectory_evidence", "inforeasoner_information_gain", "inforeasoner_beliefs",
                    "ir_metrics", "IR_EPS"],
-    "grpo.py": ["extract_answer", "stop_ids", "token_chunks", "generate_turn", "_generate_batch", "Batch.policy_mask",
+    "grpo.py": ["extract_answer", "stop_ids", "token_chunks", "generate_turn", "sample_tokens", "_generate_batch",
+                "Batch.policy_mask",
                 "group_advantages", "token_advantages",
                 "head_logprobs", "token_logprobs", "grpo_loss", "ig_gate", "add_query_bonus"],
     "igsearch.py": ["Config", "PRESETS", "train_step", "update_policy"],
@@ -88,6 +89,7 @@ TESTS = {
     "token_chunks": ["grpo.py", "tests/test_budget.py -k 'chunks or update or logprobs'"],
     "generate_turn": ["tests/test_budget.py -k 'rollout or evaluation or one_batch or belief or longest or shortest'",
                       "tests/test_engine.py"],
+    "sample_tokens": ["tests/test_engine.py -k 'sampler or sampling'"],
     "_generate_batch": ["tests/test_engine.py",
                         "tests/test_grpo.py -k 'greedy or max_new or stop_string or engine_rollouts or reproducible'"],
     **{f: ["grpo.py", "tests/test_grpo.py -k 'loss or advantage or gradient or mask or logprobs or micro or learns "
@@ -145,8 +147,14 @@ EQUIVALENT = {
         'load_model gives every tokenizer a pad id (its EOS when it has none)',
     ('_generate_batch', 'pos = (attn.cumsum(1) - 1).clamp(min=0)  # [U, L] positions that ignore the padding'):
         'a 2-D tensor: dim 1 is dim -1',
-    ('_generate_batch', 'probs = torch.softmax(logits / temperature, dim=1)'):
+    ('_generate_batch', 'nxt = sample_tokens(torch.softmax(logits / temperature, dim=1).cpu(), generator)  # [b] on CPU: reproducible'):
         "the last position's logits are 2-D, [U, V]: dim 1 is dim -1",
+    ('sample_tokens', 'cdf = probs.cumsum(1, dtype=torch.float64)  # [b, V]'):
+        'probs is 2-D, [b, V]: dim 1 is dim -1',
+    ('sample_tokens', 'return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp(max=probs.shape[-1] - 1)'):
+        'the indices are 2-D, [b, 1]: dim 1 is dim -1',
+    ('sample_tokens', 'return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=probs.shape[1] - 1)'):
+        'probs is 2-D, [b, V]: dim 1 is dim -1',
     ('_generate_batch', 'nxt = logits.argmax(1).cpu()'):
         "the last position's logits are 2-D, [U, V]: dim 1 is dim -1",
     ('token_logprobs', 'lengths = attention_mask.sum(1)                                           # [B]'):

@@ -1,6 +1,6 @@
 """The agent loop's text and the generation engine (METHOD §1), on constructed models whose outputs are known
 by hand: the instruction, the stop tokens, greedy decoding with padding, positions and cache rows, stop strings,
-EOS, and temperature scaling.
+EOS, temperature scaling, and the sampler (its uniform draws set by hand).
 
 No random weights decide anything here. ArithmeticLM's next token is a fixed function of the tokens it attends
 to and their positions, so its greedy continuation is written out in plain Python (`greedy_by_hand`) and the
@@ -287,3 +287,40 @@ def test_sampling_frequencies_follow_the_temperature(tok, T, expected):
 def test_temperature_zero_is_greedy(tok):
     gens, _ = grpo.generate_turn(FixedLM(), tok, [[5]] * 50, [1] * 50, [], set(), 0.0, None)
     assert gens == [[2]] * 50
+
+
+# ----------------------------------------------------------------------------------------------------
+# The sampler: the inverse of each row's cumulative distribution
+
+def test_sampler_inverts_the_cumulative_distribution_at_the_uniform_draw(monkeypatch):
+    # probs [0.2, 0, 0.5, 0.3]: cdf [0.2, 0.2, 0.7, 1.0]; token i holds [cdf[i-1], cdf[i]) of [0, 1).
+    # The uniform draws are set by patching torch.rand, so each expected token is read off the cdf by hand.
+    probs = torch.tensor([[0.2, 0.0, 0.5, 0.3]] * 6)
+    u = torch.tensor([[0.0], [0.1999], [0.2], [0.6999], [0.7], [0.9999]], dtype=torch.float64)
+    monkeypatch.setattr(torch, "rand", lambda *a, **k: u)
+    assert grpo.sample_tokens(probs, None).tolist() == [0, 0, 2, 2, 3, 3]  # never 1, whose probability is 0
+
+
+def test_sampler_scales_the_draw_by_the_row_total(monkeypatch):
+    # unnormalized rows: u·total, so [1, 3] is [0.25, 0.75]; u·total rounded up to the total itself (the last
+    # row, u = 1) is past every cdf entry, and gives the last token, not an index out of range
+    probs = torch.tensor([[1.0, 3.0], [1.0, 3.0], [0.0, 2.0], [1.0, 3.0]])
+    u = torch.tensor([[0.24], [0.26], [0.0], [1.0]], dtype=torch.float64)
+    monkeypatch.setattr(torch, "rand", lambda *a, **k: u)
+    assert grpo.sample_tokens(probs, None).tolist() == [0, 1, 1, 1]
+
+
+def test_sampler_frequencies_rows_and_seed():
+    # each row its own distribution; zeros at the start, in the middle and at the end are never drawn
+    probs = torch.tensor([[0.0, 0.1, 0.0, 0.6, 0.3, 0.0], [0.5, 0.0, 0.0, 0.0, 0.0, 0.5]])
+    n = 20000
+    gen = torch.Generator().manual_seed(0)
+    draws = torch.stack([grpo.sample_tokens(probs, gen) for _ in range(n)])  # [n, 2]
+    for row in range(2):
+        freq = torch.bincount(draws[:, row], minlength=6).double() / n
+        # a binomial frequency over 20,000 draws has a standard deviation under 0.0036: 0.015 is beyond 4 of them
+        assert freq.tolist() == pytest.approx(probs[row].tolist(), abs=0.015)
+        assert freq[probs[row] == 0].sum() == 0
+    again = grpo.sample_tokens(probs.repeat(50, 1), torch.Generator().manual_seed(3))
+    assert torch.equal(again, grpo.sample_tokens(probs.repeat(50, 1), torch.Generator().manual_seed(3)))
+    assert not torch.equal(again, grpo.sample_tokens(probs.repeat(50, 1), torch.Generator().manual_seed(4)))
