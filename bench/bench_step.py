@@ -31,21 +31,27 @@ from roofline import Positions, body_params, matmul_rate, mlp_sizes  # noqa: E40
 
 
 def time_variant(model, ref_model, tok, retriever, rollouts, cfg, reward, seed):
-    """Scoring + update time of one variant on fixed rollouts, from the same weights. Returns (times, metrics)."""
+    """Scoring + update time of one variant on fixed rollouts, from the same weights. Returns (times, metrics);
+    times["flops"] is the work of the step's forwards and backwards (roofline.Positions on the policy and the
+    reference): for the outcome reward, which scores without a model, the update's."""
     cfg = dataclasses.replace(cfg, reward=reward)
     m = copy.deepcopy(model)
     opt = grpo.adamw(m.parameters(), cfg.lr)  # as a run makes it (fused, moments in one buffer)
+    counted = [Positions(m), Positions(ref_model)]
     t = time.perf_counter()
     metrics, _, _ = igsearch.train_step(m, ref_model, opt, tok, retriever, [], cfg, torch.Generator().manual_seed(seed),
                                         random.Random(seed), rollouts=copy.deepcopy(rollouts))
     total = time.perf_counter() - t
-    return {"scoring": metrics["time_scoring"], "update": metrics["time_update"], "total": total}, metrics
+    for c in counted:
+        c.remove()
+    flops = sum(c.flops(body_params(model)) for c in counted)
+    return {"scoring": metrics["time_scoring"], "update": metrics["time_update"], "total": total, "flops": flops}, metrics
 
 
 def ig_prefix_sharing(model, tok, retriever, rollouts, cfg, seed):
     """IG-Search scoring time with the shared prefix cache (rewards.gold_scorer) against scoring each of a
     step's 1 + N contexts whole, as written in METHOD §4.1; same blocks drawn (same seed), same IG up to float
-    error. Returns (shared s, whole s, max |IG difference|, the shared scoring's FLOPs: 2·P per position)."""
+    error. Returns (shared s, whole s, max |IG difference|, the shared scoring's FLOPs: roofline.Positions)."""
     shared = lambda prefix: rewards.gold_scorer(model, prefix, cfg.ig_head_tokens, cfg.ig_head_weight,
                                                 cfg.forward_budget)
     whole_scores = lambda prefix: lambda suffixes, golds: rewards.gold_scorer(
@@ -59,7 +65,7 @@ def ig_prefix_sharing(model, tok, retriever, rollouts, cfg, seed):
         if scorer is shared:
             positions.remove()
     diff = max((abs(a - b) for a, b in zip(out[0][1], out[1][1])), default=0.0)
-    return out[0][0], out[1][0], diff, 2 * body_params(model) * positions.n
+    return out[0][0], out[1][0], diff, positions.flops(body_params(model))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -68,12 +74,13 @@ def ig_prefix_sharing(model, tok, retriever, rollouts, cfg, seed):
 def engine_vs_generate(model, tok, prompts, new_tokens, seed):
     """Tokens/s of grpo.generate_turn against model.generate on the same prompts, same number of new tokens
     (no stop strings, EOS ignored on both sides so both produce exactly new_tokens per row), and the engine's
-    FLOP/s (2·P per prompt and generated token)."""
+    FLOP/s (roofline.Positions: 2·P per prompt and generated token, the head once per row and step)."""
     grpo.generate_turn(model, tok, prompts, [4] * len(prompts), [], set(), 1.0, torch.Generator())  # warm-up
-    gen = torch.Generator().manual_seed(seed)
+    gen, positions = torch.Generator().manual_seed(seed), Positions(model)
     t = time.perf_counter()
     outs, _ = grpo.generate_turn(model, tok, prompts, [new_tokens] * len(prompts), [], set(), 1.0, gen)
     ours_s = time.perf_counter() - t
+    positions.remove()
     ours = sum(len(o) for o in outs) / ours_s
 
     device = next(model.parameters()).device
@@ -88,8 +95,7 @@ def engine_vs_generate(model, tok, prompts, new_tokens, seed):
                          top_k=0, top_p=1.0, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                          pad_token_id=tok.pad_token_id)
     theirs = (out.shape[1] - L) * len(prompts) / (time.perf_counter() - t)
-    flops = 2 * body_params(model) * (sum(len(p) for p in prompts) + sum(len(o) for o in outs)) / ours_s
-    return ours, theirs, flops
+    return ours, theirs, positions.flops(body_params(model)) / ours_s
 
 
 def tokens_past_stop(rollouts, tok):
@@ -191,11 +197,10 @@ def main(argv=None):
     warm = grpo.generate_rollouts(model, tok, train_q[:2], [0, 1], retriever,
                                   **igsearch.rollout_kwargs(cfg, cfg.temperature, torch.Generator().manual_seed(0)))
     time_variant(model, ref_model, tok, retriever, warm, cfg, "outcome", args.seed)
-    rows = {v: {"scoring": 0.0, "update": 0.0} for v in variants}
+    rows = {v: {"scoring": 0.0, "update": 0.0, "flops": 0.0} for v in variants}
     sample_s = retrieval_s = 0.0
     searches = n_roll = past = extra_tok = 0
     share = [0.0, 0.0, 0.0, 0.0]  # IG scoring: shared prefix s, whole contexts s, max |IG difference|, FLOPs
-    tokens = 0  # the rollouts' real tokens: the update's work is 8·P·tokens
     for rep in range(args.repeats):
         questions = rng.sample(train_q, cfg.questions_per_step)
         batch_q = [q for q in questions for _ in range(cfg.group_size)]
@@ -215,12 +220,12 @@ def main(argv=None):
         retrieval_s += retriever.seconds
         searches += sum(len(r.searches) for r in rollouts)
         n_roll += len(rollouts)
-        tokens += sum(len(r.ids) for r in rollouts)
         past += tokens_past_stop(rollouts, tok)
         for v in variants[rep % len(variants):] + variants[:rep % len(variants)]:  # rotate: no variant always first
             times, metrics = time_variant(model, ref_model, tok, retriever, rollouts, cfg, v, args.seed)
             rows[v]["scoring"] += times["scoring"]
             rows[v]["update"] += times["update"]
+            rows[v]["flops"] += times["flops"]
             if v == "inforeasoner":
                 extra_tok += metrics.get("ir_extra_tokens", 0.0)
         if "igsearch" in variants and args.ig_whole:
@@ -261,20 +266,22 @@ def main(argv=None):
     print(f"\nroofline: torch.mm [2048 x {model.config.hidden_size}] @ [{model.config.hidden_size} x "
           f"{getattr(model.config, 'intermediate_size', 0)}] runs at {mm[torch.bfloat16] / 1e9:.1f} GFLOP/s in bf16, "
           f"{mm[torch.float32] / 1e9:.1f} in fp32; the forwards run in {'bf16' if bf16 else 'fp32'}; "
-          f"P = {P / 1e6:.1f}M matmul parameters (head excluded)")
+          f"P = {P / 1e6:.1f}M matmul parameters and a {model.get_output_embeddings().weight.numel() / 1e6:.1f}M head, "
+          f"counted where it projects (roofline.py)")
     print(f"{'phase':<46}{'GFLOP/s':>9}{'of matmul':>11}")
-    upd_s = rows[variants[0]]["update"]
-    phases = [("update (8·P·tokens: policy fwd+bwd, reference)", 8 * P * tokens / upd_s if upd_s else None),
-              ("IG scoring (2·P·positions, shared prefix)", share[3] / share[0] if share[0] else None),
-              ("generation (2·P·tokens, prefill and decode)", gen_flops)]
+    # the update's work is the outcome step's (its scoring runs no model); 6·P a position with a backward, 2·P without
+    upd_s, upd_flops = (rows["outcome"]["update"], rows["outcome"]["flops"]) if "outcome" in rows else (0.0, 0.0)
+    phases = [("update (policy fwd+bwd, reference fwd)", upd_flops / upd_s if upd_s else None),
+              ("IG scoring (forwards, shared prefix)", share[3] / share[0] if share[0] else None),
+              ("generation (prefill and decode)", gen_flops)]
     for name, rate in phases:
         if rate:
             print(f"{name:<46}{rate / 1e9:>9.1f}{rate / peak:>10.0%}")
     if "igsearch" in variants and share[0] and upd_s:
-        out_step = (shared + rows[variants[0]]["scoring"] + upd_s) / args.repeats
-        predicted = (out_step + share[3] / args.repeats / (8 * P * tokens / upd_s)) / out_step
+        out_step = (shared + upd_s) / args.repeats  # the outcome step: sampling, retrieval, update
+        predicted = (out_step + share[3] / args.repeats / (upd_flops / upd_s)) / out_step
         measured = (shared + rows["igsearch"]["scoring"] + rows["igsearch"]["update"]) / (out_step * args.repeats)
-        print(f"igsearch / {variants[0]} step: measured {measured:.2f}; predicted {predicted:.2f} from the FLOP count "
+        print(f"igsearch / outcome step: measured {measured:.2f}; predicted {predicted:.2f} from the FLOP count "
               f"(IG scoring's FLOPs at the update's achieved rate)")
     print(f"peak memory: {peak_memory_mb(device):.0f} MiB ({'GPU allocated' if device.type == 'cuda' else 'process RSS'})")
     if smoke:

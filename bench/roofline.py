@@ -1,7 +1,9 @@
 """The roofline's pieces, shared by bench_step.py and bench_versions.py: the decoder's matmul parameters P, the
 token positions its forwards compute, and the machine's dense matmul rate at the model's sizes. A phase's FLOPs
 are counted as 2·P per position of a forward without gradient and 6·P per position of one with (forward and
-backward); the vocabulary head and attention's T² term are left out, so the counts, and the rates made from
+backward), and the same for the vocabulary head at the positions it projects (its V·H parameters): every
+position in a plain forward, only the read ones in ours (the last of a prompt in generation, policy tokens in
+the update, gold tokens in IG scoring). Attention's T² term is left out, so the counts, and the rates made from
 them, are if anything understated. Imports torch only: bench_versions runs it inside older trees."""
 import time
 
@@ -10,7 +12,7 @@ import torch
 
 def body_params(model):
     """Parameters of the decoder's matmuls (every Linear but the vocabulary head): 2 FLOPs each per token
-    forward. The head is left out (our forwards project only the positions whose log-prob is read)."""
+    forward. The head is counted apart (Positions), at the positions it projects."""
     head = model.get_output_embeddings()
     return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head)
 
@@ -18,13 +20,19 @@ def body_params(model):
 class Positions:
     """Token positions the decoder computes, counted by a pre-hook on its base model (real tokens where an
     attention mask says which; every position otherwise, as right-padded rows without a mask are computed):
-    `n` in all, `grad` of them in forwards that record a graph (a backward follows). The recomputed forwards
-    of gradient checkpointing run the layers, not the base model, and are not counted: they are not work a
-    step needs."""
+    `n` in all, `grad` of them in forwards that record a graph (a backward follows); and the states its
+    vocabulary head projects, by a pre-hook on the head: `head_n`, `head_grad`. The recomputed forwards of
+    gradient checkpointing are not counted: they are not work a step needs (the layers' run without the base
+    model; the head's chunks run inside the backward, which the head's hook tells by autograd's graph task id).
+
+    `head_n` counts rows of whatever the head is given, padding included: the engine projects one state a row
+    (logits_to_keep=1), and our log-prob forwards only the real tokens they read."""
 
     def __init__(self, model):
-        self.n = self.grad = 0
-        self.hook = model.base_model.register_forward_pre_hook(self.count, with_kwargs=True)
+        self.n = self.grad = self.head_n = self.head_grad = 0
+        self.head_params = model.get_output_embeddings().weight.numel()
+        self.hooks = [model.base_model.register_forward_pre_hook(self.count, with_kwargs=True),
+                      model.get_output_embeddings().register_forward_pre_hook(self.count_head)]
 
     def count(self, module, args, kwargs):
         ids = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else args[0]
@@ -33,12 +41,21 @@ class Positions:
         self.n += k
         self.grad += k if torch.is_grad_enabled() else 0
 
+    def count_head(self, module, args):
+        if torch._C._current_graph_task_id() != -1:  # inside a backward: a checkpointed chunk's recomputation
+            return
+        k = args[0].shape[:-1].numel()
+        self.head_n += k
+        self.head_grad += k if torch.is_grad_enabled() else 0
+
     def flops(self, P):
-        """2·P per position, and 4·P more per position that is back-propagated."""
-        return 2 * P * self.n + 4 * P * self.grad
+        """2·P per position, and 4·P more per position that is back-propagated; the same for the head's
+        parameters per state it projects."""
+        return 2 * P * self.n + 4 * P * self.grad + 2 * self.head_params * self.head_n + 4 * self.head_params * self.head_grad
 
     def remove(self):
-        self.hook.remove()
+        for h in self.hooks:
+            h.remove()
 
 
 def matmul_rate(hidden, inter, dtype, device="cpu", tokens=2048, repeats=5):

@@ -43,7 +43,7 @@ def test_forced_search_turns_search_in_every_turn_but_the_last(tmp_path):
 
 
 def test_roofline_counts_the_decoders_matmul_parameters_and_the_positions_it_computes():
-    # P: q, k, v, o and the MLP's gate, up, down in every layer, from the config's sizes; not the head
+    # P: q, k, v, o and the MLP's gate, up, down in every layer, from the config's sizes; not the head (apart)
     model, tok = runs.tiny_random_model(seed=0)
     c = model.config
     H, I, L, d = c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.head_dim
@@ -63,7 +63,20 @@ def test_roofline_counts_the_decoders_matmul_parameters_and_the_positions_it_com
         model(input_ids=ids, attention_mask=(ids != 0).long()).logits.sum().backward()
     hook.remove()
     assert len(layer_calls) == 2 and (positions.n, positions.grad) == (26, 8)  # the layer ran twice, counted once
-    assert positions.flops(1000) == 2 * 1000 * 26 + 4 * 1000 * 8
+    # the head: every state of a plain forward (10 a batch, padding too), the last one with a graph
+    assert (positions.head_n, positions.head_grad) == (30, 10)
+    VH = model.get_output_embeddings().weight.numel()
+    assert VH == c.vocab_size * H
+    assert positions.flops(1000) == 2 * 1000 * 26 + 4 * 1000 * 8 + 2 * VH * 30 + 4 * VH * 10
+    # our log-prob forward projects only the 2 + 3 states whose next token is read; its head chunk runs again in
+    # the backward (checkpointed), and that recomputation is not counted
+    right = torch.tensor([[11, 12, 13, 0, 0], [11, 12, 13, 14, 15]])
+    mask = torch.tensor([[0, 1, 1, 0, 0], [0, 1, 1, 1, 0]]).bool()
+    head_calls = []
+    hook = model.get_output_embeddings().register_forward_pre_hook(lambda *a: head_calls.append(a[1][0].shape[0]))
+    grpo.token_logprobs(model, right, (right != 0).long(), mask).sum().backward()
+    hook.remove()
+    assert head_calls == [5, 5] and (positions.head_n, positions.head_grad) == (35, 15)
     positions.remove()
 
 
