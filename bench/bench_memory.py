@@ -7,7 +7,8 @@
 A case runs in a fresh child process, which loads the model, the corpus and the questions as igsearch.py does,
 builds what that phase holds (the frozen reference, AdamW), then resets the kernel's peak-RSS mark
 (/proc/self/clear_refs) and runs the phase: two warm-up steps, a GRPO step of a reward after one unmeasured step
-(its rollouts sampled, or searching in every turn: `-forced`), or the greedy evaluation; so AdamW holds its
+(its rollouts sampled, searching in every turn: `-forced`, or bench_step's scripted texts, two searches each:
+`-scripted`), or the greedy evaluation; so AdamW holds its
 moments, as in every step of a run but the first. It reports the RSS before the phase,
 the phase's peak, and the peak of loading (a .gguf is de-quantized in memory). On a GPU it reports peak CUDA
 memory as well. The run's peak is the largest of them all. Each child fixes glibc's mmap threshold as a run
@@ -28,10 +29,10 @@ import igsearch  # noqa: E402
 import retrieve  # noqa: E402
 import runs  # noqa: E402
 import warmup  # noqa: E402
-from bench_step import forced_search_turns  # noqa: E402
+from bench_step import forced_search_turns, scripted_rollouts  # noqa: E402
 
 CASES = ("warmup", "outcome", "igsearch", "inforeasoner", "outcome-forced", "igsearch-forced",
-         "inforeasoner-forced", "eval")
+         "inforeasoner-forced", "outcome-scripted", "igsearch-scripted", "inforeasoner-scripted", "eval")
 
 
 def rss_mb(field):
@@ -63,13 +64,15 @@ def one_case(case, cfg, heap="steady"):
         ref = grpo.frozen_copy(model, cfg.precision)
         opt = grpo.adamw(model.parameters(), cfg.lr)
     def grpo_step():
-        reward, _, forced = case.partition("-")
+        reward, _, regime = case.partition("-")
         c = dataclasses.replace(cfg, reward=reward)
         questions = rng.sample(qa["train"], c.questions_per_step)
+        batch_q = [q for q in questions for _ in range(c.group_size)]
+        groups = [i for i in range(len(questions)) for _ in range(c.group_size)]
         rollouts = None
-        if forced:
-            batch_q = [q for q in questions for _ in range(c.group_size)]
-            groups = [i for i in range(len(questions)) for _ in range(c.group_size)]
+        if regime == "scripted":
+            rollouts = scripted_rollouts(tok, batch_q, groups, retriever, c, 2)
+        elif regime == "forced":
             with grpo.autocast(c.precision, device):
                 rollouts = grpo.generate_rollouts(model, tok, batch_q, groups, retriever,
                                                   **igsearch.rollout_kwargs(c, c.temperature, generator),
