@@ -220,8 +220,8 @@ def sample_tokens(probs, generator):
     u = 0.7 -> 3. The sums are float64, so the last of 152k fp32 probabilities is not rounded away.
 
     torch.multinomial draws one exponential number per vocabulary entry (a log each) and takes an argmax: 10 ms
-    for 8 rows of SmolLM2's 49k vocabulary on the 2-core CPU, against 3 ms here, out of a decode
-    step of about 130 ms (README, Measurements)."""
+    for 8 rows of SmolLM2's 49k vocabulary on the 2-core CPU, against 3 ms here, out of a decode step of about
+    130 ms (README, Measurements)."""
     cdf = probs.cumsum(-1, dtype=torch.float64)  # [b, V]
     u = torch.rand(probs.shape[0], 1, generator=generator, dtype=torch.float64) * cdf[:, -1:]  # [b, 1]
     # u·total can round up to the total itself (a chance of about 2^-53), past every cdf entry: the last token
@@ -257,7 +257,8 @@ def _generate_batch(model, tok, seqs, max_new, stop_strings, eos_ids, temperatur
     gens, why = [[] for _ in range(B)], [None] * B
     while rows:
         if temperature > 0:
-            nxt = sample_tokens(torch.softmax(logits / temperature, dim=-1).cpu(), generator)  # [b] on CPU: reproducible
+            probs = torch.softmax(logits / temperature, dim=-1).cpu()  # drawn on CPU: reproducible
+            nxt = sample_tokens(probs, generator)  # [b]
         else:
             nxt = logits.argmax(-1).cpu()
         keep = []

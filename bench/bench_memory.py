@@ -8,11 +8,10 @@ A case runs in a fresh child process, which loads the model, the corpus and the 
 builds what that phase holds (the frozen reference, AdamW), then resets the kernel's peak-RSS mark
 (/proc/self/clear_refs) and runs the phase: two warm-up steps, a GRPO step of a reward after one unmeasured step
 (its rollouts sampled, searching in every turn: `-forced`, or bench_step's scripted texts, two searches each:
-`-scripted`), or the greedy evaluation; so AdamW holds its
-moments, as in every step of a run but the first. It reports the RSS before the phase,
-the phase's peak, and the peak of loading (a .gguf is de-quantized in memory). On a GPU it reports peak CUDA
-memory as well. The run's peak is the largest of them all. Each child fixes glibc's mmap threshold as a run
-does (runs.steady_heap); --heap default leaves glibc's own."""
+`-scripted`), or the greedy evaluation; so AdamW holds its moments, as in every step of a run but the first. It
+reports the RSS before the phase, the phase's peak, and the peak of loading (a .gguf is de-quantized in memory). On
+a GPU it reports peak CUDA memory as well. The run's peak is the largest of them all. Each child fixes glibc's mmap
+threshold as a run does (runs.steady_heap); --heap default leaves glibc's own."""
 import argparse
 import dataclasses
 import json

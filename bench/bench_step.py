@@ -45,7 +45,8 @@ def time_variant(model, ref_model, tok, retriever, rollouts, cfg, reward, seed):
     for c in counted:
         c.remove()
     flops = sum(c.flops(body_params(model)) for c in counted)
-    return {"scoring": metrics["time_scoring"], "update": metrics["time_update"], "total": total, "flops": flops}, metrics
+    times = {"scoring": metrics["time_scoring"], "update": metrics["time_update"], "total": total, "flops": flops}
+    return times, metrics
 
 
 def ig_prefix_sharing(model, tok, retriever, rollouts, cfg, seed):

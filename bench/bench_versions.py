@@ -28,10 +28,11 @@ against fp32; tests/test_precision.py bounds each log-prob the same way) and the
 machine should be otherwise idle: the times are wall clock.
 
 A second table bounds what is possible (bench/roofline.py): each side's work, counted from the positions its
-forwards compute (2·P each, 6·P where a backward follows, and the same for the head's V·H parameters at the
-states it projects), at this machine's plain matmul rate in that side's precision, measured after the phases. Its least time, over the 'after' side's, is the most the 'before' side
-could be sped up without doing less work. On a 2-core AVX2 CPU (no native bf16: auto runs fp32) the 'before'
-side already ran at about half that rate, and the ceiling was 1.9-2.1x (README, "Learning per CPU-hour")."""
+forwards compute (2·P each, 6·P where a backward follows, and the same for the head's V·H parameters at the states
+it projects), at this machine's plain matmul rate in that side's precision, measured after the phases. Its least
+time, over the 'after' side's, is the most the 'before' side could be sped up without doing less work. On a 2-core
+AVX2 CPU (no native bf16: auto runs fp32) the 'before' side already ran at about half that rate, and the ceiling
+was 1.9-2.1x (README, "Learning per CPU-hour")."""
 import argparse
 import dataclasses
 import json

@@ -30,9 +30,10 @@ class Positions:
 
     def __init__(self, model):
         self.n = self.grad = self.head_n = self.head_grad = 0
-        self.head_params = model.get_output_embeddings().weight.numel()
+        head = model.get_output_embeddings()
+        self.head_params = head.weight.numel()
         self.hooks = [model.base_model.register_forward_pre_hook(self.count, with_kwargs=True),
-                      model.get_output_embeddings().register_forward_pre_hook(self.count_head)]
+                      head.register_forward_pre_hook(self.count_head)]
 
     def count(self, module, args, kwargs):
         ids = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else args[0]
@@ -51,7 +52,8 @@ class Positions:
     def flops(self, P):
         """2·P per position, and 4·P more per position that is back-propagated; the same for the head's
         parameters per state it projects."""
-        return 2 * P * self.n + 4 * P * self.grad + 2 * self.head_params * self.head_n + 4 * self.head_params * self.head_grad
+        V_H = self.head_params
+        return 2 * (P * self.n + V_H * self.head_n) + 4 * (P * self.grad + V_H * self.head_grad)
 
     def remove(self):
         for h in self.hooks:

@@ -147,7 +147,7 @@ EQUIVALENT = {
         'load_model gives every tokenizer a pad id (its EOS when it has none)',
     ('_generate_batch', 'pos = (attn.cumsum(1) - 1).clamp(min=0)  # [U, L] positions that ignore the padding'):
         'a 2-D tensor: dim 1 is dim -1',
-    ('_generate_batch', 'nxt = sample_tokens(torch.softmax(logits / temperature, dim=1).cpu(), generator)  # [b] on CPU: reproducible'):
+    ('_generate_batch', 'probs = torch.softmax(logits / temperature, dim=1).cpu()  # drawn on CPU: reproducible'):
         "the last position's logits are 2-D, [U, V]: dim 1 is dim -1",
     ('sample_tokens', 'cdf = probs.cumsum(1, dtype=torch.float64)  # [b, V]'):
         'probs is 2-D, [b, V]: dim 1 is dim -1',
