@@ -19,6 +19,7 @@ from retrieve import DataError
 
 CHOICES = {"reward": ("outcome", "igsearch", "inforeasoner"), "loss_agg": ("token-mean", "seq-mean-token-mean"),
            "ig_baseline": ("batch", "corpus"), "ir_estimator": ("prob", "log", "entropy"),
+           "ir_belief": ("agent", "plain"),
            "precision": ("auto", "bf16", "fp32"), "parallel": ("ddp", "fsdp")}
 # the smallest value of each integer setting
 MIN_INT = {"steps": 0, "questions_per_step": 1, "group_size": 2, "max_turns": 1, "topk": 1, "max_turn_tokens": 1,

@@ -58,7 +58,12 @@ def extract_answer(response):
 
 def information_block(docs):
     """The observation appended after a search (METHOD §1)."""
-    return f"\n\n<information>{format_docs(docs)}</information>\n\n"
+    return information_text(format_docs(docs))
+
+
+def information_text(formatted):
+    """Documents already formatted (retrieve.format_docs) between the information tags."""
+    return f"\n\n<information>{formatted}</information>\n\n"
 
 
 def prompt_ids(tok, question):

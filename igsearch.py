@@ -102,6 +102,7 @@ class Config:
     ir_samples: int = 10              # K
     ir_temperature: float = 1.0
     ir_max_tokens: int = 32
+    ir_belief: str = "agent"          # agent | plain: ask the belief in the agent's format or a brief-answer prompt
     ir_estimator: str = "prob"        # prob | log | entropy
     ir_lambda: float = 0.6
     nli_model: str = ""

@@ -212,8 +212,8 @@ def igsearch_information_gain(scorer, tok, rollouts, retriever, n_samples=3, bas
 # ----------------------------------------------------------------------------------------------------
 # InfoReasoner: semantic information gain (METHOD §5)
 #
-#   belief   K brief answers to (question, evidence), each weighted by the softmax of its mean token
-#            log-prob                                                                         §5.1
+#   belief   K short answers to (question, evidence), asked in the agent's format or a plain prompt
+#            (--ir-belief), each weighted by the softmax of its mean token log-prob           §5.1
 #   classes  answers of equal meaning grouped; p(c*) = the weight of the answers equal to a gold  §5.2
 #   IG       from the belief without evidence (B) and with the evidence of steps 1..t (C_t)    §5.3
 #
@@ -251,6 +251,39 @@ def brief_answer_prompt(tok, question, evidence=""):
         return list(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                             return_dict=False, enable_thinking=False))
     return tok.encode(text, add_special_tokens=True)  # a base model continues "Answer:" directly
+
+
+def agent_belief_prompt(tok, question, evidence=""):
+    """METHOD §5.1, --ir-belief agent: the belief asked in the agent's own format. The agent prompt of §1;
+    with evidence, one search turn whose query is the question and one <information> block holding it; then
+    an opened <answer> tag that the sample continues (it ends at </answer>).
+
+    The pieces are tokenized apart, as the agent loop builds a rollout: policy turn, observation, policy turn
+    (agent_belief_text shows the text)."""
+    ids = list(grpo.prompt_ids(tok, question))
+    if evidence.strip():
+        ids += tok.encode(f"<search> {question.strip()} </search>", add_special_tokens=False)
+        ids += tok.encode(grpo.information_text(evidence), add_special_tokens=False)
+    return ids + tok.encode("<answer>", add_special_tokens=False)
+
+
+def agent_belief_text(question, evidence=""):
+    """The response part of agent_belief_prompt as text (what follows the agent prompt).
+
+    >>> print(agent_belief_text("Capital of France?", "Doc 1(Title: Paris) Paris is the capital."))
+    <search> Capital of France? </search>
+    <BLANKLINE>
+    <information>Doc 1(Title: Paris) Paris is the capital.</information>
+    <BLANKLINE>
+    <answer>
+    >>> agent_belief_text("Capital of France?")
+    '<answer>'
+    """
+    search = f"<search> {question.strip()} </search>{grpo.information_text(evidence)}" if evidence.strip() else ""
+    return f"{search}<answer>"
+
+
+BELIEF_PROMPTS = {"agent": (agent_belief_prompt, "</answer>"), "plain": (brief_answer_prompt, "\n")}  # prompt, stop
 
 
 def weigh_samples(texts, mean_logps):
@@ -444,22 +477,22 @@ def sample_logprobs(model, prompts, samples, token_budget=None):
     return out
 
 
-def sample_answers(model, tok, prompts, cfg, generator):
+def sample_answers(model, tok, prompts, cfg, generator, stop="\n"):
     """METHOD §5.1: K = cfg.ir_samples brief answers per prompt (each prompt repeated K times, one
     generate_turn, batched by cfg.forward_budget) and their mean token log-probs. The mean covers every sampled
-    token, the one that ended the sample (newline or EOS) included: stopping there is part of the answer the
-    model chose.
+    token, the one that ended the sample (the stop string or EOS) included: stopping there is part of the
+    answer the model chose.
 
     Returns (texts, mean_logps, n_generated): texts[p][k] = the k-th sample of prompt p, cut at its
-    first newline and stripped."""
+    first `stop` (a newline for the plain prompt, </answer> for the agent's) and stripped."""
     K = cfg.ir_samples
     if not prompts:
         return [], [], 0
     seqs = [p for p in prompts for _ in range(K)]                      # [P*K] prompt p at rows p*K .. p*K+K-1
-    gens, _ = grpo.generate_turn(model, tok, seqs, [cfg.ir_max_tokens] * len(seqs), ["\n"], grpo.stop_ids(tok, model),
+    gens, _ = grpo.generate_turn(model, tok, seqs, [cfg.ir_max_tokens] * len(seqs), [stop], grpo.stop_ids(tok, model),
                                  cfg.ir_temperature, generator, cfg.forward_budget)
     lps = sample_logprobs(model, seqs, gens, cfg.forward_budget)
-    texts = [tok.decode(g, skip_special_tokens=True).split("\n")[0].strip() for g in gens]
+    texts = [tok.decode(g, skip_special_tokens=True).split(stop)[0].strip() for g in gens]
     return ([texts[p * K:(p + 1) * K] for p in range(len(prompts))],
             [lps[p * K:(p + 1) * K] for p in range(len(prompts))], sum(len(g) for g in gens))
 
@@ -504,8 +537,9 @@ def inforeasoner_beliefs(model, tok, rollouts, cfg, generator, entail=None):
     bare = list(golds)                                                 # distinct questions, first seen first
     pairs = list(dict.fromkeys((question[i], e) for i in searched for e in steps[i]))  # distinct (question, evidence)
 
-    texts0, lps0, n0 = sample_answers(model, tok, [brief_answer_prompt(tok, q) for q in bare], cfg, generator)
-    texts1, lps1, n1 = sample_answers(model, tok, [brief_answer_prompt(tok, q, e) for q, e in pairs], cfg, generator)
+    ask, stop = BELIEF_PROMPTS[cfg.ir_belief]                         # METHOD §5.1: --ir-belief agent | plain
+    texts0, lps0, n0 = sample_answers(model, tok, [ask(tok, q) for q in bare], cfg, generator, stop)
+    texts1, lps1, n1 = sample_answers(model, tok, [ask(tok, q, e) for q, e in pairs], cfg, generator, stop)
 
     def belief_of(q, texts, lps):
         answers, weights = weigh_samples(texts, lps)

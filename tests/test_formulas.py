@@ -65,7 +65,7 @@ def script_engine(monkeypatch, tok, answer_of, record=None):
 
 
 def ir_config(**kw):
-    return igsearch.Config(**{**dict(reward="inforeasoner", ir_samples=2, ir_max_tokens=8, beta_kl=0.0),
+    return igsearch.Config(**{**dict(reward="inforeasoner", ir_samples=2, ir_max_tokens=8, beta_kl=0.0, ir_belief="plain"),
                               **kw})
 
 

@@ -302,7 +302,8 @@ def test_all_wrong_group_learns_from_ig(tiny, monkeypatch):
 # End to end on the tiny random Qwen3
 
 def ir_config(**kw):
-    return igsearch.Config(reward="inforeasoner", ir_samples=3, ir_max_tokens=4, beta_kl=0.0, **kw)
+    return igsearch.Config(**{"reward": "inforeasoner", "ir_samples": 3, "ir_max_tokens": 4, "beta_kl": 0.0,
+                              "ir_belief": "plain", **kw})
 
 
 def toy_rollouts(tok):
@@ -392,3 +393,77 @@ def test_train_step_combines_em_and_ig(tiny, monkeypatch):
     assert [r.reward for r in out] == pytest.approx([1.6, 0.6, 1.0, 0.0])   # EM + 0.6 · IG, IG = [1, 1, 0, 0]
     assert metrics["ir_ig_mean"] == pytest.approx(0.5)
     model.zero_grad(set_to_none=True)
+
+
+# ----------------------------------------------------------------------------------------------------
+# METHOD §5.1, --ir-belief agent: the belief asked in the agent's own format
+
+class OneShotRetriever:
+    """Returns DOCS for every query: the agent loop's observation, without BM25."""
+    def search(self, queries, k):
+        return [DOCS[:k] for _ in queries]
+
+
+def test_agent_belief_prompt_is_the_agent_loop_cut_after_the_answer_tag(tiny):
+    # with evidence: exactly the ids the agent loop builds for a rollout whose one search is the question,
+    # up to the end of its <information> block, then "<answer>"; without: the agent prompt, then "<answer>"
+    _, tok = tiny
+    q = {"question": "What is the capital of France?", "golden_answers": ["Paris"]}
+    script = grpo.scripted_turns(tok, [[f"<search> {q['question']} </search>", "<answer> Paris </answer>"]])
+    r = grpo.generate_rollouts(None, tok, [q], [0], OneShotRetriever(), max_turns=2, topk=2, turn_fn=script)[0]
+    evidence = rewards.format_docs(r.searches[0]["docs"])
+    cut = r.searches[0]["info_span"][1]
+    answer_tag = tok.encode("<answer>", add_special_tokens=False)
+    assert rewards.agent_belief_prompt(tok, q["question"], evidence) == r.ids[:cut] + answer_tag
+    p = grpo.prompt_ids(tok, q["question"])
+    assert rewards.agent_belief_prompt(tok, q["question"]) == p + answer_tag
+    assert rewards.agent_belief_prompt(tok, q["question"], "  ") == p + answer_tag   # blank evidence = none
+    # token by token: prompt, the search turn, the observation, the opened tag
+    pieces = [(p, "prompt"), (tok.encode(f"<search> {q['question']} </search>", add_special_tokens=False), "query"),
+              (tok.encode(grpo.information_block(DOCS[:2]), add_special_tokens=False), "obs"), (answer_tag, "tag")]
+    assert rewards.agent_belief_prompt(tok, q["question"], evidence) == [t for ids, _ in pieces for t in ids]
+    assert tok.decode(rewards.agent_belief_prompt(tok, q["question"], evidence)[len(p):]) == \
+        rewards.agent_belief_text(q["question"], evidence)
+
+
+@pytest.mark.parametrize("belief_kind, stop", [("agent", "</answer>"), ("plain", "\n")])
+def test_belief_prompts_and_stops_reach_the_engine(tiny, monkeypatch, belief_kind, stop):
+    # one rollout searched DOCS: K = 3 samples without evidence, then 3 with; each prompt is the belief's own
+    # (agent or plain), the sample stops at its stop string, and its text is what stands before it
+    model, tok = tiny
+    r = make_rollout(tok, "What is the capital of France?", 0, [DOCS])
+    evidence = rewards.trajectory_evidence(r, 1)
+    ask = rewards.agent_belief_prompt if belief_kind == "agent" else rewards.brief_answer_prompt
+    expected = {tuple(ask(tok, r.question["question"])): "without", tuple(ask(tok, r.question["question"], evidence)): "with"}
+    calls = []
+
+    def fake(model_, tok_, seqs, max_new, stop_strings, eos_ids, temperature, generator):
+        calls.append((stop_strings, [expected.get(tuple(s)) for s in seqs]))
+        # without evidence: "Lyon" and twice "Paris"; with it: "Paris" three times
+        texts = [f" Paris {stop}" if expected.get(tuple(s)) == "with" or j > 0 else f" Lyon {stop}"
+                 for j, s in enumerate(seqs)]
+        return [tok.encode(t, add_special_tokens=False) for t in texts], [stop] * len(seqs)
+    monkeypatch.setattr(grpo, "_generate_batch", fake)
+    monkeypatch.setattr(rewards, "sample_logprobs", lambda model_, prompts, samples, budget=None: [0.0] * len(prompts))
+    ig, extra = inforeasoner_information_gain(model, tok, [r], ir_config(ir_belief=belief_kind),
+                                              torch.Generator().manual_seed(0))
+    assert calls == [([stop], ["without"] * 3), ([stop], ["with"] * 3)]
+    # equal weights (equal mean log-probs): p(Paris) = 2/3 without, 1 with; prob IG = 1/3
+    assert extra["ir_p_gold_without"] == pytest.approx(2 / 3) and extra["ir_p_gold_with"] == pytest.approx(1.0)
+    assert ig == [pytest.approx(1 / 3)]
+
+
+def test_agent_belief_samples_end_at_the_answer_tag(tiny, monkeypatch):
+    # sample_answers with the agent's stop: a sample's text is what stands before </answer> (a newline inside
+    # it is kept); EOS and the token limit end a sample too, and then the whole sample is its text
+    model, tok = tiny
+    eos = tok.eos_token_id
+    samples = [tok.encode(" Paris\nFrance </answer>", add_special_tokens=False),
+               tok.encode(" Lyon", add_special_tokens=False) + [eos], tok.encode(" Nice and", add_special_tokens=False)]
+    row = iter(range(3))
+    monkeypatch.setattr(grpo, "_generate_batch", lambda m, t, seqs, *a: ([samples[next(row)] for _ in seqs],
+                                                                         ["</answer>", "eos", "length"]))
+    prompt = rewards.agent_belief_prompt(tok, "Capital of France?")
+    texts, _, n = rewards.sample_answers(model, tok, [prompt], ir_config(ir_samples=3), None, "</answer>")
+    assert texts == [["Paris\nFrance", "Lyon", "Nice and"]]
+    assert n == sum(map(len, samples))

@@ -203,7 +203,8 @@ def test_train_builds_the_reference_as_a_frozen_copy_of_the_initial_policy(tmp_p
     assert {p.data_ptr() for p in ref.parameters()}.isdisjoint(p.data_ptr() for p in model.parameters())
 
 
-def test_inforeasoner_beliefs_come_from_the_reference_not_the_policy(monkeypatch):
+@pytest.mark.parametrize("belief_kind", ["agent", "plain"])
+def test_inforeasoner_beliefs_come_from_the_reference_not_the_policy(monkeypatch, belief_kind):
     model, tok = runs.tiny_random_model(0)
     policy, ref = model, copy.deepcopy(model).requires_grad_(False)
     with torch.no_grad():
@@ -227,7 +228,8 @@ def test_inforeasoner_beliefs_come_from_the_reference_not_the_policy(monkeypatch
     info = grpo._append(r, tok.encode(grpo.information_block(DOCS[:1]), add_special_tokens=False), OBS)
     r.searches.append({"query": "France", "docs": DOCS[:1], "query_span": s, "info_span": info})
     rollouts = [r, copy.deepcopy(r)]
-    cfg = igsearch.Config(reward="inforeasoner", ir_samples=2, ir_max_tokens=4, beta_kl=0.0, lr=0.0)
+    cfg = igsearch.Config(reward="inforeasoner", ir_samples=2, ir_max_tokens=4, beta_kl=0.0, lr=0.0,
+                          ir_belief=belief_kind)
     igsearch.train_step(policy, ref, torch.optim.SGD(policy.parameters(), lr=0.0), tok, None, None, cfg,
                         torch.Generator().manual_seed(0), random.Random(0), rollouts=rollouts)
     assert len(used) == 4 and all(m is ref for m in used)     # 2 sampling phases, each sampled and scored
