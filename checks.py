@@ -19,7 +19,7 @@ from retrieve import DataError
 
 CHOICES = {"reward": ("outcome", "igsearch", "inforeasoner"), "loss_agg": ("token-mean", "seq-mean-token-mean"),
            "ig_baseline": ("batch", "corpus"), "ir_estimator": ("prob", "log", "entropy"),
-           "ir_belief": ("agent", "plain"),
+           "ir_belief": ("agent", "plain"), "eval_split": ("dev", "test"),
            "precision": ("auto", "bf16", "fp32"), "parallel": ("ddp", "fsdp")}
 # the smallest value of each integer setting
 MIN_INT = {"steps": 0, "questions_per_step": 1, "group_size": 2, "max_turns": 1, "topk": 1, "max_turn_tokens": 1,
@@ -58,6 +58,21 @@ def check_config(cfg, source=None, explicit=(), model=True):
                         f"fix the file or override it with --{name.replace('_', '-')}") from None
 
 
+def split_percents(spec):
+    """--split "train/dev/test" in whole percents that add up to 100, with some train.
+
+    >>> split_percents("55/10/35")
+    (55, 10, 35)
+    """
+    parts = spec.split("/")
+    if len(parts) != 3 or not all(p.strip().isdigit() for p in parts):
+        raise ValueError("give train/dev/test percents, e.g. 80/10/10")
+    train, dev, test = map(int, parts)
+    if train + dev + test != 100 or train == 0:
+        raise ValueError("the percents must add up to 100, with train above 0")
+    return train, dev, test
+
+
 TYPES = {bool: "true or false", str: "a string", int: "an integer", float: "a number"}
 
 
@@ -89,6 +104,10 @@ def _check_config(cfg, model):
     if 0 < cfg.clip_ratio_c <= 1:
         raise setting_error("clip_ratio_c", cfg.clip_ratio_c, "must be 0 (off) or above 1 (verl's dual clip: "
                             "the loss of a token with A < 0 is capped at -A * c)")
+    try:
+        split_percents(cfg.split)
+    except ValueError as e:
+        raise setting_error("split", cfg.split, str(e)) from None
     for name in ("data", "corpus"):
         if not getattr(cfg, name).strip():
             raise setting_error(name, getattr(cfg, name), "is empty")

@@ -47,6 +47,8 @@ class Config:
     corpus: str = "vital"             # vital | hotpotqa:PATH | jsonl:PATH
     stopwords: bool = False           # drop English stopwords in BM25's tokenizer (both documents and queries)
     data: str = "tiny"                # tiny (generated from the corpus) | hotpotqa:PATH | PATH (FlashRAG JSONL)
+    split: str = "80/10/10"           # train/dev/test percent of a --data file without splits (a fixed shuffle)
+    eval_split: str = "dev"           # dev | test: the questions evaluated before and after training
     reward: str = "outcome"           # outcome | igsearch | inforeasoner
     out: str = ""                     # run directory (default runs/<reward>-s<seed>)
     seed: int = 0
@@ -191,19 +193,23 @@ def load_corpus(spec):
     raise DataError(f"--corpus {spec!r}: use vital, hotpotqa:PATH or jsonl:PATH")
 
 
-def load_data(spec, docs, seed):
-    """Questions as {split: [question, ...]}; a file without splits is cut 80/10/10 by a seeded shuffle."""
+def load_data(spec, docs, split="80/10/10"):
+    """Questions as {split: [question, ...]}; a file without splits is cut by `split` (train/dev/test percent)
+    after a shuffle of fixed seed: the run's seed drives sampling only, so that every seed of an experiment
+    trains on the same questions and is evaluated on the same held-out ones."""
     if spec == "tiny":
         from data.prepare import load_tiny_qa
-        return load_tiny_qa(seed=0)  # the question set is fixed; the run's seed only drives sampling
+        return load_tiny_qa(seed=0)
     kind, _, path = spec.partition(":")
     questions = retrieve.load_hotpotqa(path)[1] if kind == "hotpotqa" and path else retrieve.load_questions(spec)
     if not questions:
         raise DataError(f"--data {spec}: no questions found")
     order = list(range(len(questions)))
-    random.Random(seed).shuffle(order)
+    random.Random(0).shuffle(order)
     n = len(order)
-    cut = {"train": order[: int(0.8 * n)], "dev": order[int(0.8 * n): int(0.9 * n)], "test": order[int(0.9 * n):]}
+    train, dev, _ = checks.split_percents(split)
+    a, b = n * train // 100, n * (train + dev) // 100
+    cut = {"train": order[:a], "dev": order[a:b], "test": order[b:]}
     return {s: [questions[i] for i in ix] for s, ix in cut.items()}
 
 
@@ -261,7 +267,7 @@ def train_step(model, ref_model, opt, tok, retriever, questions, cfg, generator,
             ig, details = rewards.igsearch_information_gain(scorer, tok, rollouts, retriever, cfg.ig_samples,
                                                             cfg.ig_baseline, rng, cfg.ig_max_context, range(lo, hi))
         ig, details = ranks.gather(ig[lo:hi]), ranks.gather(details)
-        extra = rewards.ig_metrics(details)
+        extra = rewards.ig_metrics(details, cfg.ig_clip)
         for r, gains in zip(rollouts, ig):  # kept on the rollout for the per-token view
             for s, g in zip(r.searches, gains):
                 s["ig"] = float(g)
@@ -295,6 +301,7 @@ def train_step(model, ref_model, opt, tok, retriever, questions, cfg, generator,
         "answered": float(np.mean([r.answer is not None for r in rollouts])),
         "truncated": float(np.mean([r.truncated for r in rollouts])),
         "zero_adv_groups": int(sum(bool(torch.all(adv[torch.tensor(groups) == g] == 0)) for g in set(groups))),
+        "all_fail_groups": int(sum(all(e == 0 for e, g2 in zip(em, groups) if g2 == g) for g in set(groups))),
         **stats, **extra, **{f"time_{k}": round(v, 3) for k, v in times.items()},
     }
     return metrics, rollouts, A
@@ -360,12 +367,16 @@ def evaluate(model, tok, retriever, questions, cfg, dp=None):
     ranks.reshard(dp)
     rollouts = ranks.gather(rollouts)
     summary = summarize(rollouts)
-    em, _ = score_outcome(rollouts)  # per question, by id: runs on the same questions compare pairwise (views)
-    summary["each"] = {"id": [r.question.get("id") for r in rollouts], "em": em,
-                       "answered": [float(r.answer is not None) for r in rollouts]}
-    hops = sorted({r.question["hops"] for r in rollouts if "hops" in r.question})
-    if len(hops) > 1:
-        summary["by_hops"] = {h: summarize([r for r in rollouts if r.question.get("hops") == h]) for h in hops}
+    em, f1 = score_outcome(rollouts)  # per question, by id: runs on the same questions compare pairwise (views)
+    summary["each"] = {"id": [r.question.get("id") for r in rollouts], "em": em, "f1": f1,
+                       "answered": [float(r.answer is not None) for r in rollouts],
+                       "searches": [len(r.searches) for r in rollouts], "answer": [r.answer for r in rollouts],
+                       "hops": [r.question.get("hops") for r in rollouts],
+                       "type": [r.question.get("type") for r in rollouts]}
+    for key in ("hops", "type"):  # the tiny set's 1- and 2-hop questions, HotpotQA's bridge and comparison
+        kinds = sorted({r.question[key] for r in rollouts if r.question.get(key) is not None})
+        if len(kinds) > 1:
+            summary["by_" + key] = {k: summarize([r for r in rollouts if r.question.get(key) == k]) for k in kinds}
     return summary, rollouts
 
 
@@ -396,10 +407,12 @@ def setup(cfg):
     device = ranks.local_device(runs.pick_device(cfg.device))  # under torchrun: this rank's GPU
     docs = load_corpus(cfg.corpus)
     retriever = retrieve.Retriever(docs, stopwords=cfg.stopwords)
-    splits = load_data(cfg.data, docs, cfg.seed)
+    splits = load_data(cfg.data, docs, cfg.split)
     if not splits.get("train"):
         raise DataError(f"--data {cfg.data}: the train split is empty")
-    return device, retriever, splits, splits.get("dev", [])[: cfg.eval_questions]
+    print(f"data {cfg.data}: " + ", ".join(f"{k} {len(v)}" for k, v in splits.items()) + " questions; "
+          f"evaluated on {min(cfg.eval_questions, len(splits.get(cfg.eval_split, [])))} of {cfg.eval_split}")
+    return device, retriever, splits, splits.get(cfg.eval_split, [])[: cfg.eval_questions]
 
 
 def run_path(cfg):

@@ -138,14 +138,23 @@ def batch_pool(rollouts, i):
             if o.group != r.group and o.question["question"] != r.question["question"] for s in o.searches]
 
 
-def ig_metrics(details):
-    """IG-Search's step statistics for the JSONL line (zeros when no rollout searched)."""
+def ig_metrics(details, clip=2.0):
+    """IG-Search's step statistics for the JSONL line (zeros when no rollout searched): the distribution of
+    IG over the step's searches, and ig_clip_frac, the share of searches whose |IG| reaches the clip c of
+    METHOD §4.3 (there every query gets the same bonus, whatever it found).
+
+    >>> m = ig_metrics([{"ig": x, "real": 0.0, "baseline": 0.0} for x in (-3.0, 0.5, 1.0, 2.5)], clip=2.0)
+    >>> m["ig_clip_frac"], m["ig_p50"]
+    (0.5, 0.75)
+    """
     if not details:
         return {"ig_mean": 0.0, "ig_std": 0.0, "ig_min": 0.0, "ig_max": 0.0, "ig_frac_positive": 0.0,
-                "ig_real": 0.0, "ig_baseline": 0.0, "ig_steps": 0}
+                "ig_real": 0.0, "ig_baseline": 0.0, "ig_steps": 0, "ig_clip_frac": 0.0}
     ig = np.array([d["ig"] for d in details])
     return {"ig_mean": float(ig.mean()), "ig_std": float(ig.std()), "ig_min": float(ig.min()),
             "ig_max": float(ig.max()), "ig_frac_positive": float((ig > 0).mean()),
+            "ig_p10": float(np.percentile(ig, 10)), "ig_p50": float(np.percentile(ig, 50)),
+            "ig_p90": float(np.percentile(ig, 90)), "ig_clip_frac": float((np.abs(ig) >= clip).mean()),
             "ig_real": float(np.mean([d["real"] for d in details])),
             "ig_baseline": float(np.mean([d["baseline"] for d in details])), "ig_steps": len(details)}
 

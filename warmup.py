@@ -68,11 +68,23 @@ def oracle_script(question, retriever, rng, topk=3, max_turns=2, weak_frac=0.5):
 
     Retrieval is run here on the same retriever the agent loop will call, so the script knows what each
     search returns (BM25 is deterministic): a first search that misses the answer is followed by a second.
-    At most max_turns searches, then the answer turn."""
+    At most max_turns searches, then the answer turn.
+
+    METHOD §6, per data set. HotpotQA: the second search names a supporting paragraph (its title) that the
+    first search did not retrieve, and there is none when both came back. The tiny set: a 2-hop question
+    looks up its bridge article, and a first search that missed the answer is followed by the question."""
     golds = question["golden_answers"]
     first = weak_query(question["question"], rng) if rng.random() < weak_frac else strong_query(question["question"])
     turns = [f"{THINK_FIRST}<search> {first} </search>"]
-    found = mentions_answer(retriever.search([first], topk)[0], golds)
+    docs = retriever.search([first], topk)[0]
+    if question.get("dataset") == "hotpotqa":
+        seen = {d["title"] for d in docs}
+        missed = [t for t in question.get("supporting_titles", []) if t not in seen]
+        if len(turns) < max_turns and missed:
+            turns.append(f"{THINK_BRIDGE.format(missed[0])}<search> {missed[0]} </search>")
+        turns.append(f"{THINK_ANSWER}<answer> {golds[0].strip()} </answer>")
+        return turns
+    found = mentions_answer(docs, golds)
     norm_golds = {rewards.normalize_answer(g) for g in golds}
     bridges = [t for t in question.get("supporting_titles", []) if rewards.normalize_answer(t) not in norm_golds]
     if len(turns) < max_turns and bridges:                      # two hops: look up the bridge article too

@@ -9,9 +9,11 @@ from pathlib import Path
 
 import pytest
 
+import igsearch
 import retrieve
 from data import prepare
 from data.prepare import build_tiny_qa, leaks, load_tiny_qa, main, qa_stats
+from retrieve import DataError
 from rewards import normalize_answer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -277,3 +279,30 @@ def test_hotpotqa_command_saves_the_file(monkeypatch, tmp_path, capsys):
     assert main(["hotpotqa", "--out", str(out)]) == 0
     assert hashlib.sha256(out.read_bytes()).digest() == hashlib.sha256(payload).digest()
     assert "saved 1 HotpotQA dev questions" in capsys.readouterr().out
+
+
+def test_a_file_is_cut_by_split_percents_the_same_for_every_seed():
+    # --split 55/10/35 of HotpotQA's 886: 487 train, 88 dev, 311 test; disjoint, all of the file, and a fixed
+    # shuffle, so that seed 1 of an experiment never trains on seed 0's test questions
+    from conftest import shared_file
+    spec = f"hotpotqa:{shared_file('hotpotqa_dev_distractor_886.jsonl')}"
+    splits = igsearch.load_data(spec, None, "55/10/35")
+    assert {k: len(v) for k, v in splits.items()} == {"train": 487, "dev": 88, "test": 311}
+    ids = {k: {q["id"] for q in v} for k, v in splits.items()}
+    assert not (ids["train"] & ids["dev"] or ids["train"] & ids["test"] or ids["dev"] & ids["test"])
+    assert len(ids["train"] | ids["dev"] | ids["test"]) == 886
+    again = igsearch.load_data(spec, None, "55/10/35")
+    assert [q["id"] for q in again["test"]] == [q["id"] for q in splits["test"]]
+    default = igsearch.load_data(spec, None)
+    assert {k: len(v) for k, v in default.items()} == {"train": 708, "dev": 89, "test": 89}
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("50/10", "--split '50/10': give train/dev/test percents, e.g. 80/10/10"),
+    ("50/10/10", "--split '50/10/10': the percents must add up to 100, with train above 0"),
+    ("0/50/50", "--split '0/50/50': the percents must add up to 100, with train above 0"),
+    ("a/b/c", "--split 'a/b/c': give train/dev/test percents, e.g. 80/10/10")])
+def test_bad_split_is_refused_in_one_line(flag, message):
+    with pytest.raises(DataError) as e:
+        igsearch.parse_args(["--split", flag])
+    assert str(e.value) == message

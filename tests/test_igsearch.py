@@ -680,13 +680,18 @@ def test_ig_metrics_by_hand():
                {"rollout": 1, "step": 0, "real": -1.0, "baseline": -0.75, "ig": -0.25},
                {"rollout": 1, "step": 1, "real": -2.0, "baseline": -2.0, "ig": 0.0},
                {"rollout": 3, "step": 0, "real": 0.5, "baseline": -0.5, "ig": 1.0}]
-    m = rewards.ig_metrics(details)
+    m = rewards.ig_metrics(details, clip=0.5)
     # mean 1.25/4; population std: deviations .1875, -.5625, -.3125, .6875 -> variance .921875/4
+    # sorted -0.25, 0, 0.5, 1: linear percentiles at positions 0.3, 1.5, 2.7; |IG| >= 0.5 for 0.5 and 1.0
     assert m == pytest.approx({"ig_mean": 0.3125, "ig_std": math.sqrt(0.23046875), "ig_min": -0.25, "ig_max": 1.0,
-                               "ig_frac_positive": 0.5, "ig_real": -0.625, "ig_baseline": -0.9375, "ig_steps": 4})
+                               "ig_frac_positive": 0.5, "ig_real": -0.625, "ig_baseline": -0.9375, "ig_steps": 4,
+                               "ig_p10": -0.175, "ig_p50": 0.25, "ig_p90": 0.85, "ig_clip_frac": 0.5})
     assert m["ig_steps"] == 4 and isinstance(m["ig_steps"], int)
+    assert rewards.ig_metrics(details)["ig_clip_frac"] == 0.0               # the default c = 2: never reached
+    assert rewards.ig_metrics(details, clip=1.0)["ig_clip_frac"] == 0.25     # |IG| = c binds
     assert rewards.ig_metrics([]) == {"ig_mean": 0.0, "ig_std": 0.0, "ig_min": 0.0, "ig_max": 0.0,
-                                       "ig_frac_positive": 0.0, "ig_real": 0.0, "ig_baseline": 0.0, "ig_steps": 0}
+                                       "ig_frac_positive": 0.0, "ig_real": 0.0, "ig_baseline": 0.0, "ig_steps": 0,
+                                       "ig_clip_frac": 0.0}
 
 
 def small_cfg(**kw):
@@ -705,6 +710,7 @@ def test_train_step_igsearch_runs_on_the_random_model(tiny, retriever):
     assert len(rs) == 4 and A.shape[0] == 4
     assert sum(len(r.searches) for r in rs) == 0  # random weights never write a search
     assert metrics["ig_steps"] == 0 and metrics["ig_mean"] == 0.0
+    assert metrics["all_fail_groups"] == 2 and metrics["zero_adv_groups"] == 2   # no answers: both groups fail
     assert math.isfinite(metrics["loss"])
 
 
@@ -733,6 +739,7 @@ def test_train_step_igsearch_on_scripted_rollouts(tiny, retriever, monkeypatch):
     assert metrics["ig_mean"] == pytest.approx(sum(d["ig"] for d in details) / 5, abs=1e-6)
     R = [rewards.exact_match(r.answer, r.question["golden_answers"]) for r in rs]
     assert R == [1.0, 0.0, 1.0, 1.0]
+    assert metrics["all_fail_groups"] == 0 and metrics["zero_adv_groups"] == 1   # group 1: both succeed
     # A by hand: group 0 (R = 1, 0): mean 0.5, unbiased std sqrt(0.5); group 1 (1, 1): all equal, Â = 0.
     # On a query span add α g(IG) = 0.5 · IG clipped to [-2, 2], times ρ = 0.5 when negative (δ = 0 here)
     a = 0.5 / (math.sqrt(0.5) + 1e-6)

@@ -14,6 +14,7 @@ import torch
 
 import grpo
 import igsearch
+import retrieve
 import rewards
 import runs
 from grpo import OBS, PAD, POLICY, PROMPT
@@ -233,3 +234,28 @@ def test_inforeasoner_beliefs_come_from_the_reference_not_the_policy(monkeypatch
     igsearch.train_step(policy, ref, torch.optim.SGD(policy.parameters(), lr=0.0), tok, None, None, cfg,
                         torch.Generator().manual_seed(0), random.Random(0), rollouts=rollouts)
     assert len(used) == 4 and all(m is ref for m in used)     # 2 sampling phases, each sampled and scored
+
+
+def test_evaluate_keeps_every_question_and_reports_hotpotqa_types_apart(tiny, monkeypatch):
+    # scripted greedy rollouts on three HotpotQA-like questions: the summary's per-question values are the
+    # records docs/ keeps (answer, EM, F1, answered, searches, type), and bridge and comparison are summarized apart
+    model, tok = tiny
+    qs = [{"id": "b1", "question": "Where is Town0?", "golden_answers": ["River R0"], "type": "bridge", "hops": 2},
+          {"id": "b2", "question": "Where is Town1?", "golden_answers": ["R1"], "type": "bridge", "hops": 2},
+          {"id": "c1", "question": "Is Town2 older than Town3?", "golden_answers": ["yes"], "type": "comparison",
+           "hops": 2}]
+    scripts = [["<search> Town0 </search>", "<answer> river R0 </answer>"], ["<answer> R1 lies </answer>"],
+               ["<search> Town2 </search>", "<search> Town3 </search>", "I do not know"]]
+    original = grpo.generate_rollouts
+    monkeypatch.setattr(grpo, "generate_rollouts", lambda m, t, questions, groups, r, **kw: original(
+        m, t, questions, groups, r, **{**kw, "turn_fn": grpo.scripted_turns(t, scripts)}))
+    cfg = igsearch.Config(max_turns=2, topk=1, max_turn_tokens=32, max_response_tokens=256)
+    summary, _ = igsearch.evaluate(model, tok, retrieve.Retriever(DOCS), qs, cfg)
+    each = summary["each"]
+    assert each["id"] == ["b1", "b2", "c1"] and each["type"] == ["bridge", "bridge", "comparison"]
+    assert each["answer"] == ["river R0", "R1 lies", None] and each["em"] == [1.0, 0.0, 0.0]
+    assert each["f1"] == [1.0, pytest.approx(2 / 3), 0.0]     # "r1 lies" vs "r1": precision 1/2, recall 1
+    assert each["answered"] == [1.0, 1.0, 0.0] and each["searches"] == [1, 0, 2] and each["hops"] == [2, 2, 2]
+    assert set(summary["by_type"]) == {"bridge", "comparison"} and "by_hops" not in summary  # one hop count
+    assert summary["by_type"]["bridge"]["n"] == 2 and summary["by_type"]["bridge"]["em"] == 0.5
+    assert summary["by_type"]["comparison"]["n"] == 1 and summary["by_type"]["comparison"]["searches"] == 2.0

@@ -117,6 +117,52 @@ def test_oracle_scripts_strong_weak_and_bridge(retriever):
     assert len(turns) == 2
 
 
+def test_hotpotqa_oracle_searches_the_supporting_paragraph_the_first_search_missed(retriever):
+    # METHOD §6: the question is asked first; the second search names the supporting title it did not bring back
+    hq = {**QUESTION, "dataset": "hotpotqa", "type": "bridge", "supporting_titles": ["Paris", "Seine"]}
+    first = retriever.search(["What is the capital of France"], 1)[0]
+    assert [d["title"] for d in first] == ["Paris"]                       # top-1: Paris, not Seine
+    turns = warmup.oracle_script(hq, retriever, random.Random(0), topk=1, max_turns=2, weak_frac=0.0)
+    assert turns == [f"{warmup.THINK_FIRST}<search> What is the capital of France </search>",
+                     warmup.THINK_BRIDGE.format("Seine") + "<search> Seine </search>",
+                     f"{warmup.THINK_ANSWER}<answer> Paris </answer>"]
+    # a supporting title that is the answer is still searched for when it was missed (unlike the tiny set)
+    hq2 = {**hq, "supporting_titles": ["Seine", "Paris"], "question": "Which river flows through Paris?",
+           "golden_answers": ["Seine"]}
+    assert [d["title"] for d in retriever.search(["Which river flows through Paris"], 1)[0]] == ["Seine"]
+    turns = warmup.oracle_script(hq2, retriever, random.Random(0), topk=1, max_turns=2, weak_frac=0.0)
+    assert turns[1] == warmup.THINK_BRIDGE.format("Paris") + "<search> Paris </search>"
+    # both supporting paragraphs in the first search's documents: no second search
+    turns = warmup.oracle_script(hq, retriever, random.Random(0), topk=5, max_turns=2, weak_frac=0.0)
+    assert len(turns) == 2 and turns[1] == f"{warmup.THINK_ANSWER}<answer> Paris </answer>"
+    # one search allowed: the answer follows the first
+    assert len(warmup.oracle_script(hq, retriever, random.Random(0), topk=1, max_turns=1, weak_frac=0.0)) == 2
+
+
+def test_hotpotqa_oracle_on_the_real_file(tmp_path):
+    # on HotpotQA's own paragraphs, a second search happens exactly when the first missed a supporting
+    # paragraph, and then it retrieves that paragraph (its title is the query); only train questions are used
+    from conftest import shared_file
+    spec = f"hotpotqa:{shared_file('hotpotqa_dev_distractor_886.jsonl')}"
+    docs = igsearch.load_corpus(spec)
+    r = retrieve.Retriever(docs, cache_dir=tmp_path)
+    train = igsearch.load_data(spec, docs)["train"][:40]
+    rng, seconds, found = random.Random(0), 0, 0
+    for q in train:
+        turns = warmup.oracle_script(q, r, rng, topk=3, max_turns=2)
+        query = turns[0].split("<search>")[1].split("</search>")[0].strip()
+        missed = [t for t in q["supporting_titles"] if t not in {d["title"] for d in r.search([query], 3)[0]}]
+        assert len(turns) == (3 if missed else 2)
+        if missed:
+            seconds += 1
+            assert turns[1].endswith(f"<search> {missed[0]} </search>")
+            found += missed[0] in [d["title"] for d in r.search([missed[0]], 3)[0]]
+        assert turns[-1].endswith(f"<answer> {q['golden_answers'][0].strip()} </answer>")
+    assert 0 < seconds < len(train)          # most need the second search, some do not
+    # BM25 ranks a title's own paragraph in the top 3 for most (a longer namesake can outrank it)
+    assert found >= 0.8 * seconds
+
+
 def test_oracle_rollouts_go_through_the_agent_loop(tiny, retriever):
     _, tok = tiny
     bridge = {**QUESTION, "supporting_titles": ["Seine", "Paris"]}
@@ -164,7 +210,7 @@ def test_no_dev_or_test_question_reaches_the_warmup(monkeypatch, tmp_path, qa_fi
                           device="cpu", steps=1, questions_per_step=1, group_size=2, max_turns=1, max_turn_tokens=48,
                           max_response_tokens=200, eval_questions=2, show_every=0, warmup_steps=3, warmup_batch=8)
     result = igsearch.train(cfg)
-    splits = igsearch.load_data(cfg.data, None, cfg.seed)
+    splits = igsearch.load_data(cfg.data, None, cfg.split)
     train_ids = {q["id"] for q in splits["train"]}
     held_out = {q["id"] for s in ("dev", "test") for q in splits[s]}
     assert len(seen) == 3 * 8 and set(seen) <= train_ids and not set(seen) & held_out and held_out
