@@ -13,8 +13,10 @@ import argparse
 import dataclasses
 import json
 import os
+import random
 import re
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +27,7 @@ import ranks
 import retrieve
 import runs
 import views
+import warmup
 from retrieve import DataError
 
 
@@ -108,6 +111,8 @@ def check_run_typo(path):
 # python experiments.py compare --tiny: the three rewards from the same seed and data, one table
 
 REWARDS = ("outcome", "igsearch", "inforeasoner")
+CONTROL = "control"     # the supervised warm-up continued on as many oracle trajectories as a GRPO arm samples
+ARMS = REWARDS + (CONTROL,)
 COMPARE_FILES = ("compare.json", "compare.md", "seeds.json", "curves.png", "warmup", runs.LOCK)
 
 
@@ -117,7 +122,7 @@ def claim_compare_root(root):
         raise DataError(f"--out {root}: is a file, not a directory; choose another --out")
     if not root.is_dir():
         return
-    own = re.compile(rf"({'|'.join(REWARDS)})-s\d+")
+    own = re.compile(rf"({'|'.join(ARMS)})-s\d+")
     foreign = [p.name for p in root.iterdir() if p.name not in COMPARE_FILES and not own.fullmatch(p.name)]
     if foreign:
         raise DataError(f"--out {root}: the directory holds files compare did not write ({', '.join(sorted(foreign)[:3])}); "
@@ -134,6 +139,9 @@ def compare_command(argv):
     is data-parallel, and rank 0 alone holds ROOT's lock and reports."""
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--seeds", default=None, help="comma-separated seeds (default: --seed)")
+    pre.add_argument("--arms", default=",".join(REWARDS),
+                     help=f"comma-separated, in run order, from {', '.join(ARMS)} (control: the warm-up continued "
+                          "on as many oracle trajectories as a GRPO arm samples; needs --warmup-steps)")
     extra, argv = pre.parse_known_args(argv)
     cfg, args = igsearch.parse_args(argv)
     if args.resume or args.demo or args.overwrite:
@@ -145,26 +153,37 @@ def compare_command(argv):
         raise DataError(f"--seeds {extra.seeds!r}: give comma-separated integers, e.g. --seeds 0,1") from None
     if len(set(seeds)) != len(seeds):
         raise DataError(f"--seeds {extra.seeds}: a seed is repeated")
+    arms = [a.strip() for a in extra.arms.split(",") if a.strip()]
+    if not arms or any(a not in ARMS for a in arms) or len(set(arms)) != len(arms):
+        raise DataError(f"--arms {extra.arms!r}: give distinct arms from {', '.join(ARMS)}, e.g. --arms outcome,control")
+    if CONTROL in arms and cfg.warmup_steps == 0:
+        raise DataError("--arms control continues the warm-up: give --warmup-steps N (or a preset that has one)")
+    if CONTROL in arms and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise DataError("--arms control runs in one process: leave it out under torchrun, or run without torchrun")
     for seed in seeds:
         checks.check_config(dataclasses.replace(cfg, seed=seed))
     root = Path(cfg.out or f"runs/compare-{args.preset or ('tiny' if args.tiny else 's' + str(cfg.seed))}")
     ranks.init(cfg.device)  # under torchrun: join the other ranks
     ranks.on_main(claim_compare_root, root)
     with ranks.main_holds(runs.locked(root)):
-        return _compare(cfg, args, seeds, root)
+        return _compare(cfg, args, seeds, root, arms)
 
 
-def _compare(cfg, args, seeds, root):
+def _compare(cfg, args, seeds, root, arms=REWARDS):
     start, evals = cfg.model, {}
     if cfg.warmup_steps > 0:  # one warm-up, shared: every run starts from the same weights
         device, retriever, splits, dev = igsearch.setup(cfg)
         start, evals = igsearch.warm_start(cfg, root, retriever, splits, dev, device, eval_before=False)
     run_dirs, results = [], {}
     for seed in seeds:
-        for reward in REWARDS:
+        for reward in arms:
             run = root / f"{reward}-s{seed}"
-            rcfg = dataclasses.replace(cfg, reward=reward, seed=seed, model=start, warmup_steps=0, out=str(run))
             run_dirs.append(run)
+            if reward == CONTROL:
+                results[run] = ranks.on_main(control_run, dataclasses.replace(cfg, seed=seed), start, run,
+                                             evals["warm-up"])
+                continue
+            rcfg = dataclasses.replace(cfg, reward=reward, seed=seed, model=start, warmup_steps=0, out=str(run))
             if ranks.from_main(finished, run, rcfg):  # every rank takes rank 0's view of the run
                 print(f"\n=== {run.name}: done, read back ===")
                 results[run] = {"before": runs.read_json(run / "eval_before.json"),
@@ -177,6 +196,37 @@ def _compare(cfg, args, seeds, root):
     return ranks.on_main(report, cfg, seeds, root, run_dirs, results, evals)  # rank 0 prints and writes
 
 
+def control_run(cfg, start, run, warm):
+    """The control arm: does supervision alone, given the same trajectories, do what GRPO does? From the shared
+    warm-up, cfg.steps more supervised steps (METHOD §6's loss, at warmup_lr) of questions_per_step × group_size
+    oracle trajectories each, as many as a GRPO arm samples, then the same greedy evaluation. Its config.json
+    is the warm-up's recipe with those counts; a run cut before its evaluation is written starts again."""
+    ccfg = dataclasses.replace(cfg, model=start, out=str(run), warmup_steps=cfg.steps,
+                               warmup_batch=cfg.questions_per_step * cfg.group_size)
+    after_path = run / "eval_after.json"
+    if after_path.is_file() and runs.saved_config(run) == dataclasses.asdict(ccfg):
+        print(f"\n=== {run.name}: done, read back ===")
+        return {"before": warm, "after": runs.read_json(after_path, "an evaluation summary")}
+    print(f"\n=== {run.name} ===")
+    run.mkdir(parents=True, exist_ok=True)
+    for name in ("eval_after.json", "metrics.jsonl"):
+        (run / name).unlink(missing_ok=True)
+    runs.write_json(run / "config.json", dataclasses.asdict(ccfg), indent=2)
+    device, retriever, splits, dev = igsearch.setup(ccfg)
+    model, tok, _ = runs.load_model(start, device, cfg.seed)
+    t = time.perf_counter()
+    losses = warmup.warmup(model, tok, retriever, splits["train"], ccfg, random.Random(cfg.seed))
+    seconds = (time.perf_counter() - t) / max(len(losses), 1)
+    with open(run / "metrics.jsonl", "w") as f:  # one line a supervised step, in the shape of a GRPO run's
+        for step, loss in enumerate(losses):
+            f.write(json.dumps({"step": step, "loss": loss, "time_update": seconds}) + "\n")
+    runs.release_memory()
+    after = igsearch.evaluate(model, tok, retriever, dev, ccfg)[0] if dev else {}
+    runs.write_json(run / "eval_before.json", warm)
+    runs.write_json(after_path, after)
+    return {"before": warm, "after": after}
+
+
 def finished(run, rcfg):
     """Has this run of the comparison, with these settings, ended (evaluated after training)?"""
     return bool((run / "eval_after.json").is_file() and runs.read_metrics(run) and
@@ -187,7 +237,7 @@ def report(cfg, seeds, root, run_dirs, results, evals):
     """compare's table, printed and written (ROOT/compare.json, ROOT/compare.md), and its curves."""
     rows = views.compare_rows(run_dirs, results, evals)
     title = (f"Same data ({cfg.data}), {cfg.steps} GRPO steps of {cfg.questions_per_step} questions x G = "
-             f"{cfg.group_size}, seeds {seeds}; greedy evaluation on {cfg.eval_questions} dev questions at most, "
+             f"{cfg.group_size}, seeds {seeds}; greedy evaluation on {cfg.eval_questions} {cfg.eval_split} questions at most, "
              "mean [95% bootstrap interval]")
     print("\n" + title)
     table = views.markdown_table(rows)
@@ -233,7 +283,7 @@ def report_command(argv):
         elif info.get("warm-up") != evals["warm-up"]:
             raise DataError(f"{d}: its warm-up is not the one of {first} (other evaluation); report compares "
                             "runs that started from one model")
-        for reward in REWARDS:
+        for reward in ARMS:
             for run in sorted(d.glob(f"{reward}-s*"), key=lambda r: int(r.name.rpartition("-s")[2] or 0)):
                 if not (run / "eval_after.json").is_file():
                     print(f"{run}: not finished (no eval_after.json), left out")

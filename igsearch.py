@@ -128,6 +128,7 @@ class Config:
 # evaluation batch of 25 such rows (+2.8 GB), and keep batches of 25 rows or more in a first turn (where 3 rows a
 # batch generate about 1.5× slower than 8 or 24). --tiny holds 8,192: its IG-Search step peaked at 4.09 GB with 16,384
 # (bench_memory), at 3.39 GB with 8,192, and 8,192 still batches 8 rows of a turn with documents.
+HOTPOTQA = "../shared/data/hotpotqa_dev_distractor_886.jsonl"  # or the full dev file: python data/prepare.py hotpotqa
 PRESETS = {
     "tiny": dict(steps=4, questions_per_step=2, group_size=4, max_turns=2, topk=3, max_turn_tokens=128,
                  max_response_tokens=1024, lr=1e-5, eval_questions=50, token_budget=1024, forward_budget=8192,
@@ -135,6 +136,12 @@ PRESETS = {
     "cpu": dict(steps=10, questions_per_step=4, group_size=4, max_turns=2, topk=3, max_turn_tokens=128,
                 max_response_tokens=1024, lr=1e-5, eval_questions=300, token_budget=2048, forward_budget=16384,
                 show_every=4, warmup_steps=12, warmup_batch=8, grad_checkpointing=False),
+    # the regime the step-level rewards are for: 2-hop HotpotQA with hard distractors, where the second query
+    # decides and most groups fail; a third of the file is held out as test and evaluated after training
+    "hotpot": dict(data=f"hotpotqa:{HOTPOTQA}", corpus=f"hotpotqa:{HOTPOTQA}", split="55/10/35", eval_split="test",
+                   steps=8, questions_per_step=4, group_size=4, max_turns=2, topk=3, max_turn_tokens=128,
+                   max_response_tokens=1024, lr=1e-5, eval_questions=300, token_budget=2048, forward_budget=16384,
+                   show_every=4, warmup_steps=30, warmup_batch=8, grad_checkpointing=False),
 }
 
 
@@ -402,7 +409,7 @@ def seed_everything(seed):
 
 
 def setup(cfg):
-    """The seeded process, the device, the retriever over the corpus, the QA splits and the dev questions."""
+    """The seeded process, the device, the retriever over the corpus, the QA splits and the evaluation questions (--eval-split)."""
     seed_everything(cfg.seed)
     device = ranks.local_device(runs.pick_device(cfg.device))  # under torchrun: this rank's GPU
     docs = load_corpus(cfg.corpus)
@@ -512,7 +519,7 @@ def _train(cfg, out, ckpt, resume, before, device, retriever, splits, dev):
     after = evaluate(model, tok, retriever, dev, cfg, dp)[0] if dev else {}
     ranks.on_main(runs.write_json, out / "eval_after.json", after)
     if dev:
-        print(f"\nGreedy evaluation on {len(dev)} dev questions, 95% bootstrap intervals"
+        print(f"\nGreedy evaluation on {len(dev)} {cfg.eval_split} questions, 95% bootstrap intervals"
               + (" (smoke run: random weights)" if smoke else ""))
         rows = [("before", before)] + ([("after warm-up", evals["warm-up"])] if "warm-up" in evals else [])
         views.print_evals(rows + [("after GRPO" if "warm-up" in evals else "after", after)])

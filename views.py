@@ -366,7 +366,8 @@ def compare_rows(runs, results, evals):
             gains.update({f"{metric}_gain": g.get("gain"), f"{metric}_gain_ci": g.get("gain_ci")})
         rows.append({"model": run.name, **flat_eval(results[run]["after"]), **gains,
                      "mean_ig": float(np.mean(ig)) if ig else None, "mean_ig_ci": bootstrap_ci(ig) if ig else None,
-                     "train_reward": float(np.mean([m["reward"] for m in steps])) if steps else None,
+                     "train_reward": (float(np.mean([m["reward"] for m in steps if "reward" in m]))
+                                      if any("reward" in m for m in steps) else None),  # control: no reward
                      # the median: a run paused or resumed on a busy machine has a few steps of hours
                      "s_per_step": float(np.median([sum(v for k, v in m.items() if k.startswith("time_"))
                                                     for m in steps])) if steps else None})
@@ -421,7 +422,7 @@ def seed_rows(runs, results, evals):
         steps = {s: read_metrics(r) for s, r in seeds.items()}
         ig = [float(np.mean(v)) for v in ([m[k] for m in ms for k in ("ig_mean", "ir_ig_mean") if k in m]
                                            for ms in steps.values()) if v]
-        rewards = [float(np.mean([m["reward"] for m in ms])) for ms in steps.values() if ms]
+        rewards = [float(np.mean([m["reward"] for m in ms])) for ms in steps.values() if ms and "reward" in ms[0]]
         row["mean_ig"] = float(np.mean(ig)) if ig else None
         row["train_reward"] = float(np.mean(rewards)) if rewards else None
         rows.append(row)
@@ -442,15 +443,20 @@ def flat_eval(summary):
     row = {k: summary.get(k) for k in ("n", *EVAL_METRICS, *(m + "_ci" for m in EVAL_METRICS))}
     for h, s in summary.get("by_hops", {}).items():
         row.update({f"h{h}_{k}": s.get(k) for k in ("n", "em", "em_ci", "f1", "f1_ci")})
+    for t, s in summary.get("by_type", {}).items():  # HotpotQA: bridge_em, comparison_em, ...
+        row.update({f"{t}_{k}": s.get(k) for k in ("n", "em", "em_ci", "f1", "f1_ci")})
     return row
 
 
 def markdown_table(rows):
     """compare's rows as a Markdown table: mean [95% interval] per cell."""
     cols = [("EM", "em"), ("F1", "f1"), ("answered", "answered"), ("searches", "searches"),
-            ("EM 1-hop", "h1_em"), ("EM 2-hop", "h2_em"), ("EM − start (paired)", "em_gain"),
+            ("EM 1-hop", "h1_em"), ("EM 2-hop", "h2_em"), ("EM bridge", "bridge_em"),
+            ("EM comparison", "comparison_em"), ("EM − start (paired)", "em_gain"),
             ("answered − start (paired)", "answered_gain"), ("mean IG (train)", "mean_ig"),
             ("train reward", "train_reward"), ("s/step (median)", "s_per_step")]
+    by_kind = ("h1_em", "h2_em", "bridge_em", "comparison_em")  # shown where the questions have those kinds
+    cols = [(c, k) for c, k in cols if k not in by_kind or any(r.get(k) is not None for r in rows)]
     return _markdown(rows, [("model", "model"), ("n", "n")], cols)
 
 
