@@ -5,6 +5,7 @@
     python experiments.py compare --tiny                                  # outcome, igsearch, inforeasoner
     python experiments.py compare --preset cpu --seeds 0,1 --out runs/cmp # the README's learning experiment
     python experiments.py report runs/cmp-s0 runs/cmp-s1 --out docs/cmp   # one table from several compares
+    python experiments.py beliefs --model runs/cmp/warmup/model           # InfoReasoner's belief, asked both ways
     torchrun --nproc_per_node 2 experiments.py compare --tiny             # every run data-parallel (ranks.py)
 
 Both take igsearch.py's settings and use its evaluate and train; nothing here is part of the method.
@@ -15,16 +16,20 @@ import json
 import os
 import random
 import re
+import shutil
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 import checks
+import grpo
 import igsearch
 import ranks
 import retrieve
+import rewards
 import runs
 import views
 import warmup
@@ -113,7 +118,8 @@ def check_run_typo(path):
 REWARDS = ("outcome", "igsearch", "inforeasoner")
 CONTROL = "control"     # the supervised warm-up continued on as many oracle trajectories as a GRPO arm samples
 ARMS = REWARDS + (CONTROL,)
-COMPARE_FILES = ("compare.json", "compare.md", "seeds.json", "curves.png", "warmup", runs.LOCK)
+COMPARE_FILES = ("compare.json", "compare.md", "seeds.json", "pairwise.json", "curves.png", "warmup", runs.LOCK)
+RECORD_FILES = ("config.json", "metrics.jsonl", "eval_before.json", "eval_after.json")  # what report reads of a run
 
 
 def claim_compare_root(root):
@@ -252,6 +258,15 @@ def report(cfg, seeds, root, run_dirs, results, evals):
         print(f"\n{note}\n{views.seed_table(pooled)}")
         text += f"\n{note}\n\n{views.seed_table(pooled)}\n"
         runs.write_json(root / "seeds.json", pooled, indent=1)
+    pairs = views.pairwise_rows(run_dirs, results, evals)
+    if pairs:
+        note = ("Paired by question: each arm against the start, outcome and the control, over all questions and by "
+                "kind; a question's difference is its mean over the seeds (the baseline of the same seed). Every "
+                f"interval is a 95% percentile bootstrap of {views.N_BOOT} resamples of the questions; the sign test "
+                "counts the questions where the arm did better or worse and gives the exact two-sided p")
+        print(f"\n{note}\n{views.pairwise_table(pairs)}")
+        text += f"\n{note}\n\n{views.pairwise_table(pairs)}\n"
+        runs.write_json(root / "pairwise.json", pairs, indent=1)
     (root / "compare.md").write_text(text)
     try:
         print(f"curves: {views.plot_runs(run_dirs, root / 'curves.png')}")
@@ -272,6 +287,7 @@ def report_command(argv):
     p.add_argument("--out", required=True, help="the directory for compare.md, compare.json, seeds.json, curves.png")
     args = p.parse_args(argv)
     run_dirs, results, evals, seeds, first = [], {}, None, set(), None
+    out_dir = Path(args.out)
     for d in map(Path, args.dirs):
         done = d / "warmup" / "done.json"
         if not done.is_file():
@@ -293,10 +309,12 @@ def report_command(argv):
                     raise DataError(f"{run}: {run.name} is in two of the directories; give each seed once")
                 run_dirs.append(run)
                 seeds.add(int(seed))
-                results[run] = {"before": runs.read_json(run / "eval_before.json"),
+                results[out_dir / run.name] = {"before": runs.read_json(run / "eval_before.json"),
                                 "after": runs.read_json(run / "eval_after.json")}
     if not run_dirs:
         raise DataError(f"{', '.join(args.dirs)}: no finished run (reward-sN with eval_after.json)")
+    arm_seed = lambda run: (int(run.name.rpartition("-s")[2]), ARMS.index(run.name.rpartition("-s")[0]))  # noqa: E731
+    run_dirs.sort(key=arm_seed)  # compare's order: each seed's arms in turn
     cfg = igsearch.run_config(run_dirs[0])
     same = ("data", "steps", "questions_per_step", "group_size", "lr", "eval_questions")
     for run in run_dirs[1:]:
@@ -307,10 +325,82 @@ def report_command(argv):
                 + "); report compares runs of one experiment")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    run_dirs = keep_records(out, run_dirs, first)
     return report(cfg, sorted(seeds), out, run_dirs, results, evals)
 
 
-COMMANDS = {"eval": eval_command, "compare": compare_command, "report": report_command}
+def keep_records(out, run_dirs, warm_dir):
+    """Copy into OUT what report reads (each run's settings, metrics and per-question evaluations, and the
+    warm-up's summary), and nothing else (no checkpoint): OUT is then a directory that report rebuilds every
+    table from, small enough to commit. Returns the runs' directories in OUT (results are keyed by name)."""
+    kept = []
+    for run in run_dirs:
+        dest = out / run.name
+        if dest.resolve() != run.resolve():
+            dest.mkdir(exist_ok=True)
+            for name in RECORD_FILES:
+                if (run / name).is_file():
+                    shutil.copyfile(run / name, dest / name)
+        kept.append(dest)
+    if (out / "warmup").resolve() != (warm_dir / "warmup").resolve():
+        (out / "warmup").mkdir(exist_ok=True)
+        shutil.copyfile(warm_dir / "warmup" / "done.json", out / "warmup" / "done.json")
+    return kept
+
+
+# ----------------------------------------------------------------------------------------------------
+# python experiments.py beliefs --model DIR: can the model state a belief? (InfoReasoner, METHOD §5.1)
+
+def beliefs_command(argv):
+    """InfoReasoner's belief asked both ways (--ir-belief agent and plain) of a model: for each question the
+    question is the query, its top-k documents the evidence, and K answers are sampled without and with them
+    through rewards.inforeasoner_beliefs, the reward's own code. Prints the mean p(gold) and semantic entropy of
+    each; a belief the model can state moves p(gold) up with the evidence."""
+    p = runs.ArgParser(prog="experiments.py beliefs", description=beliefs_command.__doc__.split(":")[0])
+    p.add_argument("--model", required=True, help="hub id, model directory, .gguf or tiny-random")
+    p.add_argument("--data", default="tiny", help="tiny | hotpotqa:PATH | FlashRAG JSONL")
+    p.add_argument("--corpus", default="vital", help="vital | hotpotqa:PATH | jsonl:PATH")
+    p.add_argument("--split", default="dev", choices=("train", "dev", "test"), help="questions from this split")
+    p.add_argument("--cut", default="80/10/10", help="train/dev/test percents of a file without splits "
+                   "(igsearch.py --split; the hotpot preset's is 55/10/35)")
+    p.add_argument("--limit", type=int, default=12, help="the first N questions of the split")
+    p.add_argument("--ir-samples", type=int, default=10, help="K answers per belief")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    cfg = dataclasses.replace(igsearch.Config(), model=args.model, data=args.data, corpus=args.corpus,
+                              ir_samples=args.ir_samples, seed=args.seed, reward="inforeasoner", split=args.cut)
+    checks.check_config(cfg)
+    if args.limit < 1:
+        raise DataError(f"--limit {args.limit}: must be at least 1")
+    docs = igsearch.load_corpus(cfg.corpus)
+    questions = igsearch.load_data(cfg.data, docs, cfg.split)[args.split][: args.limit]
+    retriever = retrieve.Retriever(docs, stopwords=cfg.stopwords)
+    igsearch.seed_everything(cfg.seed)
+    model, tok, _ = runs.load_model(cfg.model, runs.pick_device(cfg.device), cfg.seed)
+    found = retriever.search([q["question"] for q in questions], cfg.topk)
+    rollouts = [grpo.Rollout(question=q, group=i, ids=[], roles=[], searches=[{"query": q["question"], "docs": d}])
+                for i, (q, d) in enumerate(zip(questions, found))]
+    rows = []
+    for kind in ("agent", "plain"):
+        generator = torch.Generator().manual_seed(cfg.seed)
+        with grpo.autocast(cfg.precision, next(model.parameters()).device):
+            _, beliefs, _ = rewards.inforeasoner_beliefs(model, tok, rollouts, dataclasses.replace(cfg, ir_belief=kind),
+                                                         generator)
+        for when, j in (("without evidence", 0), ("with evidence", 1)):
+            rows.append({"belief": kind, "when": when, "n": len(beliefs),
+                         "p_gold": float(np.mean([b[j].p_gold for b in beliefs])),
+                         "p_gold_ci": views.bootstrap_ci([b[j].p_gold for b in beliefs]),
+                         "entropy": float(np.mean([b[j].entropy for b in beliefs])),
+                         "classes": float(np.mean([b[j].n_classes for b in beliefs]))})
+    print(f"Beliefs of {cfg.model}: {len(questions)} {args.split} questions of {cfg.data}, the question as the query, "
+          f"top {cfg.topk} documents as the evidence, K = {cfg.ir_samples}, mean [95% bootstrap interval]")
+    views.print_table([{**r, "p_gold": f"{r['p_gold']:.3f} [{r['p_gold_ci'][0]:.2f}, {r['p_gold_ci'][1]:.2f}]",
+                        "entropy": f"{r['entropy']:.3f}", "classes": f"{r['classes']:.2f}"} for r in rows],
+                      ["belief", "when", "p_gold", "entropy", "classes", "n"])
+    return rows
+
+
+COMMANDS = {"eval": eval_command, "compare": compare_command, "report": report_command, "beliefs": beliefs_command}
 
 
 def main(argv=None):

@@ -309,7 +309,10 @@ def plot_command(argv):
 EVAL_METRICS = ("em", "f1", "answered", "searches")  # what evaluate() reports per question
 
 
-def bootstrap_ci(values, n_boot=2000, seed=0):
+N_BOOT = 2000  # resamples of every bootstrap interval; the tables say so
+
+
+def bootstrap_ci(values, n_boot=N_BOOT, seed=0):
     """The 95% percentile-bootstrap interval of the mean over questions (resampled with replacement).
 
     >>> bootstrap_ci([1.0] * 10)
@@ -389,14 +392,8 @@ def seed_rows(runs, results, evals):
         reward, _, seed = run.name.rpartition("-s")
         by_reward.setdefault(reward, {})[seed] = run
 
-    def each(summary, metric):
-        return dict(zip(summary["each"]["id"], summary["each"][metric])) if "each" in summary else {}
-
     def per_question(pairs, metric):
-        """[(after, baseline or None)] -> each question's mean over the pairs of after (- baseline)."""
-        tables = [(each(a, metric), each(b, metric) if b is not None else None) for a, b in pairs]
-        common = set.intersection(*(set(a) & (set(b) if b is not None else set(a)) for a, b in tables))
-        return [float(np.mean([a[q] - (b[q] if b is not None else 0.0) for a, b in tables])) for q in sorted(common)]
+        return list(_per_question(pairs, metric).values())
 
     def mean_ci(values):
         return (float(np.mean(values)), bootstrap_ci(values)) if values else (None, None)
@@ -427,6 +424,84 @@ def seed_rows(runs, results, evals):
         row["train_reward"] = float(np.mean(rewards)) if rewards else None
         rows.append(row)
     return rows
+
+
+def sign_test(diffs):
+    """The exact two-sided sign test of paired differences: only the discordant questions, where one side did
+    better, count (ties carry no information). Returns (better, worse, p).
+
+    >>> sign_test([1.0, 1.0, 0.5, 1.0, 1.0, 0.0, 0.0, -1.0])
+    (5, 1, 0.21875)
+    """
+    better, worse = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
+    n, k = better + worse, min(better, worse)
+    p = min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n) if n else 1.0
+    return better, worse, p
+
+
+def question_kinds(summary):
+    """{question id: its kind}: HotpotQA's type (bridge, comparison) where the records have it, else hops."""
+    each = summary.get("each", {})
+    for key in ("type", "hops"):
+        kinds = each.get(key) or []
+        if len({k for k in kinds if k is not None}) > 1:
+            return dict(zip(each["id"], kinds))
+    return {}
+
+
+def pairwise_rows(runs, results, evals, metric="em"):
+    """Each arm against the start, outcome and the control, over all questions and by kind (question_kinds):
+    per question the mean over the seeds of (arm − baseline), with baseline of the same seed (the start is
+    one model for all seeds); its mean with the bootstrap interval, and the sign test on the discordant
+    questions. One row per (arm, baseline, kind)."""
+    by_arm = {}
+    for run in runs:
+        arm, _, seed = run.name.rpartition("-s")
+        by_arm.setdefault(arm, {})[seed] = results[run]["after"]
+    start = evals.get("warm-up") if evals else None
+    kinds = question_kinds(start or next(iter(results.values()), {}).get("after", {}))
+    rows = []
+    for arm, after in by_arm.items():
+        # outcome against the control, not the control against outcome too: one sign flip of the other
+        others = [] if arm == "control" else ["control"] if arm == "outcome" else ["outcome", "control"]
+        baselines = [("start", {s: start for s in after} if start else {})] + [(b, by_arm.get(b, {})) for b in others]
+        for name, base in baselines:
+            seeds = [s for s in after if s in base]
+            if not seeds:
+                continue
+            diffs = _per_question([(after[s], base[s]) for s in seeds], metric)
+            for kind in [None, *sorted(set(kinds.values()), key=str)]:
+                d = [x for q, x in diffs.items() if kind is None or kinds.get(q) == kind]
+                if not d:
+                    continue
+                better, worse, p = sign_test(d)
+                rows.append({"arm": arm, "vs": name, "kind": "all" if kind is None else str(kind), "n": len(d),
+                             "seeds": ",".join(sorted(seeds, key=int)), "diff": float(np.mean(d)),
+                             "diff_ci": bootstrap_ci(d), "better": better, "worse": worse, "p": p})
+    return rows
+
+
+def pairwise_table(rows, metric="EM"):
+    """pairwise_rows as a Markdown table."""
+    lines = [f"| arm | vs | questions | seeds | {metric} difference [95% CI] | better / worse | sign test p |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        kind = "" if r["kind"] == "all" else f" ({r['kind']})"
+        lines.append(f"| {r['arm']}{kind} | {r['vs']} | {r['n']} | {r['seeds']} | {r['diff']:+.3f} "
+                     f"[{r['diff_ci'][0]:+.3f}, {r['diff_ci'][1]:+.3f}] | {r['better']} / {r['worse']} | {r['p']:.3g} |")
+    return "\n".join(lines)
+
+
+def _per_question(pairs, metric):
+    """[(after, baseline or None)] evaluation summaries -> {question id: the mean over the pairs of after
+    (− baseline)}, over the questions every pair holds."""
+    tables = [(_each(a, metric), _each(b, metric) if b is not None else None) for a, b in pairs]
+    common = set.intersection(*(set(a) & (set(b) if b is not None else set(a)) for a, b in tables))
+    return {q: float(np.mean([a[q] - (b[q] if b is not None else 0.0) for a, b in tables])) for q in sorted(common)}
+
+
+def _each(summary, metric):
+    return dict(zip(summary["each"]["id"], summary["each"][metric])) if "each" in summary else {}
 
 
 def seed_table(rows):

@@ -467,3 +467,27 @@ def test_agent_belief_samples_end_at_the_answer_tag(tiny, monkeypatch):
     texts, _, n = rewards.sample_answers(model, tok, [prompt], ir_config(ir_samples=3), None, "</answer>")
     assert texts == [["Paris\nFrance", "Lyon", "Nice and"]]
     assert n == sum(map(len, samples))
+
+
+def test_beliefs_command_asks_both_ways_with_the_questions_top_documents(monkeypatch, capsys):
+    # experiments.py beliefs: the reward's own inforeasoner_beliefs, once per --ir-belief, on rollouts whose one
+    # search is the question with its top-k documents; the table holds the mean p(gold) of each
+    import experiments
+    seen = []
+
+    def fake(model, tok, rollouts, cfg, generator, entail=None):
+        seen.append((cfg.ir_belief, [(r.searches[0]["query"], [d["title"] for d in r.searches[0]["docs"]])
+                                     for r in rollouts]))
+        p = {"agent": (0.25, 0.75), "plain": (0.0, 0.5)}[cfg.ir_belief]
+        b = [(Belief(p[0], 1.0, 2), Belief(p[1], 0.5, 2)) for _ in rollouts]
+        return [0.0] * len(rollouts), b, 0
+    monkeypatch.setattr(rewards, "inforeasoner_beliefs", fake)
+    rows = experiments.beliefs_command(["--model", "tiny-random", "--limit", "2", "--ir-samples", "2"])
+    qs = igsearch.load_data("tiny", None)["dev"][:2]
+    top = [[d["title"] for d in hits] for hits in
+           __import__("retrieve").Retriever(igsearch.load_corpus("vital")).search([q["question"] for q in qs], 3)]
+    assert seen == [(kind, [(q["question"], t) for q, t in zip(qs, top)]) for kind in ("agent", "plain")]
+    assert [(r["belief"], r["when"], r["p_gold"]) for r in rows] == [
+        ("agent", "without evidence", 0.25), ("agent", "with evidence", 0.75),
+        ("plain", "without evidence", 0.0), ("plain", "with evidence", 0.5)]
+    assert "agent   with evidence     0.750 [0.75, 0.75]" in capsys.readouterr().out

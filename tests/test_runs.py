@@ -21,6 +21,7 @@ import experiments
 import igsearch
 import runs
 import views
+import warmup
 from conftest import ROOT, require_tool
 
 
@@ -328,6 +329,37 @@ def test_compare_starts_every_run_from_one_warmup_and_resumes(tmp_path, capsys, 
     assert [(c.reward, c.seed, resume) for c, resume, _ in seen] == [("igsearch", 4, True)]
 
 
+def test_control_arm_continues_the_warmup_on_as_many_trajectories_as_a_grpo_arm(tmp_path, capsys, monkeypatch):
+    # --arms control: from the shared warm-up, steps supervised steps of questions_per_step × G oracle
+    # trajectories (the count a GRPO arm samples), at the warm-up's lr, then the same evaluation; read back after
+    warm = tmp_path / "cmp" / "warmup" / "model"
+    monkeypatch.setattr(igsearch, "warm_start", lambda cfg, out, *a, **kw: (
+        str(warm), {"before": {}, "warm-up": _summary(0.25), "smoke": False}))
+    loaded, supervised = [], []
+    monkeypatch.setattr(runs, "load_model", lambda name, device, seed=0: loaded.append(name) or ("M", "T", False))
+
+    def fake_warmup(model, tok, retriever, questions, cfg, rng, log=print):
+        supervised.append((model, cfg.warmup_steps, cfg.warmup_batch, cfg.warmup_lr, len(questions)))
+        return [2.0, 1.5, 1.0]
+    monkeypatch.setattr(warmup, "warmup", fake_warmup)
+    monkeypatch.setattr(igsearch, "evaluate", lambda model, tok, retriever, qs, cfg, dp=None: (_summary(0.75), []))
+    argv = ["compare", "--tiny", "--arms", "control", "--steps", "3", "--questions-per-step", "2", "--group-size", "5",
+            "--warmup-lr", "0.0002", "--out", str(tmp_path / "cmp")]
+    assert experiments.main(argv) == 0
+    assert loaded == [str(warm)] and supervised == [("M", 3, 10, 0.0002, len(igsearch.load_data("tiny", None)["train"]))]
+    run = tmp_path / "cmp" / "control-s0"
+    assert [json.loads(ln)["loss"] for ln in (run / "metrics.jsonl").read_text().splitlines()] == [2.0, 1.5, 1.0]
+    saved = json.loads((run / "config.json").read_text())
+    assert (saved["warmup_steps"], saved["warmup_batch"], saved["model"]) == (3, 10, str(warm))
+    assert json.loads((run / "eval_after.json").read_text())["em"] == 0.75
+    assert "| control-s0 | 4 | 0.750 [0.38, 0.75] |" in capsys.readouterr().out
+    supervised.clear()
+    assert experiments.main(argv) == 0 and supervised == []               # finished: read back, not trained again
+    # the control needs a warm-up to continue
+    assert experiments.main(argv + ["--warmup-steps", "0"]) == 2
+    assert "--arms control continues the warm-up" in capsys.readouterr().err
+
+
 def fake_compare_dir(root, seed, em_of, warm_em=(0.0, 0.0), steps=2, finished=True):
     """A compare directory written by hand: warmup/done.json and one run per reward, with per-question EM over
     the questions q1, q2 (em_of[reward])."""
@@ -361,6 +393,17 @@ def test_report_pools_the_seeds_of_several_compare_directories(tmp_path, capsys)
     assert [pooled[r]["em"] for r in experiments.REWARDS] == [0.25, 0.75, 0.25]
     assert pooled["igsearch"]["em_vs_outcome"] == 0.5 and pooled["inforeasoner"]["em_vs_outcome"] == 0.0
     assert "seeds [0, 1]" in (out / "compare.md").read_text() and "| igsearch | 0,1 | 2 |" in capsys.readouterr().out
+    # OUT keeps what the tables are made of, and only that: report on OUT alone writes the same tables
+    assert sorted(p.name for p in (out / "igsearch-s1").iterdir()) == sorted(experiments.RECORD_FILES)
+    assert [p.name for p in (out / "warmup").iterdir()] == ["done.json"]
+    again = tmp_path / "again"
+    assert experiments.main(["report", str(out), "--out", str(again)]) == 0
+    for name in ("compare.md", "seeds.json", "pairwise.json"):
+        assert (again / name).read_text() == (out / name).read_text(), name
+    pairs = {(r["arm"], r["vs"]): r for r in json.loads((out / "pairwise.json").read_text())}
+    assert (pairs["igsearch", "outcome"]["diff"], pairs["igsearch", "outcome"]["better"]) == (0.5, 2)
+    assert "2000 resamples" in (out / "compare.md").read_text()
+    capsys.readouterr()
     # a cut run is left out, and said so
     fake_compare_dir(tmp_path / "c", 2, {}, finished=False)
     experiments.main(["report", str(tmp_path / "a"), str(tmp_path / "c"), "--out", str(out)])

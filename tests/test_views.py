@@ -172,3 +172,33 @@ def test_paired_gain_matches_questions_by_id_and_its_interval_holds_the_pairs():
     assert views.bootstrap_ci(start["each"]["em"])[1] > views.bootstrap_ci(after["each"]["em"])[0]
     assert views.paired_gain({"em": 0.5}, start) is None     # a summary without per-question values
     assert views.paired_gain(after, {"each": {"id": ["other"], "em": [1.0]}}) is None  # no question in common
+
+
+def test_pairwise_rows_by_hand_with_the_sign_test(tmp_path):
+    # 2 seeds, 4 questions (b1, b2 bridge; c1, c2 comparison). Per question, the mean over the seeds of
+    # igsearch − outcome (same seed): b1 (1−0 + 1−0)/2 = 1, b2 (0−0 + 1−0)/2 = 0.5, c1 (0−1 + 0−1)/2 = −1, c2 0
+    def summary(em):
+        return {"each": {"id": ["b1", "b2", "c1", "c2"], "em": em,
+                         "type": ["bridge", "bridge", "comparison", "comparison"]}}
+    res = {tmp_path / "outcome-s0": {"after": summary([0.0, 0.0, 1.0, 1.0])},
+           tmp_path / "outcome-s1": {"after": summary([0.0, 0.0, 1.0, 0.0])},
+           tmp_path / "igsearch-s0": {"after": summary([1.0, 0.0, 0.0, 1.0])},
+           tmp_path / "igsearch-s1": {"after": summary([1.0, 1.0, 0.0, 0.0])},
+           tmp_path / "control-s0": {"after": summary([0.0, 0.0, 0.0, 0.0])}}
+    rows = views.pairwise_rows(list(res), res, {"warm-up": summary([0.0, 0.0, 0.0, 0.0])})
+    got = {(r["arm"], r["vs"], r["kind"]): r for r in rows}
+    r = got["igsearch", "outcome", "all"]
+    assert (r["n"], r["seeds"], r["diff"], r["better"], r["worse"]) == (4, "0,1", 0.125, 2, 1)
+    assert r["p"] == 1.0                                   # 2 better, 1 worse: P(X <= 1 | 3, 1/2) · 2 = 1
+    b = got["igsearch", "outcome", "bridge"]
+    assert (b["n"], b["diff"], b["better"], b["worse"], b["p"]) == (2, 0.75, 2, 0, 0.5)   # 2 · (1/2)^2
+    c = got["igsearch", "outcome", "comparison"]
+    assert (c["n"], c["diff"], c["better"], c["worse"]) == (2, -0.5, 0, 1)
+    # against the start (one model for both seeds): igsearch's per-question mean EM 1, 0.5, 0, 0.5
+    s = got["igsearch", "start", "all"]
+    assert (s["diff"], s["better"], s["worse"]) == (0.5, 3, 0)
+    # the control has seed 0 only: igsearch − control over seed 0 alone; the control is compared with the start only
+    assert got["igsearch", "control", "all"]["seeds"] == "0" and got["igsearch", "control", "all"]["diff"] == 0.5
+    assert {k[1] for k in got if k[0] == "control"} == {"start"} and {k[1] for k in got if k[0] == "outcome"} == \
+        {"start", "control"}
+    assert "| igsearch (bridge) | outcome | 2 | 0,1 | +0.750 [+0.500, +1.000] | 2 / 0 | 0.5 |" in views.pairwise_table(rows)
