@@ -301,6 +301,7 @@ def train_step(model, ref_model, opt, tok, retriever, questions, cfg, generator,
     times = ranks.reduce_values(times, "max")  # the slowest rank's
 
     n_resp = [len(r.ids) - r.roles.count(grpo.PROMPT) for r in rollouts]
+    flat = torch.tensor([bool(torch.all(adv[torch.tensor(groups) == g] == 0)) for g in groups])  # [B] no spread
     metrics = {
         "reward": float(np.mean(R)), "em": float(np.mean(em)), "f1": float(np.mean(f1)),
         "searches": float(np.mean([len(r.searches) for r in rollouts])),
@@ -309,6 +310,7 @@ def train_step(model, ref_model, opt, tok, retriever, questions, cfg, generator,
         "truncated": float(np.mean([r.truncated for r in rollouts])),
         "zero_adv_groups": int(sum(bool(torch.all(adv[torch.tensor(groups) == g] == 0)) for g in set(groups))),
         "all_fail_groups": int(sum(all(e == 0 for e, g2 in zip(em, groups) if g2 == g) for g in set(groups))),
+        "flat_group_credit_tokens": int(((A != 0) & flat[:, None]).sum()),  # IG-Search's bonus where Â = 0
         **stats, **extra, **{f"time_{k}": round(v, 3) for k, v in times.items()},
     }
     return metrics, rollouts, A
@@ -514,6 +516,8 @@ def _train(cfg, out, ckpt, resume, before, device, retriever, splits, dev):
                 ranks.on_main(runs.save_checkpoint, out, step + 1, model, tok, opt, generator, rng,
                               **ranks.checkpoint_state(model, opt, dp, generator))
 
+    if cfg.steps > first:
+        ranks.on_main(lambda: print(flat_groups_line(runs.read_metrics(out), cfg, out)))
     del opt, ref_model  # AdamW's moments and the reference (1.3 GB for SmolLM2) are not needed by the evaluation
     runs.release_memory()
     after = evaluate(model, tok, retriever, dev, cfg, dp)[0] if dev else {}
@@ -524,6 +528,26 @@ def _train(cfg, out, ckpt, resume, before, device, retriever, splits, dev):
         rows = [("before", before)] + ([("after warm-up", evals["warm-up"])] if "warm-up" in evals else [])
         views.print_evals(rows + [("after GRPO" if "warm-up" in evals else "after", after)])
     return {"before": before, "after": after, "out": str(out), **({"warm-up": evals["warm-up"]} if evals else {})}
+
+
+def flat_groups_line(steps, cfg, out):
+    """The closing line on the groups GRPO could not learn from: those with no reward spread (every rollout
+    scored alike, so Â = 0 and outcome has no gradient there), and what IG-Search's query bonus gave them."""
+    flat = sum(m.get("zero_adv_groups", 0) for m in steps)
+    failed = sum(m.get("all_fail_groups", 0) for m in steps)
+    dead = sum(m.get("zero_adv_groups", 0) == cfg.questions_per_step for m in steps)
+    line = (f"groups without reward spread: {flat} of {len(steps) * cfg.questions_per_step} ({failed} where every "
+            f"rollout failed); {dead} of {len(steps)} steps had no spread in any group")
+    if cfg.reward == "igsearch":
+        credit = sum(m.get("flat_group_credit_tokens", 0) for m in steps)
+        line += f"; IG-Search gave {credit} query tokens in those groups an advantage"
+        shown = [m["step"] for m in steps if m.get("flat_group_credit_tokens") and cfg.show_every
+                 and m["step"] % cfg.show_every == 0]
+        if shown:
+            line += f" (see them: python igsearch.py show --run {out} --step {shown[0]})"
+    elif flat and cfg.reward == "outcome":
+        line += " (no gradient there; --reward igsearch credits their queries)"
+    return line
 
 
 def warm_start(cfg, out, retriever, splits, dev, device, eval_before=True):

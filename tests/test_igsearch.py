@@ -5,6 +5,7 @@ Every expectation is worked by hand: a fake language model whose next-token log-
 (§4.1), a fake scorer whose value is a rule on the decoded context (§4.2), and scripted trajectories run
 through the real rollout bookkeeping (grpo.scripted_turns)."""
 import copy
+import dataclasses
 import math
 import random
 import re
@@ -740,6 +741,9 @@ def test_train_step_igsearch_on_scripted_rollouts(tiny, retriever, monkeypatch):
     R = [rewards.exact_match(r.answer, r.question["golden_answers"]) for r in rs]
     assert R == [1.0, 0.0, 1.0, 1.0]
     assert metrics["all_fail_groups"] == 0 and metrics["zero_adv_groups"] == 1   # group 1: both succeed
+    # group 1 has Â = 0: its non-zero advantages are the query bonus, on its 1 + 2 query spans
+    spans = sum(e - s for r in rs[2:] for s, e in (q["query_span"] for q in r.searches))
+    assert metrics["flat_group_credit_tokens"] == int((A[2:] != 0).sum()) == spans
     # A by hand: group 0 (R = 1, 0): mean 0.5, unbiased std sqrt(0.5); group 1 (1, 1): all equal, Â = 0.
     # On a query span add α g(IG) = 0.5 · IG clipped to [-2, 2], times ρ = 0.5 when negative (δ = 0 here)
     a = 0.5 / (math.sqrt(0.5) + 1e-6)
@@ -780,3 +784,17 @@ def test_information_gain_with_gold_scorer_on_the_tiny_model(tiny, retriever):
         assert d["real"] == pytest.approx(alone[best], abs=1e-5)
         assert d["baseline"] == pytest.approx(base, abs=1e-5)
         assert d["ig"] == pytest.approx(alone[best] - base, abs=1e-5)
+
+
+def test_closing_line_counts_the_groups_without_spread_and_igsearch_credit():
+    steps = [{"step": 0, "zero_adv_groups": 2, "all_fail_groups": 1, "flat_group_credit_tokens": 0},
+             {"step": 1, "zero_adv_groups": 1, "all_fail_groups": 1, "flat_group_credit_tokens": 14},
+             {"step": 2, "zero_adv_groups": 2, "all_fail_groups": 2, "flat_group_credit_tokens": 9}]
+    cfg = small_cfg(questions_per_step=2, show_every=2)
+    assert igsearch.flat_groups_line(steps, cfg, "runs/x") == (
+        "groups without reward spread: 5 of 6 (4 where every rollout failed); 2 of 3 steps had no spread in any "
+        "group; IG-Search gave 23 query tokens in those groups an advantage "
+        "(see them: python igsearch.py show --run runs/x --step 2)")
+    outcome = dataclasses.replace(cfg, reward="outcome")
+    assert igsearch.flat_groups_line(steps, outcome, "runs/x").endswith(
+        "2 of 3 steps had no spread in any group (no gradient there; --reward igsearch credits their queries)")
