@@ -51,63 +51,63 @@ class Config:
     eval_split: str = "dev"           # dev | test: the questions evaluated before and after training
     reward: str = "outcome"           # outcome | igsearch | inforeasoner
     out: str = ""                     # run directory (default runs/<reward>-s<seed>)
-    seed: int = 0
-    device: str = "auto"
+    seed: int = 0                     # seeds sampling, question order and IG draws: on CPU, a seed repeats a run
+    device: str = "auto"              # auto | cpu | cuda | cuda:N | mps
     parallel: str = "ddp"             # under torchrun: ddp | fsdp (weights, gradients, optimizer state sharded)
     precision: str = "auto"           # auto | bf16 | fp32: the forward matmuls (weights, optimizer, loss stay fp32)
     grad_checkpointing: bool = True   # recompute activations in the backward (grpo.recompute): memory for compute
     # rollouts (METHOD §1)
-    steps: int = 200
-    questions_per_step: int = 8
+    steps: int = 200                  # GRPO steps
+    questions_per_step: int = 8       # questions a step; each gets a group of G rollouts
     group_size: int = 5               # G
-    temperature: float = 1.0
-    max_turns: int = 4
-    topk: int = 3
-    max_turn_tokens: int = 256
+    temperature: float = 1.0          # sampling temperature of the rollouts (evaluation is greedy)
+    max_turns: int = 4                # searches a rollout may make; then one last turn may only answer
+    topk: int = 3                     # documents a search returns
+    max_turn_tokens: int = 256        # tokens the policy may write in one turn
     max_response_tokens: int = 1536   # all tokens after the prompt, observations included
     # format warm-up (METHOD §6, our addition): supervised steps on oracle trajectories before GRPO
     warmup_steps: int = 0             # 0 = off
     warmup_batch: int = 8             # oracle trajectories per step (train questions only)
-    warmup_lr: float = 1e-4
+    warmup_lr: float = 1e-4           # AdamW learning rate of the warm-up
     # GRPO (METHOD §3)
-    lr: float = 1e-6
-    beta_kl: float = 0.001
-    clip_eps: float = 0.2
+    lr: float = 1e-6                  # AdamW learning rate of GRPO
+    beta_kl: float = 0.001            # weight of the k3 KL to the frozen reference (METHOD §3.3; 0 = no reference)
+    clip_eps: float = 0.2             # PPO ratio clip ε (METHOD §3.2)
     clip_ratio_c: float = 0.0         # verl's dual clip: the loss of a token with A < 0 is capped at -A * c (> 1; 0 = off)
     ppo_epochs: int = 1               # μ
     loss_agg: str = "token-mean"      # token-mean | seq-mean-token-mean
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0            # gradient-norm clip of each optimizer step
     # memory: every batched forward holds at most a budget of tokens, rows × the chunk's longest row
     # (grpo.token_chunks). token_budget: the forwards with a backward, the update's micro-batches and the warm-up's.
     # 6,144 is below the update's old micro-batch, 4 rows of a full response (4 × (~150 prompt + 1,536) ≈ 6,700).
     # forward_budget: the forwards without gradients, each turn's generation (its KV cache) in rollouts and
     # evaluation, reference log-probs, IG scoring, InfoReasoner's sampling. A token there costs about a sixth of
     # an update token (no activations kept for a backward; README), and bigger generation batches run faster.
-    token_budget: int = 6144
-    forward_budget: int = 32768
+    token_budget: int = 6144          # tokens a forward with a backward may hold (update and warm-up micro-batches)
+    forward_budget: int = 32768       # tokens a forward without gradients may hold (generation, reference, IG, beliefs)
     # evaluation
-    eval_questions: int = 64
+    eval_questions: int = 64          # questions of --eval-split evaluated greedily before and after training
     # runs: checkpoints and views
     save_every: int = 1               # write a checkpoint after every N steps (and after the last one)
     show_every: int = 10              # save the step's rollouts + A and views/step_N.html every N steps (0 = never)
     # IG-Search (METHOD §4)
-    ig_alpha: float = 0.5
-    ig_delta: float = 0.05
-    ig_rho: float = 0.5
-    ig_clip: float = 2.0
+    ig_alpha: float = 0.5             # α: weight of g(IG) on a query's tokens (METHOD §4.3)
+    ig_delta: float = 0.05            # δ: dead zone of g (METHOD §4.3)
+    ig_rho: float = 0.5               # ρ: scale of a negative IG (METHOD §4.3)
+    ig_clip: float = 2.0              # c: IG clipped to [-c, c] before g (METHOD §4.3)
     ig_samples: int = 3               # N counterfactual blocks per step
     ig_baseline: str = "batch"        # batch | corpus
-    ig_head_tokens: int = 3
-    ig_head_weight: float = 3.0
-    ig_max_context: int = 2048
+    ig_head_tokens: int = 3           # the first answer tokens weighted more in s(a* | C) (METHOD §4.1)
+    ig_head_weight: float = 3.0       # their weight (METHOD §4.1)
+    ig_max_context: int = 2048        # tokens of context kept (from the right) when scoring IG (METHOD §4.1)
     # InfoReasoner (METHOD §5)
     ir_samples: int = 10              # K
-    ir_temperature: float = 1.0
-    ir_max_tokens: int = 32
+    ir_temperature: float = 1.0       # temperature of the belief samples (METHOD §5.1)
+    ir_max_tokens: int = 32           # tokens a belief sample may hold (METHOD §5.1)
     ir_belief: str = "agent"          # agent | plain: ask the belief in the agent's format or a brief-answer prompt
     ir_estimator: str = "prob"        # prob | log | entropy
-    ir_lambda: float = 0.6
-    nli_model: str = ""
+    ir_lambda: float = 0.6            # λ in R = EM + λ · IG (METHOD §5.4)
+    nli_model: str = ""               # MNLI classifier for semantic classes (§5.2; empty = EM or containment)
 
 
 # --tiny: the real offline model (SmolLM2-135M where the default is not cached), a short format warm-up, then a
@@ -146,8 +146,7 @@ PRESETS = {
 
 
 def parse_args(argv=None):
-    p = runs.ArgParser(prog="igsearch.py", description=__doc__.split("\n")[0],
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = runs.ArgParser(prog="igsearch.py", description=__doc__.split("\n")[0])
     p.add_argument("--tiny", action="store_true", help="the small preset (--preset tiny): " + json.dumps(PRESETS["tiny"]))
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="a named set of settings (flags given beside it override them): "
@@ -158,12 +157,14 @@ def parse_args(argv=None):
                         "overridden by any flags given here, e.g. --steps)")
     p.add_argument("--overwrite", action="store_true",
                    help="start afresh in a run directory that holds a run: its files are deleted first")
+    notes = field_comments(Config)
     for f in dataclasses.fields(Config):
         flag, kind = "--" + f.name.replace("_", "-"), type(f.default)
+        text = f"{notes[f.name]} (default {f.default!r})" if f.name in notes else f"(default {f.default!r})"
         if kind is bool:  # --x / --no-x; absent leaves the preset's value
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f"(default {f.default!r})")
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
         else:
-            p.add_argument(flag, type=kind, default=None, help=f"(default {f.default!r})")
+            p.add_argument(flag, type=kind, default=None, help=text)
     args = p.parse_args(argv)
     if args.resume and args.overwrite:
         raise DataError("--resume continues a run and --overwrite replaces it: give one of them")
@@ -177,6 +178,14 @@ def parse_args(argv=None):
     cfg = dataclasses.replace(cfg, **explicit)
     checks.check_config(cfg, source, explicit)
     return cfg, args
+
+
+def field_comments(cls):
+    """{field: its comment} of a dataclass, read from its source: the Config's comments are its --help text."""
+    import inspect
+    import re
+    lines = inspect.getsource(cls).splitlines()
+    return {m[1]: m[2].strip() for m in (re.match(r"\s+(\w+): \w+ = .*?  # (.*)$", ln) for ln in lines) if m}
 
 
 def run_config(run_dir):

@@ -765,3 +765,16 @@ def test_ctrl_c_ends_in_one_line_and_the_run_resumes(tmp_path, files):
     rc = igsearch.main(["--resume", str(run), "--steps", str(done + 1)])
     assert rc == 0
     assert [json.loads(ln)["step"] for ln in (run / "metrics.jsonl").read_text().splitlines()] == list(range(done + 1))
+
+
+def test_help_of_every_setting_is_its_config_comment(capsys):
+    # the Config dataclass's field comments are the --help text, each with its default
+    notes = igsearch.field_comments(igsearch.Config)
+    assert notes["group_size"] == "G" and notes["ir_belief"].startswith("agent | plain")
+    assert set(notes) == {f.name for f in dataclasses.fields(igsearch.Config)}      # every setting says what it is
+    with pytest.raises(SystemExit):
+        igsearch.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())                                # argparse wraps lines
+    for name in ("group_size", "ir_belief", "eval_split", "ig_clip"):
+        f = next(f for f in dataclasses.fields(igsearch.Config) if f.name == name)
+        assert f"--{name.replace('_', '-')} {name.upper()} {notes[name]} (default {f.default!r})" in text

@@ -16,7 +16,7 @@ ALLOWED = {
     "demo": {"runs", "views", "retrieve", "grpo", "rewards"},
     "ranks": {"grpo"},
     "igsearch": {"retrieve", "grpo", "rewards", "warmup", "runs", "checks", "views", "demo", "ranks"},
-    "experiments": {"igsearch", "retrieve", "runs", "checks", "views", "grpo", "rewards", "ranks"},
+    "experiments": {"igsearch", "retrieve", "runs", "checks", "views", "grpo", "rewards", "ranks", "warmup"},
 }
 
 
