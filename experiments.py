@@ -297,7 +297,7 @@ def main(argv=None):
         return 2
     line = "interrupted: run the same compare command again to go on (finished runs are read back)" \
         if argv[0] == "compare" else "interrupted"
-    return runs.cli(lambda: COMMANDS[argv[0]](argv[1:]), lambda: line)
+    return runs.cli(ranks.guarded(lambda: COMMANDS[argv[0]](argv[1:])), lambda: line)
 
 
 if __name__ == "__main__":

@@ -567,7 +567,7 @@ def main(argv=None):
             return demo.demo()
         train(seen["cfg"], resume=bool(args.resume), overwrite=args.overwrite)
 
-    return runs.cli(command, lambda: interrupted(argv, seen.get("cfg")))
+    return runs.cli(ranks.guarded(command), lambda: interrupted(argv, seen.get("cfg")))
 
 
 def interrupted(argv, cfg):

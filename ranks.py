@@ -66,6 +66,20 @@ def lost_rank(e):
             f"{_timeout[0] or 0:g} s ({type(e).__name__}); the run's last checkpoint is kept: --resume goes on")
 
 
+def guarded(command):
+    """`command` with a collective that failed for a lost rank (lost) raised as a ConnectionError of one line
+    (lost_rank), which runs.cli prints as it prints every OSError."""
+    def run():
+        try:
+            return command()
+        except RuntimeError as e:
+            if not lost(e):
+                raise
+            message = lost_rank(e)
+        raise ConnectionError(message)
+    return run
+
+
 def finish(code=0):
     """The end of a script: leave the process group after a successful run, and return its exit code. (After
     a failure the process just ends: torchrun stops the other ranks, one of which may wait in a collective.)"""

@@ -38,7 +38,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import ranks
 import retrieve
 import rewards
 from retrieve import DataError
@@ -78,13 +77,11 @@ def cli(command, interrupted):
         command()
     except DataError as e:
         return error(e)
-    except OSError as e:  # a disk that is full, a directory that cannot be written, ...
+    except OSError as e:  # a disk that is full, a directory that cannot be written, a lost rank (ranks.guarded)
         return error(f"{e.filename or ''}{': ' if e.filename else ''}{e.strerror or e}")
     except (MemoryError, torch.cuda.OutOfMemoryError):
         return error(oom)
     except RuntimeError as e:
-        if ranks.lost(e):  # under torchrun: another rank ended or stopped answering
-            return error(ranks.lost_rank(e))
         if "can't allocate memory" not in str(e):  # torch's CPU allocator: out of memory, not a bug
             raise
         return error(oom)
