@@ -96,9 +96,9 @@ def eval_command(argv):
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
-    print(f"Greedy evaluation of {name}" + (" (smoke run: random weights)" if smoke else ""))
+    print(runs.terminal_safe(f"Greedy evaluation of {name}" + (" (smoke run: random weights)" if smoke else "")))
     views.print_table(rows, ["dataset", "n", "em", "f1", "searches", "answer_retrieved"])
-    print(f"predictions: {out}")
+    print(runs.terminal_safe(f"predictions: {out}"))
     return rows
 
 
@@ -169,7 +169,7 @@ def compare_command(argv):
     for seed in seeds:
         checks.check_config(dataclasses.replace(cfg, seed=seed))
     root = Path(cfg.out or f"runs/compare-{args.preset or ('tiny' if args.tiny else 's' + str(cfg.seed))}")
-    ranks.init(cfg.device)  # under torchrun: join the other ranks
+    ranks.init(cfg.device, cfg.pg_timeout)  # under torchrun: join the other ranks
     ranks.on_main(claim_compare_root, root)
     with ranks.main_holds(runs.locked(root)):
         return _compare(cfg, args, seeds, root, arms)
@@ -192,8 +192,8 @@ def _compare(cfg, args, seeds, root, arms=REWARDS):
             rcfg = dataclasses.replace(cfg, reward=reward, seed=seed, model=start, warmup_steps=0, out=str(run))
             if ranks.from_main(finished, run, rcfg):  # every rank takes rank 0's view of the run
                 print(f"\n=== {run.name}: done, read back ===")
-                results[run] = {"before": runs.read_json(run / "eval_before.json"),
-                                "after": runs.read_json(run / "eval_after.json")}
+                results[run] = {"before": runs.read_summary(run / "eval_before.json"),
+                                "after": runs.read_summary(run / "eval_after.json")}
                 continue
             print(f"\n=== {run.name} ===")
             # compare owns its runs: one cut before its first checkpoint starts again (overwrite)
@@ -212,7 +212,7 @@ def control_run(cfg, start, run, warm):
     after_path = run / "eval_after.json"
     if after_path.is_file() and runs.saved_config(run) == dataclasses.asdict(ccfg):
         print(f"\n=== {run.name}: done, read back ===")
-        return {"before": warm, "after": runs.read_json(after_path, "an evaluation summary")}
+        return {"before": warm, "after": runs.read_summary(after_path)}
     print(f"\n=== {run.name} ===")
     run.mkdir(parents=True, exist_ok=True)
     for name in ("eval_after.json", "metrics.jsonl"):
@@ -242,9 +242,9 @@ def finished(run, rcfg):
 def report(cfg, seeds, root, run_dirs, results, evals):
     """compare's table, printed and written (ROOT/compare.json, ROOT/compare.md), and its curves."""
     rows = views.compare_rows(run_dirs, results, evals)
-    title = (f"Same data ({cfg.data}), {cfg.steps} GRPO steps of {cfg.questions_per_step} questions x G = "
-             f"{cfg.group_size}, seeds {seeds}; greedy evaluation on {cfg.eval_questions} {cfg.eval_split} questions at most, "
-             "mean [95% bootstrap interval]")
+    title = runs.terminal_safe(f"Same data ({cfg.data}), {cfg.steps} GRPO steps of {cfg.questions_per_step} "
+                               f"questions x G = {cfg.group_size}, seeds {seeds}; greedy evaluation on "
+                               f"{cfg.eval_questions} {cfg.eval_split} questions at most, mean [95% bootstrap interval]")
     print("\n" + title)
     table = views.markdown_table(rows)
     print(table)
@@ -285,7 +285,9 @@ def report_command(argv):
     p = runs.ArgParser(prog="experiments.py report", description=report_command.__doc__.split(":")[0])
     p.add_argument("dirs", nargs="+", help="compare directories (their --out)")
     p.add_argument("--out", required=True, help="the directory for compare.md, compare.json, seeds.json, curves.png")
+    p.add_argument("--overwrite", action="store_true", help="replace tables in --out that report did not write")
     args = p.parse_args(argv)
+    claim_report_out(Path(args.out), args.overwrite)
     run_dirs, results, evals, seeds, first = [], {}, None, set(), None
     out_dir = Path(args.out)
     for d in map(Path, args.dirs):
@@ -294,23 +296,30 @@ def report_command(argv):
             raise DataError(f"{d}: no warmup/done.json; give directories written by `experiments.py compare "
                             "--warmup-steps N` (a --preset cpu or --tiny compare)")
         info = runs.read_json(done, "the warm-up's summary")
+        wrong = runs.warmup_problem(info)
+        if wrong:
+            raise DataError(f"{done}: {wrong}, not the summary this program writes")
         if evals is None:
             evals, first = {"before": info.get("before") or {}, "warm-up": info.get("warm-up") or {}}, d
         elif info.get("warm-up") != evals["warm-up"]:
             raise DataError(f"{d}: its warm-up is not the one of {first} (other evaluation); report compares "
                             "runs that started from one model")
         for reward in ARMS:
-            for run in sorted(d.glob(f"{reward}-s*"), key=lambda r: int(r.name.rpartition("-s")[2] or 0)):
+            named = sorted(d.glob(f"{reward}-s*"))
+            for other in [r for r in named if not re.fullmatch(rf"{reward}-s\d+", r.name)]:
+                print(runs.terminal_safe(f"{other}: not a run of compare (named {reward}-sN), left out"))
+            for run in sorted((r for r in named if re.fullmatch(rf"{reward}-s\d+", r.name)),
+                              key=lambda r: int(r.name.rpartition("-s")[2])):
                 if not (run / "eval_after.json").is_file():
-                    print(f"{run}: not finished (no eval_after.json), left out")
+                    print(runs.terminal_safe(f"{run}: not finished (no eval_after.json), left out"))
                     continue
                 seed = run.name.rpartition("-s")[2]
                 if any(r.name == run.name for r in run_dirs):
                     raise DataError(f"{run}: {run.name} is in two of the directories; give each seed once")
                 run_dirs.append(run)
                 seeds.add(int(seed))
-                results[out_dir / run.name] = {"before": runs.read_json(run / "eval_before.json"),
-                                "after": runs.read_json(run / "eval_after.json")}
+                results[out_dir / run.name] = {"before": runs.read_summary(run / "eval_before.json"),
+                                           "after": runs.read_summary(run / "eval_after.json")}
     if not run_dirs:
         raise DataError(f"{', '.join(args.dirs)}: no finished run (reward-sN with eval_after.json)")
     arm_seed = lambda run: (int(run.name.rpartition("-s")[2]), ARMS.index(run.name.rpartition("-s")[0]))  # noqa: E731
@@ -400,6 +409,26 @@ def beliefs_command(argv):
     return rows
 
 
+
+
+REPORT_FILES = {"compare.md": "table", "compare.json": "rows", "seeds.json": "rows", "pairwise.json": "pairs",
+                "curves.png": "figure"}
+
+
+def claim_report_out(out, overwrite):
+    """report --out writes its files there: refused in one line where one of them is there and was not
+    written by compare or report (runs.OUTPUT_MARKS), unless --overwrite; never a file, never anything else."""
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out}: is a file, not a directory; choose another --out")
+    for name, kind in REPORT_FILES.items():
+        if not overwrite and (out / name).is_file():
+            try:
+                runs.output_file(out / name, "--out", kind)
+            except DataError:
+                raise DataError(f"--out {out}: {name} is there and was not written by igsearch; --overwrite "
+                                "replaces it, or choose another --out") from None
+
+
 COMMANDS = {"eval": eval_command, "compare": compare_command, "report": report_command, "beliefs": beliefs_command}
 
 
@@ -411,7 +440,7 @@ def main(argv=None):
         return 2
     line = "interrupted: run the same compare command again to go on (finished runs are read back)" \
         if argv[0] == "compare" else "interrupted"
-    return runs.cli(lambda: COMMANDS[argv[0]](argv[1:]), lambda: line)
+    return runs.cli(ranks.guarded(lambda: COMMANDS[argv[0]](argv[1:])), lambda: line)
 
 
 if __name__ == "__main__":
