@@ -118,6 +118,29 @@ def check_run_typo(path):
 REWARDS = ("outcome", "igsearch", "inforeasoner")
 CONTROL = "control"     # the supervised warm-up continued on as many oracle trajectories as a GRPO arm samples
 ARMS = REWARDS + (CONTROL,)
+CLIP_ARM = re.compile(r"igsearch-c(\d+)")  # the ablation of IG-Search's clip c (METHOD §4.3): --ig-clip N
+
+
+def arm_settings(arm):
+    """(reward, settings of its own) of an arm of compare: a reward, the control, or igsearch-cN (IG-Search with
+    --ig-clip N, for where the clip binds on most searches); None for any other name.
+
+    >>> arm_settings("igsearch-c8"), arm_settings("control"), arm_settings("igsearch-c")
+    (('igsearch', {'ig_clip': 8.0}), ('control', {}), None)
+    """
+    if arm in ARMS:
+        return arm, {}
+    m = CLIP_ARM.fullmatch(arm)
+    return ("igsearch", {"ig_clip": float(m[1])}) if m else None
+
+
+def arm_rank(run):
+    """compare's order of runs: each seed's arms in turn, an ablation after its reward."""
+    arm, _, seed = run.name.rpartition("-s")
+    reward, extra = arm_settings(arm)
+    return int(seed), ARMS.index(reward), sorted(extra.items())
+
+
 COMPARE_FILES = ("compare.json", "compare.md", "seeds.json", "pairwise.json", "curves.png", "warmup", runs.LOCK)
 RECORD_FILES = ("config.json", "metrics.jsonl", "eval_before.json", "eval_after.json")  # what report reads of a run
 
@@ -128,8 +151,8 @@ def claim_compare_root(root):
         raise DataError(f"--out {root}: is a file, not a directory; choose another --out")
     if not root.is_dir():
         return
-    own = re.compile(rf"({'|'.join(ARMS)})-s\d+")
-    foreign = [p.name for p in root.iterdir() if p.name not in COMPARE_FILES and not own.fullmatch(p.name)]
+    own = lambda name: (m := re.fullmatch(r"(.+)-s\d+", name)) and arm_settings(m[1])  # noqa: E731
+    foreign = [p.name for p in root.iterdir() if p.name not in COMPARE_FILES and not own(p.name)]
     if foreign:
         raise DataError(f"--out {root}: the directory holds files compare did not write ({', '.join(sorted(foreign)[:3])}); "
                         "choose a new or empty directory")
@@ -146,8 +169,9 @@ def compare_command(argv):
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--seeds", default=None, help="comma-separated seeds (default: --seed)")
     pre.add_argument("--arms", default=",".join(REWARDS),
-                     help=f"comma-separated, in run order, from {', '.join(ARMS)} (control: the warm-up continued "
-                          "on as many oracle trajectories as a GRPO arm samples; needs --warmup-steps)")
+                     help=f"comma-separated, in run order, from {', '.join(ARMS)} and igsearch-cN (control: the "
+                          "warm-up continued on as many oracle trajectories as a GRPO arm samples, needs "
+                          "--warmup-steps; igsearch-cN: IG-Search with --ig-clip N)")
     extra, argv = pre.parse_known_args(argv)
     cfg, args = igsearch.parse_args(argv)
     if args.resume or args.demo or args.overwrite:
@@ -160,8 +184,9 @@ def compare_command(argv):
     if len(set(seeds)) != len(seeds):
         raise DataError(f"--seeds {extra.seeds}: a seed is repeated")
     arms = [a.strip() for a in extra.arms.split(",") if a.strip()]
-    if not arms or any(a not in ARMS for a in arms) or len(set(arms)) != len(arms):
-        raise DataError(f"--arms {extra.arms!r}: give distinct arms from {', '.join(ARMS)}, e.g. --arms outcome,control")
+    if not arms or any(arm_settings(a) is None for a in arms) or len(set(arms)) != len(arms):
+        raise DataError(f"--arms {extra.arms!r}: give distinct arms from {', '.join(ARMS)} or igsearch-cN, "
+                        "e.g. --arms outcome,control")
     if CONTROL in arms and cfg.warmup_steps == 0:
         raise DataError("--arms control continues the warm-up: give --warmup-steps N (or a preset that has one)")
     if CONTROL in arms and int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -189,7 +214,8 @@ def _compare(cfg, args, seeds, root, arms=REWARDS):
                 results[run] = ranks.on_main(control_run, dataclasses.replace(cfg, seed=seed), start, run,
                                              evals["warm-up"])
                 continue
-            rcfg = dataclasses.replace(cfg, reward=reward, seed=seed, model=start, warmup_steps=0, out=str(run))
+            arm, own = arm_settings(reward)
+            rcfg = dataclasses.replace(cfg, reward=arm, seed=seed, model=start, warmup_steps=0, out=str(run), **own)
             if ranks.from_main(finished, run, rcfg):  # every rank takes rank 0's view of the run
                 print(f"\n=== {run.name}: done, read back ===")
                 results[run] = {"before": runs.read_summary(run / "eval_before.json"),
@@ -304,26 +330,24 @@ def report_command(argv):
         elif info.get("warm-up") != evals["warm-up"]:
             raise DataError(f"{d}: its warm-up is not the one of {first} (other evaluation); report compares "
                             "runs that started from one model")
-        for reward in ARMS:
-            named = sorted(d.glob(f"{reward}-s*"))
-            for other in [r for r in named if not re.fullmatch(rf"{reward}-s\d+", r.name)]:
-                print(runs.terminal_safe(f"{other}: not a run of compare (named {reward}-sN), left out"))
-            for run in sorted((r for r in named if re.fullmatch(rf"{reward}-s\d+", r.name)),
-                              key=lambda r: int(r.name.rpartition("-s")[2])):
-                if not (run / "eval_after.json").is_file():
-                    print(runs.terminal_safe(f"{run}: not finished (no eval_after.json), left out"))
-                    continue
-                seed = run.name.rpartition("-s")[2]
-                if any(r.name == run.name for r in run_dirs):
-                    raise DataError(f"{run}: {run.name} is in two of the directories; give each seed once")
-                run_dirs.append(run)
-                seeds.add(int(seed))
-                results[out_dir / run.name] = {"before": runs.read_summary(run / "eval_before.json"),
-                                           "after": runs.read_summary(run / "eval_after.json")}
+        named = sorted(p for p in d.iterdir() if p.is_dir() and arm_settings(p.name.rpartition("-s")[0]))
+        for other in [r for r in named if not re.fullmatch(r".+-s\d+", r.name)]:
+            print(runs.terminal_safe(f"{other}: not a run of compare (named {other.name.rpartition('-s')[0]}-sN), "
+                                     "left out"))
+        for run in sorted((r for r in named if re.fullmatch(r".+-s\d+", r.name)), key=arm_rank):
+            if not (run / "eval_after.json").is_file():
+                print(runs.terminal_safe(f"{run}: not finished (no eval_after.json), left out"))
+                continue
+            seed = run.name.rpartition("-s")[2]
+            if any(r.name == run.name for r in run_dirs):
+                raise DataError(f"{run}: {run.name} is in two of the directories; give each seed once")
+            run_dirs.append(run)
+            seeds.add(int(seed))
+            results[out_dir / run.name] = {"before": runs.read_summary(run / "eval_before.json"),
+                                       "after": runs.read_summary(run / "eval_after.json")}
     if not run_dirs:
         raise DataError(f"{', '.join(args.dirs)}: no finished run (reward-sN with eval_after.json)")
-    arm_seed = lambda run: (int(run.name.rpartition("-s")[2]), ARMS.index(run.name.rpartition("-s")[0]))  # noqa: E731
-    run_dirs.sort(key=arm_seed)  # compare's order: each seed's arms in turn
+    run_dirs.sort(key=arm_rank)
     cfg = igsearch.run_config(run_dirs[0])
     same = ("data", "steps", "questions_per_step", "group_size", "lr", "eval_questions")
     for run in run_dirs[1:]:
