@@ -1,7 +1,7 @@
 """Settings that cannot work are refused before anything is read or loaded, in one line each.
 
 check_config(cfg) checks every field of igsearch.Config: its type (a hand-edited config.json), its range
-(MIN_INT, MIN_FLOAT), its allowed values (CHOICES), the device and the --model path, and under torchrun that
+(MIN_INT, MIN_FLOAT, MAX), its allowed values (CHOICES), the device and the --model path, and under torchrun that
 the step's questions divide among the ranks. The error names the flag, or the file the value came from and
 how to override it:
 
@@ -26,11 +26,20 @@ MIN_INT = {"steps": 0, "questions_per_step": 1, "group_size": 2, "max_turns": 1,
            "max_response_tokens": 1, "warmup_steps": 0, "warmup_batch": 1, "ppo_epochs": 1, "token_budget": 1,
            "forward_budget": 1, "eval_questions": 0, "save_every": 1, "show_every": 0, "ig_samples": 1,
            "ig_head_tokens": 0, "ig_max_context": 1, "ir_samples": 1, "ir_max_tokens": 1, "seed": 0}
+# the largest value of each size setting: as a flag or from a config.json, a value above is refused before anything
+# is allocated (a KV cache of max_turn_tokens, a list of questions_per_step x group_size rollouts, ...), or run
+# for ever. Token counts stop at the longest context of the models this is for (Qwen3's).
+CONTEXT = 131072
+MAX = {"steps": 10 ** 6, "questions_per_step": 10 ** 4, "group_size": 1024, "max_turns": 1024, "topk": 1000,
+       "max_turn_tokens": CONTEXT, "max_response_tokens": CONTEXT, "warmup_steps": 10 ** 6, "warmup_batch": 10 ** 4,
+       "ppo_epochs": 1000, "token_budget": 1 << 24, "forward_budget": 1 << 24, "eval_questions": 10 ** 7,
+       "save_every": 10 ** 6, "show_every": 10 ** 6, "ig_samples": 1000, "ig_head_tokens": CONTEXT,
+       "ig_max_context": CONTEXT, "ir_samples": 1000, "ir_max_tokens": CONTEXT, "pg_timeout": 7 * 24 * 3600}
 # each float setting: (lowest value, whether the lowest value itself is allowed); all must be finite
 MIN_FLOAT = {"temperature": (0, False), "ir_temperature": (0, True), "warmup_lr": (0, True), "lr": (0, True),
              "beta_kl": (0, True), "clip_eps": (0, False), "clip_ratio_c": (0, True), "grad_clip": (0, False),
              "ig_alpha": (0, True), "ig_delta": (0, True), "ig_rho": (0, True), "ig_clip": (0, False),
-             "ig_head_weight": (0, False), "ir_lambda": (0, True)}
+             "ig_head_weight": (0, False), "ir_lambda": (0, True), "pg_timeout": (0, True)}
 WHY = {"group_size": "GRPO compares rollouts within a group",
        "temperature": "0 samples greedily, so every rollout of a group is the same and GRPO learns nothing",
        "seed": "numpy takes seeds from 0 to 2**32 - 1"}
@@ -93,6 +102,9 @@ def _check_config(cfg, model):
         if not math.isfinite(v) or v < lowest or (v == lowest and not inclusive):
             raise setting_error(name, v, f"must be a finite number {'≥' if inclusive else '>'} {lowest}" +
                                 (f" ({WHY[name]})" if name in WHY else ""))
+    for name, highest in MAX.items():
+        if getattr(cfg, name) > highest:
+            raise setting_error(name, getattr(cfg, name), f"must be at most {highest:,}")
     world = int(os.environ.get("WORLD_SIZE", "1"))  # processes under torchrun (ranks.py); a group never spans two
     if cfg.questions_per_step % world:
         raise setting_error("questions_per_step", cfg.questions_per_step, f"does not divide among {world} ranks: "

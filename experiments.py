@@ -96,9 +96,9 @@ def eval_command(argv):
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
-    print(f"Greedy evaluation of {name}" + (" (smoke run: random weights)" if smoke else ""))
+    print(runs.terminal_safe(f"Greedy evaluation of {name}" + (" (smoke run: random weights)" if smoke else "")))
     views.print_table(rows, ["dataset", "n", "em", "f1", "searches", "answer_retrieved"])
-    print(f"predictions: {out}")
+    print(runs.terminal_safe(f"predictions: {out}"))
     return rows
 
 
@@ -118,6 +118,29 @@ def check_run_typo(path):
 REWARDS = ("outcome", "igsearch", "inforeasoner")
 CONTROL = "control"     # the supervised warm-up continued on as many oracle trajectories as a GRPO arm samples
 ARMS = REWARDS + (CONTROL,)
+CLIP_ARM = re.compile(r"igsearch-c(\d+)")  # the ablation of IG-Search's clip c (METHOD §4.3): --ig-clip N
+
+
+def arm_settings(arm):
+    """(reward, settings of its own) of an arm of compare: a reward, the control, or igsearch-cN (IG-Search with
+    --ig-clip N, for where the clip binds on most searches); None for any other name.
+
+    >>> arm_settings("igsearch-c8"), arm_settings("control"), arm_settings("igsearch-c")
+    (('igsearch', {'ig_clip': 8.0}), ('control', {}), None)
+    """
+    if arm in ARMS:
+        return arm, {}
+    m = CLIP_ARM.fullmatch(arm)
+    return ("igsearch", {"ig_clip": float(m[1])}) if m else None
+
+
+def arm_rank(run):
+    """compare's order of runs: each seed's arms in turn, an ablation after its reward."""
+    arm, _, seed = run.name.rpartition("-s")
+    reward, extra = arm_settings(arm)
+    return int(seed), ARMS.index(reward), sorted(extra.items())
+
+
 COMPARE_FILES = ("compare.json", "compare.md", "seeds.json", "pairwise.json", "curves.png", "warmup", runs.LOCK)
 RECORD_FILES = ("config.json", "metrics.jsonl", "eval_before.json", "eval_after.json")  # what report reads of a run
 
@@ -128,8 +151,8 @@ def claim_compare_root(root):
         raise DataError(f"--out {root}: is a file, not a directory; choose another --out")
     if not root.is_dir():
         return
-    own = re.compile(rf"({'|'.join(ARMS)})-s\d+")
-    foreign = [p.name for p in root.iterdir() if p.name not in COMPARE_FILES and not own.fullmatch(p.name)]
+    own = lambda name: (m := re.fullmatch(r"(.+)-s\d+", name)) and arm_settings(m[1])  # noqa: E731
+    foreign = [p.name for p in root.iterdir() if p.name not in COMPARE_FILES and not own(p.name)]
     if foreign:
         raise DataError(f"--out {root}: the directory holds files compare did not write ({', '.join(sorted(foreign)[:3])}); "
                         "choose a new or empty directory")
@@ -146,8 +169,9 @@ def compare_command(argv):
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--seeds", default=None, help="comma-separated seeds (default: --seed)")
     pre.add_argument("--arms", default=",".join(REWARDS),
-                     help=f"comma-separated, in run order, from {', '.join(ARMS)} (control: the warm-up continued "
-                          "on as many oracle trajectories as a GRPO arm samples; needs --warmup-steps)")
+                     help=f"comma-separated, in run order, from {', '.join(ARMS)} and igsearch-cN (control: the "
+                          "warm-up continued on as many oracle trajectories as a GRPO arm samples, needs "
+                          "--warmup-steps; igsearch-cN: IG-Search with --ig-clip N)")
     extra, argv = pre.parse_known_args(argv)
     cfg, args = igsearch.parse_args(argv)
     if args.resume or args.demo or args.overwrite:
@@ -160,8 +184,9 @@ def compare_command(argv):
     if len(set(seeds)) != len(seeds):
         raise DataError(f"--seeds {extra.seeds}: a seed is repeated")
     arms = [a.strip() for a in extra.arms.split(",") if a.strip()]
-    if not arms or any(a not in ARMS for a in arms) or len(set(arms)) != len(arms):
-        raise DataError(f"--arms {extra.arms!r}: give distinct arms from {', '.join(ARMS)}, e.g. --arms outcome,control")
+    if not arms or any(arm_settings(a) is None for a in arms) or len(set(arms)) != len(arms):
+        raise DataError(f"--arms {extra.arms!r}: give distinct arms from {', '.join(ARMS)} or igsearch-cN, "
+                        "e.g. --arms outcome,control")
     if CONTROL in arms and cfg.warmup_steps == 0:
         raise DataError("--arms control continues the warm-up: give --warmup-steps N (or a preset that has one)")
     if CONTROL in arms and int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -169,7 +194,7 @@ def compare_command(argv):
     for seed in seeds:
         checks.check_config(dataclasses.replace(cfg, seed=seed))
     root = Path(cfg.out or f"runs/compare-{args.preset or ('tiny' if args.tiny else 's' + str(cfg.seed))}")
-    ranks.init(cfg.device)  # under torchrun: join the other ranks
+    ranks.init(cfg.device, cfg.pg_timeout)  # under torchrun: join the other ranks
     ranks.on_main(claim_compare_root, root)
     with ranks.main_holds(runs.locked(root)):
         return _compare(cfg, args, seeds, root, arms)
@@ -189,11 +214,12 @@ def _compare(cfg, args, seeds, root, arms=REWARDS):
                 results[run] = ranks.on_main(control_run, dataclasses.replace(cfg, seed=seed), start, run,
                                              evals["warm-up"])
                 continue
-            rcfg = dataclasses.replace(cfg, reward=reward, seed=seed, model=start, warmup_steps=0, out=str(run))
+            arm, own = arm_settings(reward)
+            rcfg = dataclasses.replace(cfg, reward=arm, seed=seed, model=start, warmup_steps=0, out=str(run), **own)
             if ranks.from_main(finished, run, rcfg):  # every rank takes rank 0's view of the run
                 print(f"\n=== {run.name}: done, read back ===")
-                results[run] = {"before": runs.read_json(run / "eval_before.json"),
-                                "after": runs.read_json(run / "eval_after.json")}
+                results[run] = {"before": runs.read_summary(run / "eval_before.json"),
+                                "after": runs.read_summary(run / "eval_after.json")}
                 continue
             print(f"\n=== {run.name} ===")
             # compare owns its runs: one cut before its first checkpoint starts again (overwrite)
@@ -212,7 +238,7 @@ def control_run(cfg, start, run, warm):
     after_path = run / "eval_after.json"
     if after_path.is_file() and runs.saved_config(run) == dataclasses.asdict(ccfg):
         print(f"\n=== {run.name}: done, read back ===")
-        return {"before": warm, "after": runs.read_json(after_path, "an evaluation summary")}
+        return {"before": warm, "after": runs.read_summary(after_path)}
     print(f"\n=== {run.name} ===")
     run.mkdir(parents=True, exist_ok=True)
     for name in ("eval_after.json", "metrics.jsonl"):
@@ -242,9 +268,9 @@ def finished(run, rcfg):
 def report(cfg, seeds, root, run_dirs, results, evals):
     """compare's table, printed and written (ROOT/compare.json, ROOT/compare.md), and its curves."""
     rows = views.compare_rows(run_dirs, results, evals)
-    title = (f"Same data ({cfg.data}), {cfg.steps} GRPO steps of {cfg.questions_per_step} questions x G = "
-             f"{cfg.group_size}, seeds {seeds}; greedy evaluation on {cfg.eval_questions} {cfg.eval_split} questions at most, "
-             "mean [95% bootstrap interval]")
+    title = runs.terminal_safe(f"Same data ({cfg.data}), {cfg.steps} GRPO steps of {cfg.questions_per_step} "
+                               f"questions x G = {cfg.group_size}, seeds {seeds}; greedy evaluation on "
+                               f"{cfg.eval_questions} {cfg.eval_split} questions at most, mean [95% bootstrap interval]")
     print("\n" + title)
     table = views.markdown_table(rows)
     print(table)
@@ -285,7 +311,9 @@ def report_command(argv):
     p = runs.ArgParser(prog="experiments.py report", description=report_command.__doc__.split(":")[0])
     p.add_argument("dirs", nargs="+", help="compare directories (their --out)")
     p.add_argument("--out", required=True, help="the directory for compare.md, compare.json, seeds.json, curves.png")
+    p.add_argument("--overwrite", action="store_true", help="replace tables in --out that report did not write")
     args = p.parse_args(argv)
+    claim_report_out(Path(args.out), args.overwrite)
     run_dirs, results, evals, seeds, first = [], {}, None, set(), None
     out_dir = Path(args.out)
     for d in map(Path, args.dirs):
@@ -294,27 +322,32 @@ def report_command(argv):
             raise DataError(f"{d}: no warmup/done.json; give directories written by `experiments.py compare "
                             "--warmup-steps N` (a --preset cpu or --tiny compare)")
         info = runs.read_json(done, "the warm-up's summary")
+        wrong = runs.warmup_problem(info)
+        if wrong:
+            raise DataError(f"{done}: {wrong}, not the summary this program writes")
         if evals is None:
             evals, first = {"before": info.get("before") or {}, "warm-up": info.get("warm-up") or {}}, d
         elif info.get("warm-up") != evals["warm-up"]:
             raise DataError(f"{d}: its warm-up is not the one of {first} (other evaluation); report compares "
                             "runs that started from one model")
-        for reward in ARMS:
-            for run in sorted(d.glob(f"{reward}-s*"), key=lambda r: int(r.name.rpartition("-s")[2] or 0)):
-                if not (run / "eval_after.json").is_file():
-                    print(f"{run}: not finished (no eval_after.json), left out")
-                    continue
-                seed = run.name.rpartition("-s")[2]
-                if any(r.name == run.name for r in run_dirs):
-                    raise DataError(f"{run}: {run.name} is in two of the directories; give each seed once")
-                run_dirs.append(run)
-                seeds.add(int(seed))
-                results[out_dir / run.name] = {"before": runs.read_json(run / "eval_before.json"),
-                                "after": runs.read_json(run / "eval_after.json")}
+        named = sorted(p for p in d.iterdir() if p.is_dir() and arm_settings(p.name.rpartition("-s")[0]))
+        for other in [r for r in named if not re.fullmatch(r".+-s\d+", r.name)]:
+            print(runs.terminal_safe(f"{other}: not a run of compare (named {other.name.rpartition('-s')[0]}-sN), "
+                                     "left out"))
+        for run in sorted((r for r in named if re.fullmatch(r".+-s\d+", r.name)), key=arm_rank):
+            if not (run / "eval_after.json").is_file():
+                print(runs.terminal_safe(f"{run}: not finished (no eval_after.json), left out"))
+                continue
+            seed = run.name.rpartition("-s")[2]
+            if any(r.name == run.name for r in run_dirs):
+                raise DataError(f"{run}: {run.name} is in two of the directories; give each seed once")
+            run_dirs.append(run)
+            seeds.add(int(seed))
+            results[out_dir / run.name] = {"before": runs.read_summary(run / "eval_before.json"),
+                                       "after": runs.read_summary(run / "eval_after.json")}
     if not run_dirs:
         raise DataError(f"{', '.join(args.dirs)}: no finished run (reward-sN with eval_after.json)")
-    arm_seed = lambda run: (int(run.name.rpartition("-s")[2]), ARMS.index(run.name.rpartition("-s")[0]))  # noqa: E731
-    run_dirs.sort(key=arm_seed)  # compare's order: each seed's arms in turn
+    run_dirs.sort(key=arm_rank)
     cfg = igsearch.run_config(run_dirs[0])
     same = ("data", "steps", "questions_per_step", "group_size", "lr", "eval_questions")
     for run in run_dirs[1:]:
@@ -400,6 +433,26 @@ def beliefs_command(argv):
     return rows
 
 
+
+
+REPORT_FILES = {"compare.md": "table", "compare.json": "rows", "seeds.json": "rows", "pairwise.json": "pairs",
+                "curves.png": "figure"}
+
+
+def claim_report_out(out, overwrite):
+    """report --out writes its files there: refused in one line where one of them is there and was not
+    written by compare or report (runs.OUTPUT_MARKS), unless --overwrite; never a file, never anything else."""
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out}: is a file, not a directory; choose another --out")
+    for name, kind in REPORT_FILES.items():
+        if not overwrite and (out / name).is_file():
+            try:
+                runs.output_file(out / name, "--out", kind)
+            except DataError:
+                raise DataError(f"--out {out}: {name} is there and was not written by igsearch; --overwrite "
+                                "replaces it, or choose another --out") from None
+
+
 COMMANDS = {"eval": eval_command, "compare": compare_command, "report": report_command, "beliefs": beliefs_command}
 
 
@@ -411,7 +464,7 @@ def main(argv=None):
         return 2
     line = "interrupted: run the same compare command again to go on (finished runs are read back)" \
         if argv[0] == "compare" else "interrupted"
-    return runs.cli(lambda: COMMANDS[argv[0]](argv[1:]), lambda: line)
+    return runs.cli(ranks.guarded(lambda: COMMANDS[argv[0]](argv[1:])), lambda: line)
 
 
 if __name__ == "__main__":

@@ -54,6 +54,8 @@ class Config:
     seed: int = 0                     # seeds sampling, question order and IG draws: on CPU, a seed repeats a run
     device: str = "auto"              # auto | cpu | cuda | cuda:N | mps
     parallel: str = "ddp"             # under torchrun: ddp | fsdp (weights, gradients, optimizer state sharded)
+    pg_timeout: float = 0.0           # under torchrun: seconds a rank waits for the others before the run ends
+                                      # (a rank that died or froze; 0 = ranks.PG_TIMEOUT: 1800 on CPU, 600 on GPU)
     precision: str = "auto"           # auto | bf16 | fp32: the forward matmuls (weights, optimizer, loss stay fp32)
     grad_checkpointing: bool = True   # recompute activations in the backward (grpo.recompute): memory for compute
     # rollouts (METHOD §1)
@@ -432,7 +434,7 @@ def train(cfg, resume=False, before=None, overwrite=False):
     is not a run and not empty always (runs.claim_run_dir). Under torchrun rank 0 alone claims, locks and
     writes the run directory (ranks.on_main); the others wait for it, then read the checkpoint."""
     out = run_path(cfg)
-    ranks.init(cfg.device)                       # under torchrun: join the other ranks (ranks.py)
+    ranks.init(cfg.device, cfg.pg_timeout)       # under torchrun: join the other ranks (ranks.py)
     ranks.on_main(runs.claim_run_dir, out, resume, overwrite)  # refused before anything is read or written
     device, retriever, splits, dev = setup(cfg)  # data errors come before any model is loaded
     with ranks.main_holds(runs.locked(out)):     # one process writes a run directory
@@ -446,6 +448,9 @@ def open_run(cfg, out, resume, overwrite):
     metrics, or clear an old run's files (--overwrite: never mixed with this one's); write config.json."""
     runs.claim_run_dir(out, resume, overwrite)
     ckpt = runs.last_checkpoint(out) if resume else None
+    if resume:
+        runs.check_resume(out, ckpt, cfg.steps)
+        runs.remove_partial(out)  # a cut or failed write: its space back before anything is written
     if resume and (out / "metrics.jsonl").exists():
         runs.read_metrics(out)
     if not resume:
@@ -467,13 +472,15 @@ def _train(cfg, out, ckpt, resume, before, device, retriever, splits, dev):
         ref_model = grpo.frozen_copy(model, cfg.precision)
     dp = ranks.data_parallel(model, cfg.parallel)  # under torchrun: DDP or FSDP (before the optimizer); else None
     opt = grpo.adamw(model.parameters(), cfg.lr)
-    print(f"run {out}  model {start}  reward {cfg.reward}  corpus {len(retriever.docs)} docs  "
-          f"train {len(splits['train'])} questions  device {device}{ranks.describe(cfg.parallel)}")
+    if ckpt is not None:  # before anything is evaluated or written: a checkpoint that does not fit is refused
+        runs.check_training_state(ckpt[0], model, opt, ckpt[1], ckpt[2])
+    print(runs.terminal_safe(f"run {out}  model {start}  reward {cfg.reward}  corpus {len(retriever.docs)} docs  "
+                             f"train {len(splits['train'])} questions  device {device}{ranks.describe(cfg.parallel)}"))
 
     before_path = out / "eval_before.json"
     before = before if before is not None else evals.get("before")
     if before is None and resume and before_path.exists():
-        before = runs.read_json(before_path, "an evaluation summary")
+        before = runs.read_summary(before_path)
     if before is None:
         before = evaluate(model, tok, retriever, dev, cfg, dp)[0] if dev else {}
     ranks.on_main(runs.write_json, before_path, before)
@@ -490,10 +497,10 @@ def _train(cfg, out, ckpt, resume, before, device, retriever, splits, dev):
         runs.set_rng_states(state["rng"], generator, rng)
         ranks.resume_generator(generator, state.get("generators", []), cfg.seed)
         first = state["step"]
-        print(f"resuming from {path} ({first} steps done)")
+        print(runs.terminal_safe(f"resuming from {path} ({first} steps done)"))
     elif resume:
-        print(f"{out} has no checkpoint yet: starting it from step 0" +
-              (" (its warm-up is kept)" if cfg.warmup_steps > 0 else ""))
+        print(runs.terminal_safe(f"{out} has no checkpoint yet: starting it from step 0" +
+                                 (" (its warm-up is kept)" if cfg.warmup_steps > 0 else "")))
     if resume:
         ranks.on_main(runs.keep_metrics, out / "metrics.jsonl", first)
     train_q = splits["train"]
@@ -569,9 +576,9 @@ def warm_start(cfg, out, retriever, splits, dev, device, eval_before=True):
         ranks.on_main(runs.write_json, done, {"before": before, "warm-up": None, "losses": losses, "smoke": smoke,
                                               "from": cfg.model})
     info = ranks.from_main(runs.read_json, done, "the warm-up's summary")
-    if not (isinstance(info.get("before"), dict) and isinstance(info.get("warm-up"), (dict, type(None)))
-            and isinstance(info.get("smoke"), bool)):
-        raise DataError(f"{done}: not the summary this program writes; delete {wdir} to warm up again")
+    wrong = runs.warmup_problem(info)
+    if wrong:
+        raise DataError(f"{done}: {wrong}, not the summary this program writes; delete {wdir} to warm up again")
     if info.get("from") != cfg.model:  # a warm-up of another model must not start this run
         raise DataError(f"{done}: that warm-up started from {info.get('from')!r}, not from --model {cfg.model}; "
                         f"use another --out, or delete {wdir} to warm up again")
@@ -601,7 +608,7 @@ def main(argv=None):
             return demo.demo()
         train(seen["cfg"], resume=bool(args.resume), overwrite=args.overwrite)
 
-    return runs.cli(command, lambda: interrupted(argv, seen.get("cfg")))
+    return runs.cli(ranks.guarded(command), lambda: interrupted(argv, seen.get("cfg")))
 
 
 def interrupted(argv, cfg):

@@ -29,19 +29,55 @@ import grpo
 # ----------------------------------------------------------------------------------------------------
 # Who am I
 
-def init(device="auto"):
+# What --pg-timeout 0 means: how long a rank waits for the others in one collective. Rank 0 works alone while
+# the others wait (the warm-up, a checkpoint), so this bounds those phases too: a CPU is far slower at them.
+PG_TIMEOUT = {"gloo": 1800.0, "nccl": 600.0}
+_timeout = [None]
+
+
+def init(device="auto", timeout=0.0):
     """Join the process group described by torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK,
     MASTER_ADDR/PORT): nccl on GPUs (rank r on its node's GPU LOCAL_RANK), gloo on CPUs (--device cpu, or no
-    GPU). Nothing to do without torchrun or when already joined."""
+    GPU). A rank that waits `timeout` seconds in a collective (0: PG_TIMEOUT of the backend) fails with a
+    DistError: a rank that died or froze ends the run in bounded time (lost_rank says so in one line). Nothing
+    to do without torchrun or when already joined."""
     if dist.is_initialized() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return
     gpu = torch.cuda.is_available() and (device == "auto" or device.startswith("cuda"))
     if gpu:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    # the warm-up runs on rank 0 while the others wait (igsearch.warm_start): give it an hour, not ten minutes
-    dist.init_process_group("nccl" if gpu else "gloo", timeout=datetime.timedelta(hours=1))
+    backend = "nccl" if gpu else "gloo"
+    _timeout[0] = float(timeout) or PG_TIMEOUT[backend]
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=_timeout[0]))
     if rank() > 0:  # rank 0 alone prints; errors still go to stderr on every rank
         sys.stdout = open(os.devnull, "w")
+
+
+def lost(e):
+    """Is the error `e` a collective that failed because another rank ended or did not answer? nccl raises a
+    DistError; gloo a plain RuntimeError that names its transport."""
+    return world() > 1 and (isinstance(e, getattr(dist, "DistError", ())) or any(
+        w in str(e) for w in ("gloo/transport", "Timed out waiting", "Connection reset", "Connection closed")))
+
+
+def lost_rank(e):
+    """The one line for a collective that failed: another rank ended, or did not answer within the timeout."""
+    return (f"rank {rank()} of {world()}: another rank ended or did not answer within --pg-timeout "
+            f"{_timeout[0] or 0:g} s ({type(e).__name__}); the run's last checkpoint is kept: --resume goes on")
+
+
+def guarded(command):
+    """`command` with a collective that failed for a lost rank (lost) raised as a ConnectionError of one line
+    (lost_rank), which runs.cli prints as it prints every OSError."""
+    def run():
+        try:
+            return command()
+        except RuntimeError as e:
+            if not lost(e):
+                raise
+            message = lost_rank(e)
+        raise ConnectionError(message)
+    return run
 
 
 def finish(code=0):
@@ -74,7 +110,7 @@ def local_device(device):
 
 def describe(parallel):
     """What the run's first line says of the ranks: nothing in one process."""
-    return f"  {world()} ranks ({parallel})" if world() > 1 else ""
+    return f"  {world()} ranks ({parallel}), a rank silent for {_timeout[0]:g} s ends the run" if world() > 1 else ""
 
 
 def tqdm_disable():

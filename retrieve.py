@@ -47,12 +47,14 @@ def read_records(path):
         raise DataError(f"{path}: a compressed file; decompress it first (gunzip -k {path})")
     if first == b"[":  # one JSON array
         try:
-            records = json.loads(_utf8(path, path.read_bytes()))
+            text = _utf8(path, path.read_bytes())
+            records = json.loads(text)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg}); fix the file or re-download it") from None
         pairs = [(f"{path}, record {i}", r) for i, r in enumerate(records, 1)]
+        escaped = {at for at, _ in pairs} if _escapes_surrogate(text) else set()
     else:
-        pairs = []
+        pairs, escaped = [], set()
         with open(path, "rb") as f:
             for lineno, raw in enumerate(f, 1):
                 line = _utf8(f"{path}:{lineno}", raw)
@@ -60,13 +62,43 @@ def read_records(path):
                     continue
                 try:
                     pairs.append((f"{path}:{lineno}", json.loads(line)))
+                    if _escapes_surrogate(line):
+                        escaped.add(pairs[-1][0])
                 except json.JSONDecodeError as e:
                     raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg}); fix or delete that line") from None
     for where, r in pairs:
         if not isinstance(r, dict):
             raise DataError(f"{where}: expected a JSON object {{...}}, found {json_kind(r)}; "
                             "one record per line, each an object")
+        bad = _surrogate(r) if where in escaped else None
+        if bad:
+            raise DataError(f"{where}: holds {bad!r}, half of a UTF-16 surrogate pair (not a character: the "
+                            "tokenizer and the files written from it refuse it); fix or delete that record")
     return pairs
+
+
+def _surrogate(value):
+    """The first lone UTF-16 surrogate in a JSON value ("\\ud800" in the file: JSON allows the escape, UTF-8
+    cannot encode it), or None."""
+    if isinstance(value, str):
+        m = SURROGATE.search(value)
+        return m.group() if m else None
+    items = value.items() if isinstance(value, dict) else value if isinstance(value, list) else ()
+    for item in items:
+        for v in (item if isinstance(value, dict) else (item,)):
+            bad = _surrogate(v)
+            if bad:
+                return bad
+    return None
+
+
+SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _escapes_surrogate(text):
+    """Can this JSON text hold a lone surrogate? Only as an escape \\uD800-\\uDFFF: a cheap test that spares
+    walking every record of a large corpus."""
+    return re.search(r"\\u[dD][89a-fA-F]", text) is not None
 
 
 def _first_byte(path):

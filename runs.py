@@ -19,6 +19,7 @@ weights: a hub id or local directory does not change, tiny-random is seeded), ne
 import argparse
 import contextlib
 import ctypes
+import errno
 import gc
 import importlib.util
 import json
@@ -50,6 +51,20 @@ class ArgParser(argparse.ArgumentParser):
 
 
 # ----------------------------------------------------------------------------------------------------
+# Text from files and flags, on its way to a terminal, a Markdown table or an HTML page
+
+# C0/C1 control characters (ESC starts a terminal escape sequence) and bidirectional overrides are shown
+# as \xNN / \uNNNN, never sent on; newline and tab are kept (tokens hold them).
+UNSAFE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+
+
+def terminal_safe(text):
+    """The text with its unsafe characters written out, the one printer of every string that came from a file
+    or a flag: "a\\x1b[2J" (ESC) prints as a\\x1b[2J. Anything else is printed as str() would."""
+    return UNSAFE.sub(lambda m: m.group().encode("unicode_escape", "backslashreplace").decode(), str(text))
+
+
+# ----------------------------------------------------------------------------------------------------
 # Model loading
 
 def cli(command, interrupted):
@@ -57,21 +72,29 @@ def cli(command, interrupted):
     and exit code 2 (bad input, settings or files; a file system error; out of memory); Ctrl-C ends in the
     line `interrupted()` returns and exit code 130, and a training run stays resumable. 0 otherwise."""
     steady_heap()
+    oom = "out of memory; lower --token-budget (update) or --forward-budget (generation, scoring)"
     try:
         command()
     except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:  # a disk that is full, a directory that cannot be written, ...
-        print(f"error: {e.filename or ''}{': ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
-        return 2
+        return error(e)
+    except OSError as e:  # a disk that is full, a directory that cannot be written, a lost rank (ranks.guarded)
+        return error(f"{e.filename or ''}{': ' if e.filename else ''}{e.strerror or e}")
     except (MemoryError, torch.cuda.OutOfMemoryError):
-        print("error: out of memory; lower --token-budget (update) or --forward-budget (generation, scoring)", file=sys.stderr)
-        return 2
+        return error(oom)
+    except RuntimeError as e:
+        if "can't allocate memory" not in str(e):  # torch's CPU allocator: out of memory, not a bug
+            raise
+        return error(oom)
     except KeyboardInterrupt:
-        print(interrupted(), file=sys.stderr)
+        print(terminal_safe(interrupted()), file=sys.stderr)
         return 130
     return 0
+
+
+def error(e):
+    """The one line of a failure the user can fix, on stderr; exit code 2."""
+    print(f"error: {terminal_safe(e)}", file=sys.stderr)
+    return 2
 
 
 def pick_device(name):
@@ -201,6 +224,7 @@ def load_model(name, device, seed=0):
             raise DataError(f"{path}: not a readable GGUF model ({_first_line(e)}); download it again") from None
         smoke = False
     elif Path(name).expanduser().exists():
+        check_tokenizer_files(Path(name).expanduser())
         try:
             tok = AutoTokenizer.from_pretrained(Path(name).expanduser(), local_files_only=True)
             model = AutoModelForCausalLM.from_pretrained(Path(name).expanduser(), dtype=dtype, local_files_only=True)
@@ -243,10 +267,25 @@ def load_model(name, device, seed=0):
             smoke = False
     if smoke:
         print("=" * 78 + "\nSMOKE RUN: the model has random weights. Every step runs; nothing can be learnt.\n" + "=" * 78)
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tok) > rows:  # ids past the embedding: an index error on a CPU, a device-side fault on a GPU
+        raise DataError(f"{name}: its tokenizer has {len(tok):,} tokens and the model's embedding {rows:,} rows; "
+                        "the tokenizer is not this model's (save both with save_pretrained into one directory)")
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     model.to(device=device, dtype=dtype).eval()  # eval: no dropout, so the same seed gives the same numbers
     return model, tok, smoke
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
+def check_tokenizer_files(path):
+    """A model directory (its config.json) must hold its tokenizer: without one, transformers builds a
+    vocabulary of one token."""
+    if (path / "config.json").is_file() and not any((path / f).is_file() for f in TOKENIZER_FILES):
+        raise DataError(f"{path}: the model directory holds no tokenizer ({', '.join(TOKENIZER_FILES)}); save the "
+                        "tokenizer beside the weights (tokenizer.save_pretrained(DIR))")
 
 
 def _first_line(e):
@@ -289,19 +328,57 @@ def save_model(model, tok, path):
     path = Path(path)
     tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tok.save_pretrained(tmp)
-    _fsync_tree(tmp)
+    with writing(path.parent, tmp, f"the model {path.name}"):
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        _fsync_tree(tmp)
     shutil.rmtree(path, ignore_errors=True)
     os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def writing(directory, tmp, what):
+    """Around writing `what` into `tmp`, a temporary file or directory in `directory` that is renamed into place
+    afterwards: whatever fails (a full disk, Ctrl-C), `tmp` is removed, so nothing is left half written and the
+    space comes back. A full disk is one DataError naming `directory`: safetensors, tokenizers and torch.save
+    report it each in their own way, some without saying why (disk_full)."""
+    try:
+        yield
+        return
+    except BaseException as e:
+        if Path(tmp).is_dir() and not Path(tmp).is_symlink():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            Path(tmp).unlink(missing_ok=True)
+        if not (isinstance(e, Exception) and disk_full(e, directory)):
+            raise
+    # raised here, not in the handler, so that it holds no reference to the library's frames: their open files
+    # close, and the space of the removed files comes back now
+    raise DataError(f"{directory}: no space left on device while writing {what}; its partial files are removed "
+                    "and what was written before is kept: free some space, then --resume goes on")
+
+
+def disk_full(e, directory):
+    """Did a write into `directory` fail for want of space? An OSError says so by its errno (torch.save's
+    behind the error it raises next, save_plain), a library's error by its text; else the space left is asked."""
+    for cause in (e, e.__context__, e.__cause__):
+        if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+    if any(s in str(e) for s in ("No space left", "os error 28", "StorageFull", "code: 28")):
+        return True
+    try:
+        return shutil.disk_usage(directory).free < 1 << 20
+    except OSError:
+        return False
 
 
 # ----------------------------------------------------------------------------------------------------
 # Run directories: config.json, metrics.jsonl, checkpoints (resume)
 
 RUN_FILES = ("config.json", "metrics.jsonl", "eval_before.json", "eval_after.json", "eval.jsonl", "curves.png")
-RUN_DIRS = {"ckpt": ("step_*", ".tmp-*"), "views": ("step_*.json", "step_*.html"),
-            "warmup": ("model", ".tmp-model-*", "done.json")}   # what this program writes in each
+# what this program writes in each (full names; the checkpoints, step_N/, are told by their manifest.json)
+RUN_DIRS = {"ckpt": (r"\.tmp-step_\d+-\d+",), "views": (r"step_\d+\.json", r"step_\d+\.html"),
+            "warmup": ("model", r"\.tmp-model-\d+", "done.json")}
 LOCK = ".lock"
 
 
@@ -321,17 +398,85 @@ def read_json(path, what="a JSON object"):
     return value
 
 
+SUMMARY_METRICS = ("em", "f1", "answered", "searches")   # igsearch.evaluate's (views.EVAL_METRICS)
+
+
+def read_summary(path):
+    """An evaluation summary file (eval_before.json, eval_after.json), checked (summary_problem) when it is
+    read, before any work that would need it: DataError naming the file and the field."""
+    summary = read_json(path, "an evaluation summary")
+    wrong = summary_problem(summary)
+    if wrong:
+        raise DataError(f"{path}: {wrong}; not an evaluation summary this program wrote")
+    return summary
+
+
+def summary_problem(s):
+    """What is wrong with `s` as igsearch.evaluate's summary (None when nothing): {} (no dev questions), or
+    "n" a count, each metric a number with its [low, high] interval, "each" the per-question ids and values,
+    "by_hops" a summary per number of hops."""
+    number = lambda v: type(v) in (int, float)
+    if not isinstance(s, dict):
+        return f"the summary is {retrieve.json_kind(s)}, not an object"
+    if "n" in s and not (type(s["n"]) is int and s["n"] >= 0):
+        return f"'n' is {s['n']!r}, not a count"
+    for k in SUMMARY_METRICS:
+        if k in s and not number(s[k]):
+            return f"{k!r} is {s[k]!r}, not a number"
+        ci = s.get(k + "_ci")
+        if k + "_ci" in s and not (k in s and isinstance(ci, list) and len(ci) == 2 and all(map(number, ci))):
+            return f"'{k}_ci' is {ci!r}, not an interval [low, high] of {k!r}"
+    if "each" in s:
+        each = s["each"]
+        ids = each.get("id") if isinstance(each, dict) else None
+        if not (isinstance(ids, list) and all(i is None or type(i) in (str, int) for i in ids)):
+            return "'each' needs a list 'id' of question ids"
+        for k in ("em", "answered"):
+            if not (isinstance(each.get(k), list) and len(each[k]) == len(ids) and all(map(number, each[k]))):
+                return f"'each' needs a list {k!r} of numbers, one per id"
+        kinds = {"f1": number, "searches": number, "answer": lambda v: v is None or isinstance(v, str),
+                 "type": lambda v: v is None or isinstance(v, str), "hops": lambda v: v is None or type(v) is int}
+        for k, ok in kinds.items():  # the per-question records of newer versions
+            if k in each and not (isinstance(each[k], list) and len(each[k]) == len(ids) and all(map(ok, each[k]))):
+                return f"'each' {k!r} needs one value per id"
+    for key in ("by_hops", "by_type"):
+        if key in s:
+            if not isinstance(s[key], dict):
+                return f"{key!r} is {retrieve.json_kind(s[key])}, not an object"
+            for h, sub in s[key].items():
+                wrong = summary_problem(sub)
+                if wrong:
+                    return f"{key!r} {h}: {wrong}"
+    return None
+
+
+def warmup_problem(info):
+    """What is wrong with warmup/done.json's contents (None when nothing): "before" a summary, "warm-up" one
+    or null (saved, not yet evaluated), "smoke" true or false."""
+    if not isinstance(info.get("smoke"), bool):
+        return "'smoke' is not true or false"
+    for key in ("before", "warm-up"):
+        if key == "warm-up" and info.get(key) is None:
+            continue
+        wrong = summary_problem(info.get(key))
+        if wrong:
+            return f"{key!r}: {wrong}"
+    return None
+
+
 def write_json(path, value, indent=None):
     """Write into a temporary sibling, then rename: a reader (or a run killed mid-write) never sees half."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(value, indent=indent))
+    with writing(path.parent, tmp, path.name):
+        tmp.write_text(json.dumps(value, indent=indent))
     os.replace(tmp, path)
 
 
 # What each command's output file holds, recognisably: an existing file without it is not ours to replace.
 OUTPUT_MARKS = {"predictions": (b'"prediction"',), "view": (b"Per-token advantage",),
-                "figure": (b"matplotlib", b"Matplotlib")}
+                "figure": (b"matplotlib", b"Matplotlib"), "table": (b"Same data (",), "rows": (b'"em_ci"',),
+                "pairs": (b'"diff_ci"',)}
 
 
 def output_file(path, flag, kind):
@@ -404,18 +549,45 @@ def claim_run_dir(out, resume=False, overwrite=False):
 
 
 def clear_run(out):
-    """Delete what a run wrote in `out` (RUN_FILES, and in RUN_DIRS only our own entries); nothing else."""
+    """Delete what a run wrote in `out` (RUN_FILES, in RUN_DIRS only our own entries, and the checkpoints
+    whose manifest.json we wrote); nothing else. config.json, the mark of a run, stays for the caller to
+    replace (open_run writes the new one, atomically): a process killed while clearing leaves a run directory
+    that --overwrite and --resume still take."""
     out = Path(out)
     for name in RUN_FILES:
-        (out / name).unlink(missing_ok=True)
+        if name != "config.json":
+            (out / name).unlink(missing_ok=True)
+    for path in checkpoints(out):
+        if own_checkpoint(path):
+            shutil.rmtree(path)
+    remove_partial(out)
     for d, patterns in RUN_DIRS.items():
-        if not (out / d).is_dir():
-            continue
-        for pattern in patterns:
-            for p in (out / d).glob(pattern):
+        for p in sorted((out / d).iterdir()) if (out / d).is_dir() else []:
+            if any(re.fullmatch(pattern, p.name) for pattern in patterns):
                 shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
-        if not any((out / d).iterdir()):
+        if (out / d).is_dir() and not any((out / d).iterdir()):
             (out / d).rmdir()
+
+
+def remove_partial(out):
+    """Delete what a write cut short left in `out` (a checkpoint or the warm-up's model, in their temporary
+    directories), so that it holds no space: a run killed while saving, or on a full disk."""
+    for d, prefix in (("ckpt", ".tmp-step_"), ("warmup", ".tmp-model-")):
+        for p in (Path(out) / d).glob(prefix + "*") if (Path(out) / d).is_dir() else []:
+            if any(re.fullmatch(pattern, p.name) for pattern in RUN_DIRS[d]):
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def check_resume(out, ckpt, steps):
+    """Refuse, in one line, a --resume that would train nothing: --steps below the steps done, or a finished
+    run (its last step done and evaluated). A run cut in its last evaluation resumes: it evaluates."""
+    done = ckpt[3]["step"] if ckpt is not None else 0
+    if steps < done:
+        raise DataError(f"{out}: the run has done {done} steps and --steps {steps} would train none (and shorten "
+                        f"its record); give --steps above {done} to go on")
+    if steps == done and done > 0 and (Path(out) / "eval_after.json").is_file():
+        raise DataError(f"{out}: the run is finished ({done} of {steps} steps, evaluated); give --steps above "
+                        f"{done} to go on, or evaluate it with python experiments.py eval --model {out}")
 
 
 _LOCKS = {}
@@ -502,31 +674,46 @@ def save_checkpoint(run_dir, step, model, tok, opt, generator, rng, keep=2, weig
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:06d}"
     tmp = root / f".tmp-step_{step:06d}-{os.getpid()}"
-    for stale in root.glob(".tmp-*"):  # left by a run killed mid-save; one trainer writes a run (RUN/.lock)
-        shutil.rmtree(stale, ignore_errors=True)
+    if final.exists() and not own_checkpoint(final):
+        raise DataError(f"{final}: exists and was not written by igsearch; move it away, then --resume goes on")
+    remove_partial(run_dir)  # left by a run killed mid-save; one trainer writes a run (RUN/.lock)
     from transformers.utils import logging as hf_logging
-    hf_logging.disable_progress_bar()  # one "Writing model shards" bar per step drowns the training bar
-    model.save_pretrained(tmp / "model", safe_serialization=True, state_dict=weights)
-    hf_logging.enable_progress_bar()
-    tok.save_pretrained(tmp / "model")
-    torch.save(opt_state if opt_state is not None else opt.state_dict(), tmp / "optimizer.pt")
-    torch.save({"step": step, "rng": rng_states(generator, rng),
-                "generators": generators or [generator.get_state()]}, tmp / "state.pt")
-    files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
-    (tmp / "manifest.json").write_text(json.dumps({"step": step, "files": files}, indent=1))
-    _fsync_tree(tmp)
+    with writing(root, tmp, f"checkpoint {final.name}"):
+        hf_logging.disable_progress_bar()  # one "Writing model shards" bar per step drowns the training bar
+        try:
+            model.save_pretrained(tmp / "model", safe_serialization=True, state_dict=weights)
+        finally:
+            hf_logging.enable_progress_bar()
+        tok.save_pretrained(tmp / "model")
+        save_plain(opt_state if opt_state is not None else opt.state_dict(), tmp / "optimizer.pt")
+        save_plain({"step": step, "rng": rng_states(generator, rng),
+                    "generators": generators or [generator.get_state()]}, tmp / "state.pt")
+        files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+        (tmp / "manifest.json").write_text(json.dumps({"step": step, "files": files}, indent=1))
+        _fsync_tree(tmp)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     _fsync_tree(root)
-    for old in checkpoints(run_dir)[keep:]:
+    for old in [p for p in checkpoints(run_dir) if own_checkpoint(p)][keep:]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
 def checkpoints(run_dir):
-    """The run's checkpoint directories, newest first (complete ones only: .tmp-* are never listed)."""
+    """The run's checkpoint directories, step_N, newest first (complete ones only: .tmp-* are never listed,
+    nor anything else in ckpt/, such as a user's step_000002.bak/)."""
     root = Path(run_dir) / "ckpt"
-    return sorted(root.glob("step_[0-9]*"), reverse=True) if root.is_dir() else []
+    found = [p for p in root.iterdir() if re.fullmatch(r"step_\d+", p.name) and p.is_dir()] if root.is_dir() else []
+    return sorted(found, key=lambda p: int(p.name[5:]), reverse=True)
+
+
+def own_checkpoint(path):
+    """Did this program write the checkpoint directory `path`? Its manifest.json names its step. Only such
+    a directory is ever deleted (rotation, --overwrite)."""
+    try:
+        return json.loads((Path(path) / "manifest.json").read_text()).get("step") == int(Path(path).name[5:])
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def check_manifest(path):
@@ -545,6 +732,13 @@ def check_manifest(path):
             raise DataError(f"checkpoint {path} is missing {name}")
         if f.stat().st_size != size:
             raise DataError(f"checkpoint {path}: {name} has {f.stat().st_size} bytes, expected {size} (truncated?)")
+
+
+def save_plain(value, path):
+    """torch.save through a Python file: a full disk is then an OSError (ENOSPC) behind torch's own error,
+    which says only that a write failed."""
+    with open(path, "wb") as f:
+        torch.save(value, f)
 
 
 def _load_plain(path):
@@ -601,7 +795,7 @@ def last_checkpoint(run_dir):
             errors.append(str(e))
             continue
         for e in errors:
-            print(f"warning: {e}; using the previous checkpoint", file=sys.stderr)
+            print(terminal_safe(f"warning: {e}; using the previous checkpoint"), file=sys.stderr)
         return found
     if errors:
         raise DataError(f"{run_dir}: no checkpoint can be resumed from ({len(errors)} unreadable; newest: "
@@ -609,9 +803,82 @@ def last_checkpoint(run_dir):
     return None
 
 
+def check_training_state(path, model, opt, weights, opt_state):
+    """DataError, naming the file and the tensor, unless checkpoint `path`'s weights and optimizer state fit
+    this model and optimizer: every weight of the model's shape, the parameter groups and their settings of
+    this optimizer's kind and size, and each parameter's AdamW state (step, exp_avg, exp_avg_sq) of its
+    parameter's shape and dtype. Checked before anything is loaded: load_state_dict takes moments of any
+    shape, and the fused AdamW kernel then reads them at the parameter's size (a crash, or worse)."""
+    own = model.state_dict()
+    for name, t in weights.items():
+        if name in own and (tuple(t.shape) != tuple(own[name].shape) or not t.is_floating_point()):
+            raise DataError(f"{path}/model: tensor {name} is {t.dtype} {list(t.shape)}, the model's is "
+                            f"{own[name].dtype} {list(own[name].shape)}; not a checkpoint of this model "
+                            "(--overwrite starts the run again)")
+    wrong = optimizer_state_problem(opt, opt_state)
+    if wrong:
+        raise DataError(f"{path}/optimizer.pt: {wrong}; it does not fit this model's optimizer (--overwrite "
+                        "starts the run again)")
+
+
+def optimizer_state_problem(opt, saved):
+    """What is wrong with `saved` as a state_dict of the AdamW optimizer `opt` (None when it fits)."""
+    state, groups = saved.get("state"), saved.get("param_groups")
+    if not isinstance(state, dict) or not isinstance(groups, list):
+        return "it needs a dict 'state' and a list 'param_groups'"
+    if len(groups) != len(opt.param_groups):
+        return f"it has {len(groups)} parameter groups, the optimizer {len(opt.param_groups)}"
+    params, ids = [], []
+    for k, (g, mine) in enumerate(zip(groups, opt.param_groups)):
+        if not (isinstance(g, dict) and isinstance(g.get("params"), list) and len(g["params"]) == len(mine["params"])):
+            return f"parameter group {k} does not list {len(mine['params'])} parameters"
+        for key, value in mine.items():
+            if key != "params" and key in g and not _same_kind(g[key], value):
+                return f"parameter group {k} has {key} = {g[key]!r}, where this optimizer has {value!r}"
+        params += mine["params"]
+        ids += g["params"]
+    if sorted(ids, key=repr) != sorted(set(ids), key=repr) or not all(type(i) is int for i in ids):
+        return "the parameter groups do not number each parameter once"
+    param_of = dict(zip(ids, params))
+    for i, entry in state.items():
+        if i not in param_of or not isinstance(entry, dict):
+            return f"'state' has an entry {i!r} for no parameter of the groups"
+        p, amsgrad = param_of[i], any(g.get("amsgrad") for g in opt.param_groups)
+        keys = {"step", "exp_avg", "exp_avg_sq"} | ({"max_exp_avg_sq"} if amsgrad else set())
+        if entry and set(entry) != keys:
+            return f"the state of parameter {i} holds {sorted(entry)}, not {sorted(keys)}"
+        for key, t in entry.items():
+            if key == "step":
+                ok = isinstance(t, torch.Tensor) and t.dim() == 0 and t.dtype.is_floating_point and bool(t >= 0)
+                want = "a number ≥ 0 (a 0-d float tensor)"
+            else:
+                ok = isinstance(t, torch.Tensor) and t.shape == p.shape and t.dtype == p.dtype
+                want = f"{p.dtype} {list(p.shape)} like its parameter"
+            if not ok:
+                got = f"{t.dtype} {list(t.shape)}" if isinstance(t, torch.Tensor) else retrieve.json_kind(t)
+                return f"parameter {i}'s {key} is {got}, not {want}"
+    return None
+
+
+def _same_kind(saved, mine):
+    """Is an optimizer setting from a file of the kind of this optimizer's (numbers finite, flags equal)?"""
+    if isinstance(mine, bool) or mine is None:  # how the step runs (fused, foreach, ...): load_training_state keeps ours
+        return saved is None or isinstance(saved, bool)
+    if isinstance(mine, str):
+        return saved == mine
+    if isinstance(mine, (int, float)):
+        return type(saved) in (int, float) and np.isfinite(saved)
+    if isinstance(mine, (tuple, list)):
+        return isinstance(saved, (tuple, list)) and len(saved) == len(mine) and all(map(_same_kind, saved, mine))
+    return type(saved) is type(mine)
+
+
 def load_training_state(path, model, opt, weights, opt_state):
     """Copy checkpoint `path`'s weights and optimizer state into the model and optimizer, or DataError."""
     load_weights(model, weights)
+    # the saved groups' settings replace ours, but how the step runs is this machine's choice (grpo.adamw)
+    how = [{k: v for k, v in g.items() if k != "params" and (isinstance(v, bool) or v is None)} for g in opt.param_groups]
+    opt_state = {**opt_state, "param_groups": [{**g, **h} for g, h in zip(opt_state["param_groups"], how)]}
     try:
         opt.load_state_dict(opt_state)
     except (ValueError, KeyError, TypeError) as e:
@@ -688,7 +955,7 @@ def load_run_model(run_dir, device, seed=0):
             errors.append(str(e))
             continue
         for e in errors:
-            print(f"warning: {e}; using the previous checkpoint", file=sys.stderr)
+            print(terminal_safe(f"warning: {e}; using the previous checkpoint"), file=sys.stderr)
         return model, tok, smoke, path / "model"
     if errors:
         raise DataError(f"{run_dir}: no checkpoint loads ({len(errors)} damaged; newest: {errors[0]})")

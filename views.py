@@ -14,7 +14,7 @@ import torch
 
 import grpo
 from retrieve import DataError
-from runs import ArgParser, output_file, read_json, read_metrics
+from runs import ArgParser, output_file, read_json, read_metrics, terminal_safe
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -47,24 +47,25 @@ def _spans(rec):
 
 def html_from_records(records, A, title, scale=None):
     import html
+    escape = lambda text: html.escape(terminal_safe(text))  # control characters shown, never sent on
     A = torch.as_tensor(A, dtype=torch.float32)
     scale = scale or float(A.abs().max()) or 1.0
     legend = "".join(f'<span class="t" style="background:rgb{adv_rgb(v * scale, scale)}">{v * scale:+.2f}</span>'
                      for v in (-1, -0.5, 0, 0.5, 1))
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>"
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{escape(title)}</title><style>"
              "body{font-family:sans-serif;margin:1em} .roll{border-top:1px solid #ccc;padding:.5em 0}"
              ".toks{font-family:monospace;white-space:pre-wrap;line-height:1.9}"
              ".t{padding:1px 0} .grey{color:#999;background:#f3f3f3} "
              ".query{outline:2px solid #222;outline-offset:1px} .ig{font-size:75%;font-weight:bold;"
              "background:#ffd;border:1px solid #222;margin-left:3px;padding:0 2px}</style></head><body>",
-             f"<h2>{html.escape(title)}</h2><p>Per-token advantage A[i, k] on policy tokens: "
+             f"<h2>{escape(title)}</h2><p>Per-token advantage A[i, k] on policy tokens: "
              f"{legend} (blue negative, white 0, red positive). Prompt and observation tokens are grey; "
              "query spans are outlined, with their information gain.</p>"]
     for i, rec in enumerate(records):
         q = _spans(rec)
         parts.append(f"<div class='roll'><b>rollout {i}</b> (group {rec['group']}) &nbsp; reward "
-                     f"{rec['reward']:.3f} &nbsp; answer {html.escape(repr(rec['answer']))} &nbsp; gold "
-                     f"{html.escape(' | '.join(rec['golds']))}<div class='toks'>")
+                     f"{rec['reward']:.3f} &nbsp; answer {escape(repr(rec['answer']))} &nbsp; gold "
+                     f"{escape(' | '.join(rec['golds']))}<div class='toks'>")
         in_prompt = False
         for k, (text, role) in enumerate(zip(rec["tokens"], rec["roles"])):
             if role == grpo.PROMPT and not in_prompt:
@@ -78,9 +79,9 @@ def html_from_records(records, A, title, scale=None):
             a = float(A[i, k]) if k < A.shape[1] else 0.0
             if role == grpo.POLICY:
                 parts.append(f'<span class="t" style="background:rgb{adv_rgb(a, scale)}" title="A={a:+.3f}">'
-                             f"{html.escape(text)}</span>")
+                             f"{escape(text)}</span>")
             else:
-                parts.append(f'<span class="t grey">{html.escape(text)}</span>')
+                parts.append(f'<span class="t grey">{escape(text)}</span>')
             if k in q and q.get(k + 1, (None,))[0] != q[k][0]:
                 ig = q[k][1]
                 parts.append("</span>" + (f"<span class='ig'>IG {ig:+.3f}</span>" if ig is not None else ""))
@@ -92,16 +93,6 @@ def html_from_records(records, A, title, scale=None):
 def render_html(rollouts, A, tok, title="", scale=None):
     """A self-contained HTML page (no script, no network) of a group's rollouts coloured by A [B, T]."""
     return html_from_records(view_records(rollouts, tok), A, title, scale)
-
-
-# C0/C1 control characters (ESC starts a terminal escape sequence) and bidirectional overrides are shown
-# as \xNN / \uNNNN, never sent to the terminal; newline and tab are kept (tokens hold them).
-UNSAFE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
-
-
-def terminal_safe(text):
-    """The text with its unsafe characters written out: "a\\x1b[2J" (ESC) prints as a\\x1b[2J."""
-    return UNSAFE.sub(lambda m: m.group().encode("unicode_escape").decode(), text)
 
 
 def ansi_from_records(records, A, title, scale=None, prompt=False):
@@ -227,12 +218,13 @@ def show_command(argv):
 # Tables
 
 def print_table(rows, columns):
-    widths = [max(len(c), *(len(f"{r.get(c, ''):.3f}" if isinstance(r.get(c), float) else str(r.get(c, ''))) for r in rows))
-              for c in columns]
+    """Rows (dicts) as aligned columns on the terminal, floats to 3 decimals; every cell through terminal_safe."""
+    cell = lambda r, c: f"{r[c]:.3f}" if isinstance(r.get(c), float) else terminal_safe(r.get(c, ""))
+    widths = [max(len(c), *(len(cell(r, c)) for r in rows)) for c in columns]
     line = lambda vals: "  ".join(str(v).ljust(w) for v, w in zip(vals, widths))
     print(line(columns))
     for r in rows:
-        print(line([f"{r[c]:.3f}" if isinstance(r.get(c), float) else r.get(c, "") for c in columns]))
+        print(line([cell(r, c) for c in columns]))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -486,7 +478,7 @@ def pairwise_table(rows, metric="EM"):
     lines = [f"| arm | vs | questions | seeds | {metric} difference [95% CI] | better / worse | sign test p |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
-        kind = "" if r["kind"] == "all" else f" ({r['kind']})"
+        kind = "" if r["kind"] == "all" else f" ({md_text(r['kind'])})"
         lines.append(f"| {r['arm']}{kind} | {r['vs']} | {r['n']} | {r['seeds']} | {r['diff']:+.3f} "
                      f"[{r['diff_ci'][0]:+.3f}, {r['diff_ci'][1]:+.3f}] | {r['better']} / {r['worse']} | {r['p']:.3g} |")
     return "\n".join(lines)
@@ -535,6 +527,11 @@ def markdown_table(rows):
     return _markdown(rows, [("model", "model"), ("n", "n")], cols)
 
 
+def md_text(value):
+    """Text from a file as one Markdown table cell: control characters shown, never sent on; | escaped."""
+    return terminal_safe(value).replace("|", "\\|")
+
+
 def _markdown(rows, plain, cols, signed=()):
     """A Markdown table: the `plain` columns as they are, then each of `cols` as mean [95% interval] (its
     key + "_ci"), signed where the key ends in one of `signed`; – where a value is missing."""
@@ -543,10 +540,11 @@ def _markdown(rows, plain, cols, signed=()):
         if v is None:
             return "–"
         if not isinstance(v, float):
-            return str(v)
+            return md_text(v)
         sign = "+" if signed and k.endswith(signed) else ""
         return f"{v:{sign}.3f} [{ci[0]:{sign}.2f}, {ci[1]:{sign}.2f}]" if ci else f"{v:.3f}"
     lines = ["| " + " | ".join(c for c, _ in plain + cols) + " |", "|---" * (len(plain) + len(cols)) + "|"]
     for r in rows:
-        lines.append("| " + " | ".join([str(r.get(k)) for _, k in plain] + [cell(r, k) for _, k in cols]) + " |")
+        lines.append("| " + " | ".join([md_text(r.get(k)) for _, k in plain]
+                                       + [cell(r, k) for _, k in cols]) + " |")
     return "\n".join(lines)

@@ -360,6 +360,36 @@ def test_control_arm_continues_the_warmup_on_as_many_trajectories_as_a_grpo_arm(
     assert "--arms control continues the warm-up" in capsys.readouterr().err
 
 
+def test_clip_ablation_arm_is_igsearch_with_its_own_clip(tmp_path, monkeypatch, capsys):
+    seen = []
+
+    def fake_train(cfg, resume=False, before=None, overwrite=False):
+        seen.append((Path(cfg.out).name, cfg.reward, cfg.ig_clip))
+        out = Path(cfg.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.jsonl").write_text(json.dumps({"step": 0, "reward": 0.5, "ig_mean": 3.0}) + "\n")
+        (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg)))
+        for name in ("eval_before.json", "eval_after.json"):
+            runs.write_json(out / name, _summary(0.5))
+        return {"before": _summary(0.25), "after": _summary(0.5), "out": str(out)}
+    def fake_warm_start(cfg, out, *a, **kw):
+        info = {"before": {}, "warm-up": _summary(0.25), "smoke": False}
+        (out / "warmup").mkdir(parents=True)
+        runs.write_json(out / "warmup" / "done.json", {**info, "losses": [], "from": cfg.model})
+        return "WARM", info
+    monkeypatch.setattr(igsearch, "warm_start", fake_warm_start)
+    monkeypatch.setattr(igsearch, "train", fake_train)
+    argv = ["compare", "--tiny", "--arms", "igsearch,igsearch-c8", "--out", str(tmp_path / "cmp")]
+    assert experiments.main(argv) == 0
+    assert seen == [("igsearch-s0", "igsearch", 2.0), ("igsearch-c8-s0", "igsearch", 8.0)]
+    assert "| igsearch-c8-s0 | 4 |" in capsys.readouterr().out
+    # report reads it back as its own arm, after igsearch
+    assert experiments.main(["report", str(tmp_path / "cmp"), "--out", str(tmp_path / "rep")]) == 0
+    assert [r["model"] for r in json.loads((tmp_path / "rep" / "seeds.json").read_text())] == ["igsearch", "igsearch-c8"]
+    assert experiments.main(["compare", "--tiny", "--arms", "igsearch-cx", "--out", str(tmp_path / "x")]) == 2
+    assert "--arms 'igsearch-cx': give distinct arms" in capsys.readouterr().err
+
+
 def fake_compare_dir(root, seed, em_of, warm_em=(0.0, 0.0), steps=2, finished=True):
     """A compare directory written by hand: warmup/done.json and one run per reward, with per-question EM over
     the questions q1, q2 (em_of[reward])."""
