@@ -1,14 +1,19 @@
 """Rollouts with search, per-token advantages and the GRPO loss.
 
-Read top to bottom, this is the algorithm box of one training step:
+Read top to bottom, this is the algorithm box of one training step (igsearch.train_step and update_policy
+make these calls; rewards.py scores EM and the information gains):
 
-    rollouts = generate_rollouts(model, tok, questions * G, retriever, cfg)   # METHOD §1
-    rewards  = [exact_match(r.answer, r.question["golden_answers"]) for r in rollouts]   # §2
-    adv      = group_advantages(rewards, groups)                                          # §3.1, [B]
-    batch    = collate(rollouts, pad_id)                                                  # ids, roles [B, T]
-    A        = token_advantages(adv, batch.roles)                                         # §3.2, [B, T]
-    A        = add_query_bonus(A, rollouts, ig, ...)            (IG-Search only)          # §4.3
-    loss     = grpo_loss(token_logprobs(model, ...), old, ref, A, policy_mask(batch.roles))   # §3.3
+    rollouts = generate_rollouts(model, tok, batch_q, groups, retriever, max_turns=..., ...)          # METHOD §1
+    R        = [exact_match(r.answer, r.question["golden_answers"]) for r in rollouts]            # §2
+    adv      = group_advantages(R, groups)                                                        # §3.1, [B]
+    batch    = collate(rollouts, tok.pad_token_id)                                                # ids, roles [B, T]
+    A        = token_advantages(adv, batch.roles)                                                 # §3.2, [B, T]
+    A        = add_query_bonus(A, rollouts, ig, alpha, delta, rho, clip)    (IG-Search only)       # §4.3
+    logp     = token_logprobs(model, batch.ids, batch.attention_mask, batch.policy_mask)          # [B, T]
+    loss, st = grpo_loss(logp, logp_old, logp_ref, A, batch.policy_mask, clip_eps, beta_kl)       # §3.3
+
+batch_q repeats each question G times and groups[i] names rollout i's question; logp_ref is token_logprobs of
+the frozen reference (frozen_copy), logp_old the sampling policy's (logp detached when ppo_epochs is 1).
 
 A trajectory is a list of token ids with a role per position. The ids are kept exactly as sampled and
 observations are appended as ids, so the positions the loss trains on are exactly the tokens the model chose.
@@ -157,10 +162,10 @@ def generate_turn(model, tok, seqs, max_new, stop_strings, eos_ids, temperature,
     A row's cache grows to its length plus the call's largest max_new (left padding gives every row of a batch
     the longest one's length), and each turn starts a new cache, so that is the row's length in the budget.
     Rows that need more than one batch are cut shortest first, so that a batch pads its rows to a length near
-    their own: in a greedy evaluation of --tiny the second turn's rows differ by hundreds of tokens, and cut
-    in their given order a quarter of the prefill was padding. The batches sample one after the other from
-    `generator`: which numbers a row draws, hence its samples, depend on how the rows are cut, as on the seed
-    (rows that fit one batch keep their order, and draw as before the budget existed)."""
+    their own (a later turn's rows can differ by hundreds of tokens, and cut in their given order much of the
+    prefill would be padding). The batches sample one after the other from `generator`: which numbers a row
+    draws, hence its samples, depend on how the rows are cut, as on the seed (rows that fit one batch keep
+    their order, and draw as with no budget)."""
     grow = max(max_new, default=0)
     lengths = [len(s) + grow for s in seqs]
     order = list(range(len(seqs)))
@@ -178,10 +183,9 @@ def generate_turn(model, tok, seqs, max_new, stop_strings, eos_ids, temperature,
 
 class RoomyLayer(DynamicLayer):
     """One layer's KV cache with room for `room` tokens past its prefill, written in place. transformers'
-    DynamicLayer appends each token with torch.cat, which allocates and copies the whole cache at every step: at
-    25 rows × 400 tokens a decode step took 317 ms with it and 187–225 ms with this layer (2-core CPU, one
-    thread; README, Measurements). Under autocast both are stored in its dtype: RoPE leaves the keys fp32, and the attention would cast
-    the whole cache of keys to bf16 again at every step (a tenth of a step at 25 rows). Attention reads views of
+    DynamicLayer appends each token with torch.cat, which allocates and copies the whole cache at every step
+    (timings in docs/PERFORMANCE.md). Under autocast both are stored in its dtype: RoPE leaves the keys fp32,
+    and the attention would cast the whole cache of keys to bf16 again at every step. Attention reads views of
     the filled part, so it computes what DynamicLayer computes, to the bit."""
 
     def __init__(self, room):
@@ -224,9 +228,8 @@ def sample_tokens(probs, generator):
     probability 0 never). E.g. probs [0.2, 0, 0.5, 0.3], cdf [0.2, 0.2, 0.7, 1.0]: u = 0.1 -> 0, u = 0.2 -> 2,
     u = 0.7 -> 3. The sums are float64, so the last of 152k fp32 probabilities is not rounded away.
 
-    torch.multinomial draws one exponential number per vocabulary entry (a log each) and takes an argmax: 10 ms
-    for 8 rows of SmolLM2's 49k vocabulary on the 2-core CPU, against 3 ms here, out of a decode step of about
-    130 ms (README, Measurements)."""
+    torch.multinomial draws one exponential number per vocabulary entry (a log each) and takes an argmax; one
+    cumulative sum and a binary search per row cost a fraction of that (docs/PERFORMANCE.md)."""
     cdf = probs.cumsum(-1, dtype=torch.float64)  # [b, V]
     u = torch.rand(probs.shape[0], 1, generator=generator, dtype=torch.float64) * cdf[:, -1:]  # [b, 1]
     # u·total can round up to the total itself (a chance of about 2^-53), past every cdf entry: the last token
@@ -502,8 +505,8 @@ def frozen_copy(model, precision):
     input embedding where the two are tied, as do the norms.
 
     The bf16 weights are made first and handed to deepcopy (its memo), so the copy never holds them in fp32:
-    copied whole and then cast, SmolLM2-135M's freed fp32 linears (3.5 MB each, under the 4 MiB mmap threshold
-    of runs.steady_heap) stayed in the heap, and the copy cost 515 MiB of RSS instead of 286."""
+    copied whole and then cast, the freed fp32 linears (each under the mmap threshold of runs.steady_heap)
+    would stay in the heap, and the copy would cost nearly as much memory as an fp32 one (docs/PERFORMANCE.md)."""
     device = next(model.parameters()).device
     memo = {}
     if bf16_forwards(precision, device):
@@ -517,8 +520,8 @@ def frozen_copy(model, precision):
 
 def adamw(params, lr):
     """AdamW without weight decay, fused (one kernel over all parameters) where torch has it for the device: the
-    default for-each version allocates temporaries the size of the model in every step. Measured on the 2-core
-    CPU with SmolLM2-135M: a step 2.68 s -> 0.61 s, and 0.45 GB less peak memory (the update's peak includes it)."""
+    default for-each version allocates temporaries the size of the model in every step, which is slower and
+    raises the update's peak memory (docs/PERFORMANCE.md)."""
     params = list(params)
     try:
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=True)
@@ -538,10 +541,8 @@ def flat_zeros(tensors):
     """Zeros shaped as each of `tensors`, as views into one buffer; None where they are not plain tensors of one
     dtype and device (FSDP's sharded parameters). For what lives a whole step or run, AdamW's moments and the
     gradients: one buffer is one mapping, handed back whole when freed. As one tensor per parameter, most
-    under glibc's 4 MiB mmap threshold (runs.steady_heap), they sat on the heap between the activations freed
-    around them, and the heap grew from step to step. Measured on an outcome step of SmolLM2 (fp32, forced
-    searches): peak 4,122 and 4,236 MiB in steps 2 and 3, RSS between steps 3,091 -> 3,685; with both in
-    buffers 3,942 and 3,975, and 3,042 -> 3,069.
+    under glibc's mmap threshold (runs.steady_heap), they would sit on the heap between the activations freed
+    around them, and the heap would grow from step to step (measured in docs/PERFORMANCE.md).
 
     >>> a, b = flat_zeros([torch.ones(2, 3), torch.ones(4)])
     >>> a.shape, b.shape, a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
@@ -617,7 +618,7 @@ def token_logprobs(model, ids, attention_mask, mask, token_budget=None):
 
     Rows are right-padded (collate), so the forward needs no attention mask: causal attention alone keeps a
     row's tokens from the padding after them, and the attention kernel then skips the masked half instead of
-    reading an explicit [b, n, n] mask (about a third of the update's attention time on a CPU)."""
+    reading an explicit [b, n, n] mask."""
     head = model.get_output_embeddings()
     out = torch.zeros(ids.shape, dtype=torch.float32, device=ids.device)      # [B, T]
     lengths = attention_mask.sum(-1)                                           # [B]

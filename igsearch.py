@@ -80,11 +80,11 @@ class Config:
     loss_agg: str = "token-mean"      # token-mean | seq-mean-token-mean
     grad_clip: float = 1.0            # gradient-norm clip of each optimizer step
     # memory: every batched forward holds at most a budget of tokens, rows × the chunk's longest row
-    # (grpo.token_chunks). token_budget: the forwards with a backward, the update's micro-batches and the warm-up's.
-    # 6,144 is below the update's old micro-batch, 4 rows of a full response (4 × (~150 prompt + 1,536) ≈ 6,700).
-    # forward_budget: the forwards without gradients, each turn's generation (its KV cache) in rollouts and
-    # evaluation, reference log-probs, IG scoring, InfoReasoner's sampling. A token there costs about a sixth of
-    # an update token (no activations kept for a backward; README), and bigger generation batches run faster.
+    # (grpo.token_chunks). token_budget: the forwards with a backward, the update's micro-batches and the warm-up's;
+    # the default holds a few rows of a full response. forward_budget: the forwards without gradients, each turn's
+    # generation (its KV cache) in rollouts and evaluation, reference log-probs, IG scoring, InfoReasoner's
+    # sampling. A token there keeps no activations for a backward, so it costs far less memory than an update
+    # token, and wide generation batches run faster (figures in docs/PERFORMANCE.md).
     token_budget: int = 6144          # tokens a forward with a backward may hold (update and warm-up micro-batches)
     forward_budget: int = 32768       # tokens a forward without gradients may hold (generation, reference, IG, beliefs)
     # evaluation
@@ -112,24 +112,11 @@ class Config:
     nli_model: str = ""               # MNLI classifier for semantic classes (§5.2; empty = EM or containment)
 
 
-# --tiny: the real offline model (SmolLM2-135M where the default is not cached), a short format warm-up, then a
-# few GRPO steps, evaluated before and after on 50 dev questions: minutes on a laptop GPU; on a 2-core CPU the
-# target is 15; 12.3–12.8 were measured on two free cores (README, "Learning"). --preset cpu: the learning
-# experiment of `compare --preset cpu`, hours there; on a 24 GB machine it trades memory for speed (no
-# gradient checkpointing). A turn holds 128 tokens: the warm-up's queries (up to 24 words, with the turn's
-# think) take about 60, and a policy that learns longer queries must not be cut off at the edge of what it was
-# shown (with 64, greedy evaluation lost answers that way).
-# The budgets keep a preset's peak memory at or below what it was with row counts (2 rows a micro-batch, 25 an
-# evaluation batch, a step's rollouts at once). Measured on the 2-core CPU, RSS above weights and gradients, with a
-# random model of SmolLM2-135M's shape in bf16 and 35% policy tokens: with gradient checkpointing an update
-# micro-batch of 3,072 tokens peaks at +1.9 GB (4,096: +2.5 GB); without it (cpu) 2 rows × 1,160 tokens took
-# +2.8 GB and 3,072 tokens +3.8 GB, hence 2,048 there. --tiny holds 1,024 (one row of a rollout with its
-# documents): with AdamW's moments held, its outcome step peaked at 4.2 GB, against 5.2 GB with 3,072, and the
-# whole --tiny run took 12.3 min against 12.8 (the update's few-row matmuls lose little on a CPU).
-# Generation: 8 rows × 1,160 tokens of KV cache took +0.9 GB, so 16,384 tokens hold about +1.6 GB, below the old
-# evaluation batch of 25 such rows (+2.8 GB), and keep batches of 25 rows or more in a first turn (where 3 rows a
-# batch generate about 1.5× slower than 8 or 24). --tiny holds 8,192: its IG-Search step peaked at 4.09 GB with 16,384
-# (bench_memory), at 3.39 GB with 8,192, and 8,192 still batches 8 rows of a turn with documents.
+# --tiny: the real offline model, a short format warm-up, then a few GRPO steps, evaluated before and after on 50
+# dev questions: the whole loop end to end in minutes. --preset cpu: the learning experiment (compare --preset cpu),
+# without gradient checkpointing (memory traded for speed). --preset hotpot: the same on HotpotQA. Turns of 128
+# tokens leave room for queries longer than the warm-up's; each preset's token budgets keep its peak memory within
+# its machine. Times, memory and how the budgets were chosen: docs/PERFORMANCE.md.
 HOTPOTQA = "../shared/data/hotpotqa_dev_distractor_886.jsonl"  # or the full dev file: python data/prepare.py hotpotqa
 PRESETS = {
     "tiny": dict(steps=4, questions_per_step=2, group_size=4, max_turns=2, topk=3, max_turn_tokens=128,

@@ -304,7 +304,7 @@ def steady_heap(threshold=4 << 20):
     freed so far (up to 32 MiB): after the first big tensor is freed, tensors of a few MiB come from the heap,
     which keeps their pages after the phase that needed them, and a run's resident size grows from step to
     step and phase to phase. A fixed threshold stops that for the large tensors; smaller ones still fragment
-    the heap. Measured with bench/bench_memory.py (README "Memory and precision"); smaller thresholds save more
+    the heap. Measured with bench/bench_memory.py (docs/PERFORMANCE.md); smaller thresholds save more
     but slow the update (a system call for each small tensor). A no-op where libc has no mallopt."""
     try:
         return bool(ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, threshold))

@@ -5,7 +5,7 @@ older commit and in this checkout, side by side in one run, on the same inputs.
     python bench/bench_versions.py --before 82b6ed2^ --warmup-before 82b6ed2 --warmup-precision fp32
     python bench/bench_versions.py --step-model WARMED_UP_DIR --after-flags=--no-grad-checkpointing
 
-"Before" is the code as issue 11 found it. Its GRPO step is the parent of 82b6ed2, the commit that added bf16
+"Before" is the code before the efficiency work. Its GRPO step is the parent of 82b6ed2, the commit that added bf16
 autocast: it ran every forward in fp32, with no gradient checkpointing and no token budgets. The warm-up did not
 exist there. It came in 82b6ed2 itself, so the warm-up's "before" is that commit with its forwards forced to fp32
 (--warmup-precision). "After" is this checkout with its defaults. Each older commit is unpacked with
@@ -30,9 +30,8 @@ machine should be otherwise idle: the times are wall clock.
 A second table bounds what is possible (bench/roofline.py): each side's work, counted from the positions its
 forwards compute (2·P each, 6·P where a backward follows, and the same for the head's V·H parameters at the states
 it projects), at this machine's plain matmul rate in that side's precision, measured after the phases. Its least
-time, over the 'after' side's, is the most the 'before' side could be sped up without doing less work. On a 2-core
-AVX2 CPU (no native bf16: auto runs fp32) the 'before' side already ran at about half that rate, and the ceiling
-was 1.9-2.1x (README, "Learning per CPU-hour")."""
+time, over the 'after' side's, is the most the 'before' side could be sped up without doing less work (measured
+tables, with their machines: docs/PERFORMANCE.md)."""
 import argparse
 import dataclasses
 import json

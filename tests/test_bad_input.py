@@ -1,4 +1,4 @@
-"""Bad input and faults against the command line and the files it reads (issue 12).
+"""Bad input and faults against the command line and the files it reads.
 
 Each case asserts the exact outcome: the exit code, one line on stderr (`error: ...` naming the flag, file or
 line), no traceback, and no file outside the run directory touched (the `untouched` fixture). Everything

@@ -1,4 +1,4 @@
-"""Faults and hostile run files (issue 30): a crafted optimizer state or weights, absurd settings in a
+"""Faults and hostile run files: a crafted optimizer state or weights, absurd settings in a
 config.json, bad evaluation summaries, escape sequences and lone surrogates in files, a full disk, a kill while
 --overwrite clears, a frozen or dead rank, and never deleting what the program did not write.
 

@@ -33,7 +33,7 @@ QUESTION = {"id": "q0", "question": "What is the capital of France?", "golden_an
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread():
     """One intra-op thread for this module: the matrices are tiny, so a second thread gains little, and on a
-    shared CPU (tests run beside other jobs) OpenMP threads waiting on each other made the file 3x slower."""
+    shared CPU (tests run beside other jobs) OpenMP threads waiting on each other slow the file down."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -533,8 +533,8 @@ def test_release_memory_hands_freed_heap_back():
     # kept: the freed 80 KB blocks are holes between blocks in use, which glibc cannot give back from the heap's
     # top, so the resident size stays where it was until the trim. (One small tensor kept after all of them was
     # not enough: it may land in an older free chunk, and then freeing the 5,000 shrank the heap at once.)
-    # A fresh process: how much a trim gives back depends on the heap's history (run in-process after the other
-    # tests of this file, only 77 of the ~390 MB came back, once).
+    # A fresh process: how much a trim gives back depends on the heap's history (in-process, after the other
+    # tests of this file, most of it can stay held).
     out = subprocess.run([sys.executable, "-c", RELEASE_CHILD], capture_output=True, text=True, cwd=ROOT,
                          check=True).stdout
     grown, released = map(float, out.split())
