@@ -24,12 +24,12 @@ CHOICES = {"reward": ("outcome", "igsearch", "inforeasoner"), "loss_agg": ("toke
 MIN_INT = {"steps": 0, "questions_per_step": 1, "group_size": 2, "max_turns": 1, "topk": 1, "max_turn_tokens": 1,
            "max_response_tokens": 1, "warmup_steps": 0, "warmup_batch": 1, "ppo_epochs": 1, "token_budget": 1,
            "forward_budget": 1, "eval_questions": 0, "save_every": 1, "show_every": 0, "ig_samples": 1,
-           "ig_head_tokens": 0, "ig_max_context": 1, "ir_samples": 1, "ir_max_tokens": 1, "seed": 0}
+           "ig_head_tokens": 0, "ig_max_context": 1, "ir_samples": 1, "ir_max_tokens": 1, "seed": 0, "lora_rank": 0}
 # each float setting: (lowest value, whether the lowest value itself is allowed); all must be finite
 MIN_FLOAT = {"temperature": (0, False), "ir_temperature": (0, True), "warmup_lr": (0, True), "lr": (0, True),
              "beta_kl": (0, True), "clip_eps": (0, False), "clip_ratio_c": (0, True), "grad_clip": (0, False),
              "ig_alpha": (0, True), "ig_delta": (0, True), "ig_rho": (0, True), "ig_clip": (0, False),
-             "ig_head_weight": (0, False), "ir_lambda": (0, True)}
+             "ig_head_weight": (0, False), "ir_lambda": (0, True), "lora_alpha": (0, True)}
 WHY = {"group_size": "GRPO compares rollouts within a group",
        "temperature": "0 samples greedily, so every rollout of a group is the same and GRPO learns nothing",
        "seed": "numpy takes seeds from 0 to 2**32 - 1"}
@@ -88,7 +88,7 @@ def _check_config(cfg, model):
     if 0 < cfg.clip_ratio_c <= 1:
         raise setting_error("clip_ratio_c", cfg.clip_ratio_c, "must be 0 (off) or above 1 (verl's dual clip: "
                             "the loss of a token with A < 0 is capped at -A * c)")
-    for name in ("data", "corpus"):
+    for name in ("data", "corpus", "lora_targets"):
         if not getattr(cfg, name).strip():
             raise setting_error(name, getattr(cfg, name), "is empty")
     checks = {"device": runs.pick_device, **({"model": runs.check_model_name} if model else {})}

@@ -1,7 +1,8 @@
 """Run plumbing: model loading (with the offline fallback), run directories, checkpoints, resume, metrics.
 
 A run directory holds config.json, metrics.jsonl (one line per completed step), eval_before.json and
-ckpt/step_NNNNNN/ = model/ (save_pretrained: safetensors + tokenizer, so `eval --model` can load it),
+ckpt/step_NNNNNN/ = model/ (save_pretrained: safetensors + tokenizer, so `eval --model` can load it; with
+--lora-rank, adapters/ instead: the adapters alone, lora.py),
 optimizer.pt, state.pt (step, RNG states; under torchrun rank 0's, and every rank's sampling generator) and
 manifest.json (file sizes), written last. A checkpoint is
 written into ckpt/.tmp-*, flushed to disk, then renamed into place: a directory named step_* is always
@@ -37,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import lora
 import retrieve
 import rewards
 from retrieve import DataError
@@ -506,9 +508,12 @@ def save_checkpoint(run_dir, step, model, tok, opt, generator, rng, keep=2, weig
         shutil.rmtree(stale, ignore_errors=True)
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()  # one "Writing model shards" bar per step drowns the training bar
-    model.save_pretrained(tmp / "model", safe_serialization=True, state_dict=weights)
+    if lora.adapted(model):  # the adapters alone: the base is the run's start model (lora.merge_command)
+        lora.save_adapters(model, tmp / "adapters", weights)
+    else:
+        model.save_pretrained(tmp / "model", safe_serialization=True, state_dict=weights)
+        tok.save_pretrained(tmp / "model")
     hf_logging.enable_progress_bar()
-    tok.save_pretrained(tmp / "model")
     torch.save(opt_state if opt_state is not None else opt.state_dict(), tmp / "optimizer.pt")
     torch.save({"step": step, "rng": rng_states(generator, rng),
                 "generators": generators or [generator.get_state()]}, tmp / "state.pt")
@@ -563,7 +568,7 @@ def read_checkpoint(path):
     check_manifest(path)
     try:
         weights = {}
-        for f in sorted((path / "model").glob("*.safetensors")):
+        for f in sorted([*(path / "model").glob("*.safetensors"), *(path / "adapters").glob("*.safetensors")]):
             weights.update(load_file(f))
         if not weights:
             raise DataError(f"checkpoint {path} has no model weights")
@@ -623,6 +628,8 @@ def load_weights(model, weights):
     """Copy checkpoint weights into the model; tied weights (lm_head = embeddings) are saved once."""
     missing, unexpected = model.load_state_dict(weights, strict=False)
     tied = {k for k in missing if k.endswith("lm_head.weight")} if model.config.tie_word_embeddings else set()
+    if lora.adapted(model):  # an adapter checkpoint holds the adapters alone (lora.check_checkpoint)
+        tied |= {k for k in missing if not k.endswith((".lora_A", ".lora_B"))}
     if unexpected or set(missing) - tied:
         raise DataError(f"checkpoint weights do not fit the model {model.config.model_type}: "
                         f"missing {sorted(set(missing) - tied)[:3]}, unexpected {sorted(unexpected)[:3]}")
@@ -683,7 +690,10 @@ def load_run_model(run_dir, device, seed=0):
     for path in checkpoints(run_dir):
         try:
             check_manifest(path)
-            model, tok, smoke = load_model(str(path / "model"), device, seed)
+            if lora.read_config(path / "adapters") is not None:  # the run's base, the adapters merged in
+                model, tok, smoke = lora.load_merged(run_dir, path, device, seed)
+            else:
+                model, tok, smoke = load_model(str(path / "model"), device, seed)
         except DataError as e:
             errors.append(str(e))
             continue
