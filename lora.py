@@ -36,7 +36,7 @@ class LoRALinear(torch.nn.Linear):
         y = F.linear(x, w, self.bias)
         if not self.lora_on:
             return y
-        return y + self.lora_scale * F.linear(F.linear(x, self.lora_A), self.lora_B)
+        return y + self.lora_scale * F.linear(F.linear(x, self.lora_A), self.lora_B)  # METHOD §3.5
 
 
 def adapt(model, rank, alpha=0.0, targets=TARGETS, bf16=False, seed=0):
@@ -126,14 +126,16 @@ def reference(ref_model, dp=None):
 @torch.no_grad()
 def merge(model):
     """METHOD §3.5: W <- W + (α / r) · B A in fp32 in every adapted layer, the adapters removed and every weight
-    fp32 and trainable again, as runs.load_model gives a model: a plain model. Returns it."""
+    fp32 and trainable again, as runs.load_model gives a model: a plain model (a base held in bf16 merges as its
+    bf16 values, the weights its forwards computed with). A model without adapters is returned as it is."""
+    if not adapted(model):
+        return model
     for m in layers(model):
         w = m.weight.float() + m.lora_scale * (m.lora_B.float() @ m.lora_A.float())
         del m.lora_A, m.lora_B, m.lora_scale, m.lora_on
         m.__class__ = torch.nn.Linear
         m.weight = torch.nn.Parameter(w)
-    if adapted(model):
-        del model.lora_config
+    del model.lora_config
     return model.float().requires_grad_(True)
 
 
