@@ -13,8 +13,8 @@
 One training step (train_step below) is the whole method: sample G rollouts per question with search,
 score them, build the per-token advantage tensor A [B, T], take a PPO-clip step. METHOD.md has the math.
 This file is the training script; its plumbing lives beside it: checks.py (settings refused in one line),
-runs.py (model loading, checkpoints, the metrics files), views.py (show, plot, tables), demo.py (--demo),
-ranks.py (several processes under torchrun).
+runs.py (model loading, checkpoints, the metrics files, merge), views.py (show, plot, tables), demo.py (--demo),
+ranks.py (several processes under torchrun), lora.py (low-rank adapters).
 experiments.py evaluates runs (eval) and compares the three rewards (compare).
 """
 import argparse
@@ -560,7 +560,7 @@ def adapt(model, cfg, device):
                       bf16=grpo.bf16_forwards(cfg.precision, device), seed=cfg.seed)
 
 
-COMMANDS = {"show": views.show_command, "plot": views.plot_command, "merge": lora.merge_command}
+COMMANDS = {"show": views.show_command, "plot": views.plot_command, "merge": runs.merge_command}
 
 
 def main(argv=None):

@@ -7,8 +7,9 @@ nothing else, so that a model whose weights, gradients and AdamW moments do not 
 
 A checkpoint of an adapted run holds the adapters alone (save_adapters: adapters.safetensors and
 adapter_config.json, with a fingerprint of the base they were trained on); its base is the run's start
-model, its --model or its warm-up. `python igsearch.py merge RUN OUT` writes base + (α / r) B A as a plain
-model that eval, compare and every other tool load. With --lora-rank 0 (the default) nothing here runs.
+model, its --model or its warm-up. `python igsearch.py merge RUN OUT` (runs.merge_command) writes base +
+(α / r) B A as a plain model that eval, compare and every other tool load. With --lora-rank 0 (the default)
+nothing here runs. This module imports only ranks (FSDP's gather for the reference) and retrieve.
 """
 import contextlib
 import hashlib
@@ -216,52 +217,3 @@ def check_checkpoint(path, model, weights):
 def load_adapters(model, weights):
     """Copy checkpoint adapters (checked by check_checkpoint) into an adapted model."""
     model.load_state_dict(weights, strict=False)
-
-
-# ----------------------------------------------------------------------------------------------------
-# python igsearch.py merge RUN OUT
-
-def base_of(run_dir, config):
-    """The model an adapted run's GRPO starts from (igsearch._train): its warm-up's, else its --model."""
-    return str(Path(run_dir) / "warmup" / "model") if config.get("warmup_steps", 0) > 0 else config["model"]
-
-
-def load_merged(run_dir, path, device, seed=0):
-    """(model, tokenizer, smoke) of checkpoint `path` of run `run_dir`, which holds adapters: the run's base
-    with the adapters merged in, a plain model."""
-    import runs  # runs imports this module
-    config = read_config(path / "adapters")
-    base = base_of(run_dir, runs.saved_config(run_dir))
-    model, tok, smoke = runs.load_model(base, device, seed)
-    adapt(model, config["rank"], config["alpha"], config["targets"])
-    weights = runs.read_checkpoint(path)[0]
-    check_checkpoint(path, model, weights)
-    load_adapters(model, weights)
-    return merge(model), tok, smoke
-
-
-def merge_command(argv):
-    """python igsearch.py merge RUN OUT: the run's newest checkpoint, its base plus (α / r) B A, written to OUT
-    with save_pretrained (a plain model directory: experiments.py eval --model OUT, --model OUT)."""
-    import argparse
-    import runs  # runs imports this module
-    p = runs.ArgParser(prog="igsearch.py merge", description="write a LoRA run's base + (alpha / r) B A as a "
-                       "plain model directory", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("run", help="a run directory trained with --lora-rank > 0")
-    p.add_argument("out", help="the model directory to write (absent or empty)")
-    p.add_argument("--device", default="cpu")
-    args = p.parse_args(argv)
-    run, out = Path(args.run), Path(args.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise DataError(f"{out}: exists and is not an empty directory; give a new directory to write the model to")
-    found = runs.checkpoints(run)
-    if not found:
-        raise DataError(f"{run}: no checkpoint to merge (not a run directory, or cut before its first step)")
-    if read_config(found[0] / "adapters") is None:
-        raise DataError(f"{run}: its checkpoints hold whole models (trained without --lora-rank): "
-                        f"{found[0] / 'model'} is already a plain model")
-    runs.check_manifest(found[0])
-    seed = runs.saved_config(run).get("seed", 0)
-    model, tok, _ = load_merged(run, found[0], runs.pick_device(args.device), seed)
-    runs.save_model(model, tok, out)
-    print(f"merged {found[0]} onto its base: {out}")

@@ -691,7 +691,7 @@ def load_run_model(run_dir, device, seed=0):
         try:
             check_manifest(path)
             if lora.read_config(path / "adapters") is not None:  # the run's base, the adapters merged in
-                model, tok, smoke = lora.load_merged(run_dir, path, device, seed)
+                model, tok, smoke = load_merged(run_dir, path, device, seed)
             else:
                 model, tok, smoke = load_model(str(path / "model"), device, seed)
         except DataError as e:
@@ -703,6 +703,47 @@ def load_run_model(run_dir, device, seed=0):
     if errors:
         raise DataError(f"{run_dir}: no checkpoint loads ({len(errors)} damaged; newest: {errors[0]})")
     raise DataError(f"{run_dir}: the run has no complete checkpoint to evaluate")
+
+
+def adapted_base(run_dir, config):
+    """The model an adapted run's GRPO starts from (igsearch._train): its warm-up's, else its --model."""
+    return str(Path(run_dir) / "warmup" / "model") if config.get("warmup_steps", 0) > 0 else config["model"]
+
+
+def load_merged(run_dir, path, device, seed=0):
+    """(model, tokenizer, smoke) of checkpoint `path` of run `run_dir`, which holds adapters (lora.py): the
+    run's base with the adapters merged in, a plain model; adapters of another base are refused in one line."""
+    config = lora.read_config(path / "adapters")
+    model, tok, smoke = load_model(adapted_base(run_dir, saved_config(run_dir)), device, seed)
+    lora.adapt(model, config["rank"], config["alpha"], config["targets"])
+    weights = read_checkpoint(path)[0]
+    lora.check_checkpoint(path, model, weights)
+    lora.load_adapters(model, weights)
+    return lora.merge(model), tok, smoke
+
+
+def merge_command(argv):
+    """python igsearch.py merge RUN OUT: the run's newest checkpoint, its base plus (α / r) B A, written to OUT
+    with save_pretrained: a plain model directory (experiments.py eval --model OUT, igsearch.py --model OUT)."""
+    p = ArgParser(prog="igsearch.py merge", description="write a LoRA run's base + (alpha / r) B A as a plain "
+                  "model directory", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("run", help="a run directory trained with --lora-rank > 0")
+    p.add_argument("out", help="the model directory to write (absent or empty)")
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args(argv)
+    run, out = Path(args.run), Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise DataError(f"{out}: exists and is not an empty directory; give a new directory to write the model to")
+    found = checkpoints(run)
+    if not found:
+        raise DataError(f"{run}: no checkpoint to merge (not a run directory, or cut before its first step)")
+    if lora.read_config(found[0] / "adapters") is None:
+        raise DataError(f"{run}: its checkpoints hold whole models (trained without --lora-rank): "
+                        f"{found[0] / 'model'} is already a plain model")
+    check_manifest(found[0])
+    model, tok, _ = load_merged(run, found[0], pick_device(args.device), saved_config(run).get("seed", 0))
+    save_model(model, tok, out)
+    print(f"merged {found[0]} onto its base: {out}")
 
 
 def eval_sets(spec):
