@@ -25,7 +25,7 @@ CHOICES = {"reward": ("outcome", "igsearch", "inforeasoner"), "loss_agg": ("toke
 MIN_INT = {"steps": 0, "questions_per_step": 1, "group_size": 2, "max_turns": 1, "topk": 1, "max_turn_tokens": 1,
            "max_response_tokens": 1, "warmup_steps": 0, "warmup_batch": 1, "ppo_epochs": 1, "token_budget": 1,
            "forward_budget": 1, "eval_questions": 0, "save_every": 1, "show_every": 0, "ig_samples": 1,
-           "ig_head_tokens": 0, "ig_max_context": 1, "ir_samples": 1, "ir_max_tokens": 1, "seed": 0}
+           "ig_head_tokens": 0, "ig_max_context": 1, "ir_samples": 1, "ir_max_tokens": 1, "seed": 0, "lora_rank": 0}
 # the largest value of each size setting: as a flag or from a config.json, a value above is refused before anything
 # is allocated (a KV cache of max_turn_tokens, a list of questions_per_step x group_size rollouts, ...), or run
 # for ever. Token counts stop at the longest context of the models this is for (Qwen3's).
@@ -39,7 +39,8 @@ MAX = {"steps": 10 ** 6, "questions_per_step": 10 ** 4, "group_size": 1024, "max
 MIN_FLOAT = {"temperature": (0, False), "ir_temperature": (0, True), "warmup_lr": (0, True), "lr": (0, True),
              "beta_kl": (0, True), "clip_eps": (0, False), "clip_ratio_c": (0, True), "grad_clip": (0, False),
              "ig_alpha": (0, True), "ig_delta": (0, True), "ig_rho": (0, True), "ig_clip": (0, False),
-             "ig_head_weight": (0, False), "ir_lambda": (0, True), "pg_timeout": (0, True)}
+             "ig_head_weight": (0, False), "ir_lambda": (0, True), "pg_timeout": (0, True),
+             "lora_alpha": (0, True)}
 WHY = {"group_size": "GRPO compares rollouts within a group",
        "temperature": "0 samples greedily, so every rollout of a group is the same and GRPO learns nothing",
        "seed": "numpy takes seeds from 0 to 2**32 - 1"}
@@ -120,7 +121,7 @@ def _check_config(cfg, model):
         split_percents(cfg.split)
     except ValueError as e:
         raise setting_error("split", cfg.split, str(e)) from None
-    for name in ("data", "corpus"):
+    for name in ("data", "corpus", "lora_targets"):
         if not getattr(cfg, name).strip():
             raise setting_error(name, getattr(cfg, name), "is empty")
     checks = {"device": runs.pick_device, **({"model": runs.check_model_name} if model else {})}

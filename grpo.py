@@ -522,7 +522,7 @@ def adamw(params, lr):
     """AdamW without weight decay, fused (one kernel over all parameters) where torch has it for the device: the
     default for-each version allocates temporaries the size of the model in every step, which is slower and
     raises the update's peak memory (docs/PERFORMANCE.md)."""
-    params = list(params)
+    params = [p for p in params if p.requires_grad]  # frozen weights (a LoRA base) hold no moments
     try:
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=True)
     except (RuntimeError, TypeError, ValueError):  # a device or tensor type without the fused kernel

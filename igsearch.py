@@ -6,13 +6,15 @@
     python igsearch.py --resume runs/outcome-s0 [--steps N]          # continue from the last checkpoint
     python igsearch.py show --run runs/igsearch-s0 --step 0          # tokens coloured by their advantage A[i, k]
     python igsearch.py plot --run runs/outcome-s0 runs/igsearch-s0   # training curves, overlaid
+    python igsearch.py --tiny --lora-rank 16                         # low-rank adapters (lora.py)
+    python igsearch.py merge runs/outcome-s0 merged/                 # a LoRA run as a plain model
     torchrun --nproc_per_node 2 igsearch.py --tiny                   # data-parallel over 2 GPUs (ranks.py)
 
 One training step (train_step below) is the whole method: sample G rollouts per question with search,
 score them, build the per-token advantage tensor A [B, T], take a PPO-clip step. METHOD.md has the math.
 This file is the training script; its plumbing lives beside it: checks.py (settings refused in one line),
-runs.py (model loading, checkpoints, the metrics files), views.py (show, plot, tables), demo.py (--demo),
-ranks.py (several processes under torchrun).
+runs.py (model loading, checkpoints, the metrics files, merge), views.py (show, plot, tables), demo.py (--demo),
+ranks.py (several processes under torchrun), lora.py (low-rank adapters).
 experiments.py evaluates runs (eval) and compares the three rewards (compare).
 """
 import argparse
@@ -31,6 +33,7 @@ import torch
 import checks
 import demo
 import grpo
+import lora
 import ranks
 import retrieve
 import rewards
@@ -58,6 +61,10 @@ class Config:
                                       # (a rank that died or froze; 0 = ranks.PG_TIMEOUT: 1800 on CPU, 600 on GPU)
     precision: str = "auto"           # auto | bf16 | fp32: the forward matmuls (weights, optimizer, loss stay fp32)
     grad_checkpointing: bool = True   # recompute activations in the backward (grpo.recompute): memory for compute
+    # low-rank adapters (METHOD §3.5, lora.py): only A and B train, the reference is the policy with them off
+    lora_rank: int = 0                # r; 0 = full fine-tuning
+    lora_alpha: float = 0.0           # α: each adapted layer adds (α / r) B A x; 0 = 2r
+    lora_targets: str = lora.TARGETS  # the adapted linear layers, by module name
     # rollouts (METHOD §1)
     steps: int = 200                  # GRPO steps
     questions_per_step: int = 8       # questions a step; each gets a group of G rollouts
@@ -277,8 +284,7 @@ def train_step(model, ref_model, opt, tok, retriever, questions, cfg, generator,
             for s, g in zip(r.searches, gains):
                 s["ig"] = float(g)
     elif cfg.reward == "inforeasoner":
-        ir_model = ref_model if ref_model is not None else model
-        with fast():
+        with fast(), lora.reference(ref_model if ref_model is not None else model) as ir_model:
             ig, beliefs, n = rewards.inforeasoner_beliefs(ir_model, tok, rollouts[lo:hi], cfg, generator)
         ig, beliefs = ranks.gather(ig), ranks.gather(beliefs)
         extra = rewards.ir_metrics(ig, beliefs, ranks.all_sum(n))
@@ -326,8 +332,9 @@ def update_policy(model, ref_model, opt, batch, A, cfg, dp=None):
     policy = dp if dp is not None else ranks.PolicyLogprobs(model)  # log π of one micro-batch [b, T]
     micro = ranks.same_count(grpo.token_chunks(attn.sum(-1).tolist(), cfg.token_budget))  # row slices
     with torch.no_grad(), fast():
-        ref = (grpo.token_logprobs(ref_model, ids, attn, mask, cfg.forward_budget) if cfg.beta_kl > 0
-               else torch.zeros_like(A))
+        with lora.reference(ref_model, dp) as reference:  # with adapters: the policy, its adapters off
+            ref = (grpo.token_logprobs(reference, ids, attn, mask, cfg.forward_budget) if cfg.beta_kl > 0
+                   else torch.zeros_like(A))
         # with one epoch the sampling policy is the current one, so old = current (detached, below)
         old = torch.cat([policy(ids[sl], attn[sl], mask[sl]) for sl in micro]) if cfg.ppo_epochs > 1 else None
     n_tokens = ranks.all_sum(mask.sum()).clamp(min=1)  # the policy tokens of the whole batch, all ranks
@@ -466,13 +473,15 @@ def _train(cfg, out, ckpt, resume, before, device, retriever, splits, dev):
         start, evals = warm_start(cfg, out, retriever, splits, dev, device)
         runs.release_memory()  # the warm-up's model and optimizer state are freed: hand their pages back first
     model, tok, smoke = runs.load_model(start, device, cfg.seed)
+    adapt(model, cfg, device)
     smoke = smoke or evals.get("smoke", False)
     ref_model = None
-    if cfg.beta_kl > 0 or cfg.reward == "inforeasoner":  # frozen copy of the initial policy
-        ref_model = grpo.frozen_copy(model, cfg.precision)
+    if cfg.beta_kl > 0 or cfg.reward == "inforeasoner":  # the initial policy, frozen (with adapters: for free)
+        ref_model = lora.Reference(model) if cfg.lora_rank else grpo.frozen_copy(model, cfg.precision)
     dp = ranks.data_parallel(model, cfg.parallel)  # under torchrun: DDP or FSDP (before the optimizer); else None
     opt = grpo.adamw(model.parameters(), cfg.lr)
     if ckpt is not None:  # before anything is evaluated or written: a checkpoint that does not fit is refused
+        lora.check_checkpoint(ckpt[0], model, ckpt[1])  # adapters of another base or rank: refused in one line
         runs.check_training_state(ckpt[0], model, opt, ckpt[1], ckpt[2])
     print(runs.terminal_safe(f"run {out}  model {start}  reward {cfg.reward}  corpus {len(retriever.docs)} docs  "
                              f"train {len(splits['train'])} questions  device {device}{ranks.describe(cfg.parallel)}"))
@@ -568,8 +577,10 @@ def warm_start(cfg, out, retriever, splits, dev, device, eval_before=True):
     if not ranks.from_main(done.is_file):  # every rank takes rank 0's view of the files it writes
         model, tok, smoke = runs.load_model(cfg.model, device, cfg.seed)
         before = evaluate(model, tok, retriever, dev, cfg)[0] if dev and eval_before else {}
+        adapt(model, cfg, device)
         print(f"format warm-up: {cfg.warmup_steps} steps of {cfg.warmup_batch} oracle trajectories (METHOD §6)")
         losses = ranks.on_main(warmup.warmup, model, tok, retriever, splits["train"], cfg, random.Random(cfg.seed))
+        lora.merge(model)  # METHOD §3.5: GRPO's adapters start on the warmed-up base, its reference
         runs.release_memory()  # the warm-up's AdamW state is freed: hand its pages back before evaluating
         ranks.broadcast_weights(model)
         ranks.on_main(runs.save_model, model, tok, wdir / "model")
@@ -590,7 +601,14 @@ def warm_start(cfg, out, retriever, splits, dev, device, eval_before=True):
     return str(wdir / "model"), {k: info[k] for k in ("before", "warm-up", "smoke")}
 
 
-COMMANDS = {"show": views.show_command, "plot": views.plot_command}
+def adapt(model, cfg, device):
+    """The run's adapters on the loaded model (METHOD §3.5; nothing with --lora-rank 0), the frozen base in
+    bf16 where the forwards run in bf16."""
+    return lora.adapt(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets,
+                      bf16=grpo.bf16_forwards(cfg.precision, device), seed=cfg.seed)
+
+
+COMMANDS = {"show": views.show_command, "plot": views.plot_command, "merge": runs.merge_command}
 
 
 def main(argv=None):

@@ -351,7 +351,7 @@ def full_state(model, opt, dp):
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     weights = get_model_state_dict(model, options=options)
     named = get_optimizer_state_dict(model, opt, options=options)
-    names = [n for n, _ in model.named_parameters()]
+    names = [n for n, p in model.named_parameters() if p.requires_grad]  # the optimizer's, in its order
     index = {n: i for i, n in enumerate(names)}
     state = {index[n]: s for n, s in named.get("state", {}).items()}
     groups = [{**g, "params": [index[n] for n in g["params"]]} for g in named.get("param_groups", [])]
@@ -365,7 +365,7 @@ def load_full_state(model, opt, dp, weights, opt_state):
                                                          set_optimizer_state_dict)
     options = StateDictOptions(full_state_dict=True, strict=False)  # tied weights are saved once
     set_model_state_dict(model, weights, options=options)
-    names = [n for n, _ in model.named_parameters()]
+    names = [n for n, p in model.named_parameters() if p.requires_grad]  # the optimizer's, in its order
     named = {"state": {names[i]: s for i, s in opt_state["state"].items()},
              "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in opt_state["param_groups"]]}
     set_optimizer_state_dict(model, opt, named, options=options)

@@ -1,7 +1,8 @@
 """Run plumbing: model loading (with the offline fallback), run directories, checkpoints, resume, metrics.
 
 A run directory holds config.json, metrics.jsonl (one line per completed step), eval_before.json and
-ckpt/step_NNNNNN/ = model/ (save_pretrained: safetensors + tokenizer, so `eval --model` can load it),
+ckpt/step_NNNNNN/ = model/ (save_pretrained: safetensors + tokenizer, so `eval --model` can load it; with
+--lora-rank, adapters/ instead: the adapters alone, lora.py),
 optimizer.pt, state.pt (step, RNG states; under torchrun rank 0's, and every rank's sampling generator) and
 manifest.json (file sizes), written last. A checkpoint is
 written into ckpt/.tmp-*, flushed to disk, then renamed into place: a directory named step_* is always
@@ -38,6 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import lora
 import retrieve
 import rewards
 from retrieve import DataError
@@ -681,10 +683,13 @@ def save_checkpoint(run_dir, step, model, tok, opt, generator, rng, keep=2, weig
     with writing(root, tmp, f"checkpoint {final.name}"):
         hf_logging.disable_progress_bar()  # one "Writing model shards" bar per step drowns the training bar
         try:
-            model.save_pretrained(tmp / "model", safe_serialization=True, state_dict=weights)
+            if lora.adapted(model):  # the adapters alone: the base is the run's start model (lora.merge_command)
+                lora.save_adapters(model, tmp / "adapters", weights)
+            else:
+                model.save_pretrained(tmp / "model", safe_serialization=True, state_dict=weights)
+                tok.save_pretrained(tmp / "model")
         finally:
             hf_logging.enable_progress_bar()
-        tok.save_pretrained(tmp / "model")
         save_plain(opt_state if opt_state is not None else opt.state_dict(), tmp / "optimizer.pt")
         save_plain({"step": step, "rng": rng_states(generator, rng),
                     "generators": generators or [generator.get_state()]}, tmp / "state.pt")
@@ -757,7 +762,7 @@ def read_checkpoint(path):
     check_manifest(path)
     try:
         weights = {}
-        for f in sorted((path / "model").glob("*.safetensors")):
+        for f in sorted([*(path / "model").glob("*.safetensors"), *(path / "adapters").glob("*.safetensors")]):
             weights.update(load_file(f))
         if not weights:
             raise DataError(f"checkpoint {path} has no model weights")
@@ -890,6 +895,8 @@ def load_weights(model, weights):
     """Copy checkpoint weights into the model; tied weights (lm_head = embeddings) are saved once."""
     missing, unexpected = model.load_state_dict(weights, strict=False)
     tied = {k for k in missing if k.endswith("lm_head.weight")} if model.config.tie_word_embeddings else set()
+    if lora.adapted(model):  # an adapter checkpoint holds the adapters alone (lora.check_checkpoint)
+        tied |= {k for k in missing if not k.endswith((".lora_A", ".lora_B"))}
     if unexpected or set(missing) - tied:
         raise DataError(f"checkpoint weights do not fit the model {model.config.model_type}: "
                         f"missing {sorted(set(missing) - tied)[:3]}, unexpected {sorted(unexpected)[:3]}")
@@ -950,7 +957,10 @@ def load_run_model(run_dir, device, seed=0):
     for path in checkpoints(run_dir):
         try:
             check_manifest(path)
-            model, tok, smoke = load_model(str(path / "model"), device, seed)
+            if lora.read_config(path / "adapters") is not None:  # the run's base, the adapters merged in
+                model, tok, smoke = load_merged(run_dir, path, device, seed)
+            else:
+                model, tok, smoke = load_model(str(path / "model"), device, seed)
         except DataError as e:
             errors.append(str(e))
             continue
@@ -960,6 +970,47 @@ def load_run_model(run_dir, device, seed=0):
     if errors:
         raise DataError(f"{run_dir}: no checkpoint loads ({len(errors)} damaged; newest: {errors[0]})")
     raise DataError(f"{run_dir}: the run has no complete checkpoint to evaluate")
+
+
+def adapted_base(run_dir, config):
+    """The model an adapted run's GRPO starts from (igsearch._train): its warm-up's, else its --model."""
+    return str(Path(run_dir) / "warmup" / "model") if config.get("warmup_steps", 0) > 0 else config["model"]
+
+
+def load_merged(run_dir, path, device, seed=0):
+    """(model, tokenizer, smoke) of checkpoint `path` of run `run_dir`, which holds adapters (lora.py): the
+    run's base with the adapters merged in, a plain model; adapters of another base are refused in one line."""
+    config = lora.read_config(path / "adapters")
+    model, tok, smoke = load_model(adapted_base(run_dir, saved_config(run_dir)), device, seed)
+    lora.adapt(model, config["rank"], config["alpha"], config["targets"])
+    weights = read_checkpoint(path)[0]
+    lora.check_checkpoint(path, model, weights)
+    lora.load_adapters(model, weights)
+    return lora.merge(model), tok, smoke
+
+
+def merge_command(argv):
+    """python igsearch.py merge RUN OUT: the run's newest checkpoint, its base plus (α / r) B A, written to OUT
+    with save_pretrained: a plain model directory (experiments.py eval --model OUT, igsearch.py --model OUT)."""
+    p = ArgParser(prog="igsearch.py merge", description="write a LoRA run's base + (alpha / r) B A as a plain "
+                  "model directory", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("run", help="a run directory trained with --lora-rank > 0")
+    p.add_argument("out", help="the model directory to write (absent or empty)")
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args(argv)
+    run, out = Path(args.run), Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise DataError(f"{out}: exists and is not an empty directory; give a new directory to write the model to")
+    found = checkpoints(run)
+    if not found:
+        raise DataError(f"{run}: no checkpoint to merge (not a run directory, or cut before its first step)")
+    if lora.read_config(found[0] / "adapters") is None:
+        raise DataError(f"{run}: its checkpoints hold whole models (trained without --lora-rank): "
+                        f"{found[0] / 'model'} is already a plain model")
+    check_manifest(found[0])
+    model, tok, _ = load_merged(run, found[0], pick_device(args.device), saved_config(run).get("seed", 0))
+    save_model(model, tok, out)
+    print(f"merged {found[0]} onto its base: {out}")
 
 
 def eval_sets(spec):

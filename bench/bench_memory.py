@@ -3,6 +3,7 @@
     python bench/bench_memory.py --model PATH/SmolLM2-135M-Instruct.Q4_1.gguf
     python bench/bench_memory.py --model WARMED_UP_DIR --cases outcome,igsearch-forced --preset cpu
     python bench/bench_memory.py --model PATH.gguf --token-budget 1024 --forward-budget 8192
+    python bench/bench_memory.py --model PATH.gguf --cases warmup,outcome-scripted --lora-rank 0,16   # side by side
 
 A case runs in a fresh child process, which loads the model, the corpus and the questions as igsearch.py does,
 builds what that phase holds (the frozen reference, AdamW), then resets the kernel's peak-RSS mark
@@ -11,13 +12,16 @@ builds what that phase holds (the frozen reference, AdamW), then resets the kern
 `-scripted`), or the greedy evaluation; so AdamW holds its moments, as in every step of a run but the first. It
 reports the RSS before the phase, the phase's peak, and the peak of loading (a .gguf is de-quantized in memory). On
 a GPU it reports peak CUDA memory as well. The run's peak is the largest of them all. Each child fixes glibc's mmap
-threshold as a run does (runs.steady_heap); --heap default leaves glibc's own."""
+threshold as a run does (runs.steady_heap); --heap default leaves glibc's own. --lora-rank 0,16 runs every case
+once per rank (0 = full fine-tuning; with adapters the reference is the policy itself, lora.py) and prints them
+side by side, each with the phase's wall time."""
 import argparse
 import dataclasses
 import json
 import random
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -25,6 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import grpo  # noqa: E402
 import igsearch  # noqa: E402
+import lora  # noqa: E402
 import retrieve  # noqa: E402
 import runs  # noqa: E402
 import warmup  # noqa: E402
@@ -56,11 +61,12 @@ def one_case(case, cfg, heap="steady"):
     from data.prepare import load_tiny_qa
     qa = load_tiny_qa()
     model, tok, _ = runs.load_model(cfg.model, device, cfg.seed)
+    igsearch.adapt(model, cfg, device)  # --lora-rank 0: nothing
     load_peak = rss_mb("VmHWM")
     rng, generator = random.Random(cfg.seed), torch.Generator().manual_seed(cfg.seed)
     ref = opt = None
     if case not in ("warmup", "eval"):
-        ref = grpo.frozen_copy(model, cfg.precision)
+        ref = lora.Reference(model) if cfg.lora_rank else grpo.frozen_copy(model, cfg.precision)
         opt = grpo.adamw(model.parameters(), cfg.lr)
     def grpo_step():
         reward, _, regime = case.partition("-")
@@ -83,7 +89,7 @@ def one_case(case, cfg, heap="steady"):
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     reset_peak()
-    before = rss_mb("VmRSS")
+    before, t = rss_mb("VmRSS"), time.perf_counter()
     if case == "warmup":  # two steps: the second holds AdamW's moments
         warmup.warmup(model, tok, retriever, qa["train"], dataclasses.replace(cfg, warmup_steps=2), rng,
                       log=lambda *a: None)
@@ -91,7 +97,8 @@ def one_case(case, cfg, heap="steady"):
         igsearch.evaluate(model, tok, retriever, qa["dev"][:cfg.eval_questions], cfg)
     else:
         grpo_step()
-    out = {"case": case, "load_peak": load_peak, "before": before, "peak": rss_mb("VmHWM")}
+    out = {"case": case, "load_peak": load_peak, "before": before, "peak": rss_mb("VmHWM"),
+           "seconds": time.perf_counter() - t}
     if device.type == "cuda":
         out["cuda_peak"] = torch.cuda.max_memory_allocated() / 2**20
     return out
@@ -108,12 +115,15 @@ def main(argv=None):
     p.add_argument("--precision", default=None, choices=("auto", "bf16", "fp32"))
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lora-rank", default="0", help="comma-separated adapter ranks, each case run once per rank "
+                   "(0 = full fine-tuning)")
     p.add_argument("--heap", default="steady", choices=("steady", "default"),
                    help="steady: glibc's mmap threshold fixed at 4 MiB, as a run sets it (runs.steady_heap); "
                         "default: glibc's own, adaptive threshold")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: run this one case here
     args = p.parse_args(argv)
     cases = [c for c in args.cases.split(",") if c]
+    lora_ranks = [int(r) for r in args.lora_rank.split(",") if r.strip()]
     bad = [c for c in cases if c not in CASES]
     if bad:
         p.error(f"--cases {','.join(bad)}: unknown; choose from {', '.join(CASES)}")
@@ -121,7 +131,7 @@ def main(argv=None):
                                       grad_checkpointing=args.grad_checkpointing, precision=args.precision).items()
                 if v is not None}
     cfg = dataclasses.replace(igsearch.Config(), **{**igsearch.PRESETS[args.preset], **explicit},
-                              model=args.model, device=args.device, seed=args.seed)
+                              model=args.model, device=args.device, seed=args.seed, lora_rank=lora_ranks[0])
     if args.child:
         print(json.dumps(one_case(args.child, cfg, args.heap)))
         return
@@ -130,20 +140,25 @@ def main(argv=None):
           f"{cfg.forward_budget}, gradient checkpointing {cfg.grad_checkpointing}, precision {cfg.precision}, "
           f"heap {args.heap}; "
           f"{torch.get_num_threads()} threads")
-    print(f"{'case':<22}{'load peak MiB':>14}{'before MiB':>12}{'peak MiB':>10}{'peak - before':>15}")
-    worst = 0.0
+    print(f"{'case':<22}{'lora rank':>10}{'load peak MiB':>14}{'before MiB':>12}{'peak MiB':>10}{'peak - before':>15}"
+          f"{'phase s':>9}")
+    worst = {r: 0.0 for r in lora_ranks}
     for case in cases:
-        cmd = [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:]), "--child", case]
-        res = subprocess.run(cmd, capture_output=True, text=True)
-        if res.returncode != 0:
-            print(f"{case:<22} failed: {res.stderr.strip().splitlines()[-1] if res.stderr.strip() else res.returncode}")
-            continue
-        m = json.loads(res.stdout.strip().splitlines()[-1])
-        worst = max(worst, m["load_peak"], m["peak"])
-        cuda = f"   CUDA peak {m['cuda_peak']:.0f} MiB" if "cuda_peak" in m else ""
-        print(f"{case:<22}{m['load_peak']:>14.0f}{m['before']:>12.0f}{m['peak']:>10.0f}"
-              f"{m['peak'] - m['before']:>15.0f}{cuda}", flush=True)
-    print(f"peak RSS of the run: {worst:.0f} MiB ({worst / 1024:.2f} GiB); the issue's goal for --tiny: 4 GiB")
+        for r in lora_ranks:  # side by side: each case once per rank
+            cmd = [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:]), "--child", case,
+                   "--lora-rank", str(r)]
+            res = subprocess.run(cmd, capture_output=True, text=True)
+            if res.returncode != 0:
+                print(f"{case:<22}{r:>10} failed: "
+                      f"{res.stderr.strip().splitlines()[-1] if res.stderr.strip() else res.returncode}")
+                continue
+            m = json.loads(res.stdout.strip().splitlines()[-1])
+            worst[r] = max(worst[r], m["load_peak"], m["peak"])
+            cuda = f"   CUDA peak {m['cuda_peak']:.0f} MiB" if "cuda_peak" in m else ""
+            print(f"{case:<22}{r:>10}{m['load_peak']:>14.0f}{m['before']:>12.0f}{m['peak']:>10.0f}"
+                  f"{m['peak'] - m['before']:>15.0f}{m['seconds']:>9.1f}{cuda}", flush=True)
+    for r, w in worst.items():
+        print(f"peak RSS of the run, lora rank {r}: {w:.0f} MiB ({w / 1024:.2f} GiB); the issue's goal for --tiny: 4 GiB")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ compare with:
 
 Jobs, in order, in the same processes (each process takes ~10 s to import transformers and build the model):
 ["step"]: one train_step of IG-Search on scripted rollouts, with DDP then FSDP, once more with FSDP where the
-token budget cuts the ranks' rows into unequal numbers of micro-batches, and one of InfoReasoner; each rank
+token budget cuts the ranks' rows into unequal numbers of micro-batches, one of InfoReasoner, and with DDP and
+FSDP once more with low-rank adapters (lora.py); each rank
 writes what it saw to OUT/step_rank{r}.pt. ["main", ARGV]: igsearch.main(ARGV), with a reward that
 depends on the sampled tokens (a random model never answers right, so EM alone would never move the weights).
 ["compare", ARGV]: experiments.main(["compare", *ARGV]), with the same reward."""
@@ -23,6 +24,7 @@ import torch  # noqa: E402
 import experiments  # noqa: E402
 import grpo  # noqa: E402
 import igsearch  # noqa: E402
+import lora  # noqa: E402
 import ranks  # noqa: E402
 import rewards  # noqa: E402
 import runs  # noqa: E402
@@ -89,12 +91,13 @@ def one_step(cache_dir, parallel=None, **kw):
     rollouts this rank scored."""
     cfg = step_config(**kw)
     model, tok = tiny_model(0)
-    ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+    lora.adapt(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)  # as igsearch._train (rank 0: nothing)
+    ref_model = lora.Reference(model) if cfg.lora_rank else copy.deepcopy(model).eval().requires_grad_(False)
     dp = ranks.data_parallel(model, parallel) if parallel else None
     opt = grpo.adamw(model.parameters(), cfg.lr)
     step_grads = {}  # the gradients the optimizer steps on (update_policy drops them after the step)
     opt.register_step_pre_hook(lambda *a: step_grads.update(
-        {n: whole(p.grad).detach().clone() for n, p in model.named_parameters()}))
+        {n: whole(p.grad).detach().clone() for n, p in model.named_parameters() if p.requires_grad}))
     retriever = Retriever(DOCS, cache_dir=cache_dir)
     rng = random.Random(5)
     seen, pool_of, sampled_for, micro = [], rewards.batch_pool, [], []
@@ -172,6 +175,8 @@ def main(argv):
             result["fsdp_roundtrip"] = fsdp_checkpoint_roundtrip(fsdp, out / "fsdp-run")
             result["fsdp_uneven"] = strip(one_step(cache, "fsdp", token_budget=UNEVEN))
             result["inforeasoner"] = strip(one_step(cache, "ddp", reward="inforeasoner"))
+            for parallel in ("ddp", "fsdp"):  # low-rank adapters: the reference is the policy, adapters off
+                result[f"{parallel}_lora"] = strip(one_step(cache, parallel, lora_rank=4))
             torch.save(result, out / f"step_rank{ranks.rank()}.pt")
         else:
             igsearch.score_outcome = varied_reward

@@ -10,12 +10,13 @@ ALLOWED = {
     "grpo": {"retrieve"},
     "rewards": {"retrieve", "grpo"},
     "warmup": {"grpo", "rewards", "retrieve"},
-    "runs": {"retrieve", "rewards"},
+    "lora": {"ranks", "retrieve"},
+    "runs": {"retrieve", "rewards", "lora"},
     "checks": {"runs", "retrieve"},
     "views": {"runs", "retrieve", "grpo", "rewards"},
     "demo": {"runs", "views", "retrieve", "grpo", "rewards"},
     "ranks": {"grpo"},
-    "igsearch": {"retrieve", "grpo", "rewards", "warmup", "runs", "checks", "views", "demo", "ranks"},
+    "igsearch": {"retrieve", "grpo", "rewards", "warmup", "runs", "checks", "views", "demo", "ranks", "lora"},
     "experiments": {"igsearch", "retrieve", "runs", "checks", "views", "grpo", "rewards", "ranks", "warmup"},
 }
 

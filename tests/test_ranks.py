@@ -55,7 +55,7 @@ def run_argv(out, steps, show=0):
 def two_ranks(tmp_path_factory):
     """One launch of 2 ranks (the processes' start-up is most of the time): one step of each kind, then through
     igsearch.main a 2-step run (straight), a 1-step run (split) and a 1-step run after a warm-up (warm), and
-    experiments.py compare of 1-step runs (compare)."""
+    experiments.py compare of 1-step runs (compare), and a 1-step run with adapters under FSDP (lora)."""
     out = tmp_path_factory.mktemp("two-ranks")
     (out / "corpus.jsonl").write_text("".join(json.dumps(d) + "\n" for d in W.DOCS))
     (out / "qa.jsonl").write_text("".join(json.dumps({"id": str(i), "question": f"Where was Person {i} born?",
@@ -65,7 +65,8 @@ def two_ranks(tmp_path_factory):
                           ["main", run_argv(out / "warm", 1) + ["--warmup-steps", "1", "--warmup-batch", "2",
                                                                  "--max-turn-tokens", "64", "--max-response-tokens",
                                                                  "512"]],  # room for the oracle's turns
-                          ["compare", run_argv(out / "compare", 1) + ["--ir-samples", "2"]]])
+                          ["compare", run_argv(out / "compare", 1) + ["--ir-samples", "2"]],
+                          ["main", run_argv(out / "lora", 1) + ["--lora-rank", "4", "--parallel", "fsdp"]]])
     yield out, [torch.load(out / f"step_rank{r}.pt", weights_only=True) for r in (0, 1)], proc.stdout
     shutil.rmtree(out, ignore_errors=True)  # 2.3 GB of runs and per-rank steps: kept, the suite's disk use doubles
 
@@ -75,16 +76,22 @@ def one_process(tmp_path_factory):
     return W.strip(W.one_step(tmp_path_factory.mktemp("bm25")))
 
 
+@pytest.fixture(scope="module")
+def one_process_lora(tmp_path_factory):
+    return W.strip(W.one_step(tmp_path_factory.mktemp("bm25"), lora_rank=4))
+
+
 def close(a, b, tol=1e-6):
     return max(float((a[k] - b[k]).detach().abs().max()) for k in a) <= tol and a.keys() == b.keys()
 
 
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_one_step_on_two_ranks_equals_one_process(two_ranks, one_process, parallel):
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp", "ddp_lora", "fsdp_lora"])
+def test_one_step_on_two_ranks_equals_one_process(two_ranks, one_process, one_process_lora, parallel):
     _, results, _ = two_ranks
-    single = one_process
-    init = W.tiny_model(0)[0].state_dict()
-    assert max(float((single["weights"][n] - init[n]).abs().max()) for n in single["weights"]) > 1e-4, \
+    single = one_process_lora if parallel.endswith("_lora") else one_process
+    init = W.tiny_model(0)[0].state_dict()  # with adapters: B starts at 0, and the base never moves
+    start = {n: init.get(n, torch.zeros_like(w)) for n, w in single["weights"].items() if not n.endswith("lora_A")}
+    assert max(float((single["weights"][n] - w).abs().max()) for n, w in start.items()) > 1e-4, \
         "the weights must move, or equal weights prove nothing"
     assert single["metrics"]["ig_steps"] == 8 and single["metrics"]["zero_adv_groups"] == 0
     for res in results:
@@ -189,6 +196,21 @@ def test_a_two_rank_run_writes_once_and_resumes_on_two_ranks_or_one(two_ranks, t
     assert igsearch.main(["--resume", str(one), "--steps", "2"]) == 0
     assert [m["step"] for m in metrics(one)] == [0, 1] and metrics(one)[:1] == metrics(straight)[:1]
     assert len(torch.load(one / "ckpt" / "step_000002" / "state.pt", weights_only=True)["generators"]) == 1
+
+
+def test_an_fsdp_run_with_adapters_checkpoints_them_and_one_process_resumes_it(two_ranks, tmp_path, monkeypatch):
+    out, _, _ = two_ranks
+    run = tmp_path / "lora"
+    shutil.copytree(out / "lora", run)
+    step = run / "ckpt" / "step_000001"
+    assert not (step / "model").exists()
+    saved = load_file(step / "adapters" / "adapters.safetensors")  # gathered whole from the shards by rank 0
+    assert len(saved) == 28 and all(k.endswith((".lora_A", ".lora_B")) for k in saved)
+    assert any(bool(v.abs().max() > 0) for k, v in saved.items() if k.endswith("lora_B")), "B must have trained"
+    monkeypatch.setenv("IGSEARCH_CACHE", str(out / "cache"))
+    monkeypatch.setattr(igsearch, "score_outcome", W.varied_reward)
+    assert igsearch.main(["--resume", str(run), "--steps", "2"]) == 0  # AdamW's state fits the adapters alone
+    assert [m["step"] for m in metrics(run)] == [0, 1]
 
 
 def test_the_warmup_runs_on_rank_0_and_the_run_starts_from_it(two_ranks):
