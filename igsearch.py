@@ -133,10 +133,11 @@ PRESETS = {
                 max_response_tokens=1024, lr=1e-5, eval_questions=300, token_budget=2048, forward_budget=16384,
                 show_every=4, warmup_steps=12, warmup_batch=8, grad_checkpointing=False),
     # the regime the step-level rewards are for: 2-hop HotpotQA with hard distractors, where the second query
-    # decides and most groups fail; a third of the file is held out as test and evaluated after training
+    # decides and most groups fail; a third of the file is held out as test and evaluated after training.
+    # Two searches of three HotpotQA paragraphs each need room: a response cap that cuts them teaches one search.
     "hotpot": dict(data=f"hotpotqa:{HOTPOTQA}", corpus=f"hotpotqa:{HOTPOTQA}", split="55/10/35", eval_split="test",
                    steps=8, questions_per_step=4, group_size=4, max_turns=2, topk=3, max_turn_tokens=128,
-                   max_response_tokens=1024, lr=1e-5, eval_questions=300, token_budget=2048, forward_budget=16384,
+                   max_response_tokens=1536, lr=1e-5, eval_questions=300, token_budget=2048, forward_budget=16384,
                    show_every=4, warmup_steps=30, warmup_batch=8, grad_checkpointing=False),
 }
 
