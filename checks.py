@@ -14,6 +14,7 @@ import math
 import os
 
 import runs
+import retrieve
 from retrieve import DataError
 
 
@@ -68,21 +69,6 @@ def check_config(cfg, source=None, explicit=(), model=True):
                         f"fix the file or override it with --{name.replace('_', '-')}") from None
 
 
-def split_percents(spec):
-    """--split "train/dev/test" in whole percents that add up to 100, with some train.
-
-    >>> split_percents("55/10/35")
-    (55, 10, 35)
-    """
-    parts = spec.split("/")
-    if len(parts) != 3 or not all(p.strip().isdigit() for p in parts):
-        raise ValueError("give train/dev/test percents, e.g. 80/10/10")
-    train, dev, test = map(int, parts)
-    if train + dev + test != 100 or train == 0:
-        raise ValueError("the percents must add up to 100, with train above 0")
-    return train, dev, test
-
-
 TYPES = {bool: "true or false", str: "a string", int: "an integer", float: "a number"}
 
 
@@ -118,7 +104,7 @@ def _check_config(cfg, model):
         raise setting_error("clip_ratio_c", cfg.clip_ratio_c, "must be 0 (off) or above 1 (verl's dual clip: "
                             "the loss of a token with A < 0 is capped at -A * c)")
     try:
-        split_percents(cfg.split)
+        retrieve.split_percents(cfg.split)
     except ValueError as e:
         raise setting_error("split", cfg.split, str(e)) from None
     for name in ("data", "corpus", "lora_targets"):

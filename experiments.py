@@ -72,7 +72,7 @@ def eval_command(argv):
     if any(Path(i.strip()).resolve() == out.resolve() for i in inputs if i.strip()):
         raise DataError(f"--out {out}: that is an input file of this evaluation; choose another --out")
     sets = runs.eval_sets(data)                      # data errors come before any model is loaded
-    docs = igsearch.load_corpus(cfg.corpus)
+    docs = retrieve.load_corpus(cfg.corpus)
     retriever = retrieve.Retriever(docs, stopwords=cfg.stopwords)
     igsearch.seed_everything(cfg.seed)
     device = runs.pick_device(cfg.device)
@@ -405,8 +405,8 @@ def beliefs_command(argv):
     checks.check_config(cfg)
     if args.limit < 1:
         raise DataError(f"--limit {args.limit}: must be at least 1")
-    docs = igsearch.load_corpus(cfg.corpus)
-    questions = igsearch.load_data(cfg.data, docs, cfg.split)[args.split][: args.limit]
+    docs = retrieve.load_corpus(cfg.corpus)
+    questions = retrieve.load_data(cfg.data, docs, cfg.split)[args.split][: args.limit]
     retriever = retrieve.Retriever(docs, stopwords=cfg.stopwords)
     igsearch.seed_everything(cfg.seed)
     model, tok, _ = runs.load_model(cfg.model, runs.pick_device(cfg.device), cfg.seed)

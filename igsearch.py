@@ -23,7 +23,6 @@ import json
 import os
 import random
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -193,40 +192,6 @@ def run_config(run_dir):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Data
-
-def load_corpus(spec):
-    if spec == "vital":
-        return retrieve.load_vital_articles()
-    kind, _, path = spec.partition(":")
-    if kind == "hotpotqa" and path:
-        return retrieve.load_hotpotqa(path)[0]
-    if kind == "jsonl" and path:
-        return retrieve.load_jsonl_corpus(path)
-    raise DataError(f"--corpus {spec!r}: use vital, hotpotqa:PATH or jsonl:PATH")
-
-
-def load_data(spec, docs, split="80/10/10"):
-    """Questions as {split: [question, ...]}; a file without splits is cut by `split` (train/dev/test percent)
-    after a shuffle of fixed seed: the run's seed drives sampling only, so that every seed of an experiment
-    trains on the same questions and is evaluated on the same held-out ones."""
-    if spec == "tiny":
-        from data.prepare import load_tiny_qa
-        return load_tiny_qa(seed=0)
-    kind, _, path = spec.partition(":")
-    questions = retrieve.load_hotpotqa(path)[1] if kind == "hotpotqa" and path else retrieve.load_questions(spec)
-    if not questions:
-        raise DataError(f"--data {spec}: no questions found")
-    order = list(range(len(questions)))
-    random.Random(0).shuffle(order)
-    n = len(order)
-    train, dev, _ = checks.split_percents(split)
-    a, b = n * train // 100, n * (train + dev) // 100
-    cut = {"train": order[:a], "dev": order[a:b], "test": order[b:]}
-    return {s: [questions[i] for i in ix] for s, ix in cut.items()}
-
-
-# ----------------------------------------------------------------------------------------------------
 # Rewards of a batch of rollouts
 
 def score_outcome(rollouts):
@@ -248,77 +213,52 @@ def rollout_kwargs(cfg, temperature, generator):
 def train_step(model, ref_model, opt, tok, retriever, questions, cfg, generator, rng, rollouts=None, dp=None):
     """Rollouts -> rewards -> per-token advantages A [B, T] -> PPO-clip update. Returns (metrics, rollouts, A).
     `rollouts` skips sampling and learns from those (the step benchmark gives every variant the same ones).
-    Under torchrun (ranks.py) every rank samples and scores its share [lo, hi) of the step; what it found is
-    gathered, so that every rank holds the whole step (A, metrics, the IG batch pool), and it updates through
-    `dp`, the data-parallel forward, on its own rows."""
-    times = {"retrieval": 0.0, "rollout": 0.0}
-    fast = lambda: grpo.autocast(cfg.precision, next(model.parameters()).device)  # bf16 forwards where native
-    ranks.unshard(dp)  # FSDP: sampling and scoring run on the whole weights
-    if rollouts is None:
-        G = cfg.group_size
-        lo, hi = ranks.span(len(questions))  # this rank's questions: a group never spans ranks
-        batch_q = [q for q in questions[lo:hi] for _ in range(G)]
-        groups = [i for i in range(lo, hi) for _ in range(G)]  # a group = one question of this batch
-        t = time.perf_counter()
-        retriever.seconds = 0.0
-        with fast():
-            rollouts = grpo.generate_rollouts(model, tok, batch_q, groups, retriever,
-                                              **rollout_kwargs(cfg, cfg.temperature, generator))
-        times["retrieval"] = retriever.seconds
-        times["rollout"] = time.perf_counter() - t - times["retrieval"]
-        rollouts = ranks.gather(rollouts)  # the whole step's, in question order, on every rank
-    groups = [r.group for r in rollouts]
-    lo, hi = ranks.span(len(rollouts))  # this rank's rollouts: it scores them and trains on them
+    Under torchrun (ranks.py) every rank samples and scores its share of the step and the shares are gathered,
+    so that every rank holds the whole step (A, metrics, the IG batch pool); it updates on its own rows."""
+    clock = ranks.Clock("retrieval", "rollout", "scoring", "update")  # seconds, the slowest rank's
+    with ranks.whole_weights(dp), precision(cfg, model):  # FSDP: sampling and scoring use the whole weights
+        if rollouts is None:
+            rollouts = sample_rollouts(model, tok, retriever, questions, cfg, generator, clock)  # METHOD §1
+        with clock("scoring"):
+            em, f1 = score_outcome(rollouts)                                                  # METHOD §2
+            R, ig, extra = step_rewards(model, ref_model, tok, retriever, rollouts, em, cfg, generator, rng)
 
-    t = time.perf_counter()
-    em, f1 = score_outcome(rollouts)
-    R, extra = list(em), {}
-    if cfg.reward == "igsearch":
+    with clock("update"):
+        groups = [r.group for r in rollouts]
+        adv = grpo.group_advantages(R, groups)                                     # [B]      METHOD §3.1
+        batch = grpo.collate(rollouts, tok.pad_token_id)
+        A = grpo.token_advantages(adv, batch.roles)                                # [B, T]   METHOD §3.2
+        if cfg.reward == "igsearch":
+            A = grpo.add_query_bonus(A, rollouts, ig, cfg.ig_alpha, cfg.ig_delta, cfg.ig_rho, cfg.ig_clip)  # §4.3
+        lo, hi = ranks.span(len(rollouts))                                         # this rank's rows
+        stats = update_policy(model, ref_model, opt, batch[lo:hi], A[lo:hi], cfg, dp)              # §3.3
+    return {**step_metrics(rollouts, R, em, f1, adv, A), **stats, **extra, **clock.times()}, rollouts, A
+
+
+def step_rewards(model, ref_model, tok, retriever, rollouts, em, cfg, generator, rng):
+    """The reward R of each rollout (set on it too), IG-Search's gain of each search (None for the other
+    rewards), and the reward's own metrics. Each rank scores its share of the rollouts; the shares are gathered."""
+    lo, hi = ranks.span(len(rollouts))
+    R, ig, extra = list(em), None, {}                                              # METHOD §2
+    if cfg.reward == "igsearch":                                                   # METHOD §4.1-§4.2
         scorer = lambda prefix: rewards.gold_scorer(model, prefix, cfg.ig_head_tokens, cfg.ig_head_weight,
                                                     cfg.forward_budget)
-        with fast():
-            ig, details = rewards.igsearch_information_gain(scorer, tok, rollouts, retriever, cfg.ig_samples,
-                                                            cfg.ig_baseline, rng, cfg.ig_max_context, range(lo, hi))
+        ig, details = rewards.igsearch_information_gain(scorer, tok, rollouts, retriever, cfg.ig_samples,
+                                                        cfg.ig_baseline, rng, cfg.ig_max_context, range(lo, hi))
         ig, details = ranks.gather(ig[lo:hi]), ranks.gather(details)
         extra = rewards.ig_metrics(details, cfg.ig_clip)
         for r, gains in zip(rollouts, ig):  # kept on the rollout for the per-token view
             for s, g in zip(r.searches, gains):
                 s["ig"] = float(g)
-    elif cfg.reward == "inforeasoner":
-        with fast(), lora.reference(ref_model if ref_model is not None else model) as ir_model:
+    elif cfg.reward == "inforeasoner":                                             # METHOD §5
+        with lora.reference(ref_model if ref_model is not None else model) as ir_model:
             ig, beliefs, n = rewards.inforeasoner_beliefs(ir_model, tok, rollouts[lo:hi], cfg, generator)
         ig, beliefs = ranks.gather(ig), ranks.gather(beliefs)
         extra = rewards.ir_metrics(ig, beliefs, ranks.all_sum(n))
-        R = [e + cfg.ir_lambda * g for e, g in zip(em, ig)]  # METHOD §5.4
+        R = [e + cfg.ir_lambda * g for e, g in zip(em, ig)]                        # METHOD §5.4
     for r, x in zip(rollouts, R):
         r.reward = x
-    times["scoring"] = time.perf_counter() - t
-    ranks.reshard(dp)
-
-    t = time.perf_counter()
-    adv = grpo.group_advantages(R, groups)                                     # [B]      METHOD §3.1
-    batch = grpo.collate(rollouts, tok.pad_token_id)
-    A = grpo.token_advantages(adv, batch.roles)                                # [B, T]   METHOD §3.2
-    if cfg.reward == "igsearch":
-        A = grpo.add_query_bonus(A, rollouts, ig, cfg.ig_alpha, cfg.ig_delta, cfg.ig_rho, cfg.ig_clip)  # §4.3
-    stats = update_policy(model, ref_model, opt, batch[lo:hi], A[lo:hi], cfg, dp)  # this rank's rows
-    times["update"] = time.perf_counter() - t
-    times = ranks.reduce_values(times, "max")  # the slowest rank's
-
-    n_resp = [len(r.ids) - r.roles.count(grpo.PROMPT) for r in rollouts]
-    flat = torch.tensor([bool(torch.all(adv[torch.tensor(groups) == g] == 0)) for g in groups])  # [B] no spread
-    metrics = {
-        "reward": float(np.mean(R)), "em": float(np.mean(em)), "f1": float(np.mean(f1)),
-        "searches": float(np.mean([len(r.searches) for r in rollouts])),
-        "response_len": float(np.mean(n_resp)), "policy_tokens": float(np.mean([r.n_policy for r in rollouts])),
-        "answered": float(np.mean([r.answer is not None for r in rollouts])),
-        "truncated": float(np.mean([r.truncated for r in rollouts])),
-        "zero_adv_groups": int(sum(bool(torch.all(adv[torch.tensor(groups) == g] == 0)) for g in set(groups))),
-        "all_fail_groups": int(sum(all(e == 0 for e, g2 in zip(em, groups) if g2 == g) for g in set(groups))),
-        "flat_group_credit_tokens": int(((A != 0) & flat[:, None]).sum()),  # IG-Search's bonus where Â = 0
-        **stats, **extra, **{f"time_{k}": round(v, 3) for k, v in times.items()},
-    }
-    return metrics, rollouts, A
+    return R, ig, extra
 
 
 def update_policy(model, ref_model, opt, batch, A, cfg, dp=None):
@@ -329,10 +269,9 @@ def update_policy(model, ref_model, opt, batch, A, cfg, dp=None):
     gradient only by the order of float sums."""
     device = next(model.parameters()).device
     ids, attn, mask, A = batch.ids.to(device), batch.attention_mask.to(device), batch.policy_mask.to(device), A.to(device)
-    fast = lambda: grpo.autocast(cfg.precision, device)  # bf16 forwards; log-softmax, loss and weights fp32
     policy = dp if dp is not None else ranks.PolicyLogprobs(model)  # log π of one micro-batch [b, T]
     micro = ranks.same_count(grpo.token_chunks(attn.sum(-1).tolist(), cfg.token_budget))  # row slices
-    with torch.no_grad(), fast():
+    with torch.no_grad(), precision(cfg, model):
         with lora.reference(ref_model, dp) as reference:  # with adapters: the policy, its adapters off
             ref = (grpo.token_logprobs(reference, ids, attn, mask, cfg.forward_budget) if cfg.beta_kl > 0
                    else torch.zeros_like(A))
@@ -340,22 +279,19 @@ def update_policy(model, ref_model, opt, batch, A, cfg, dp=None):
         old = torch.cat([policy(ids[sl], attn[sl], mask[sl]) for sl in micro]) if cfg.ppo_epochs > 1 else None
     n_tokens = ranks.all_sum(mask.sum()).clamp(min=1)  # the policy tokens of the whole batch, all ranks
     norm = n_tokens if cfg.loss_agg == "token-mean" else ranks.all_sum(ids.shape[0])
+
+    def loss_of(logp, sl):  # METHOD §3.3 on one micro-batch
+        logp_old = old[sl] if old is not None else logp.detach()
+        return grpo.grpo_loss(logp, logp_old, ref[sl], A[sl], mask[sl], cfg.clip_eps, cfg.beta_kl, cfg.loss_agg,
+                              norm, cfg.clip_ratio_c)
+
     totals, grad_norm = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "dual_clip_frac": 0.0}, 0.0
     for _ in range(cfg.ppo_epochs):
-        if dp is None:
-            grpo.flat_grads(model.parameters())  # one buffer: the heap stays flat from step to step
-        else:  # DDP and FSDP write the gradients themselves
-            opt.zero_grad(set_to_none=True)
-        for j, sl in enumerate(micro):
-            with fast(), grpo.recompute(model, cfg.grad_checkpointing), \
-                    ranks.no_sync(dp, last=j == len(micro) - 1):  # DDP: one all-reduce per optimizer step
-                logp = policy(ids[sl], attn[sl], mask[sl])
-            logp_old = old[sl] if old is not None else logp.detach()
-            loss, st = grpo.grpo_loss(logp, logp_old, ref[sl], A[sl], mask[sl], cfg.clip_eps, cfg.beta_kl,
-                                      cfg.loss_agg, norm, cfg.clip_ratio_c)
-            (loss * ranks.world()).backward()  # the ranks' gradients are averaged: the loss is their sum
+        parts = ranks.accumulate_gradients(model, micro, lambda sl: policy(ids[sl], attn[sl], mask[sl]), loss_of,
+                                           cfg, dp, scale=ranks.world())  # ranks' gradients are averaged: sum
+        for loss, st in parts:
             w = st["n_tokens"] / float(n_tokens)  # token-weighted mean of the micro-batch stats
-            totals["loss"] += loss.item() / cfg.ppo_epochs
+            totals["loss"] += loss / cfg.ppo_epochs
             for k in ("kl", "clip_frac", "dual_clip_frac"):
                 totals[k] += st[k] * w / cfg.ppo_epochs
         gn = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -363,6 +299,46 @@ def update_policy(model, ref_model, opt, batch, A, cfg, dp=None):
         opt.step()
     opt.zero_grad(set_to_none=True)  # not held through the next step's sampling and scoring: the model's size again
     return {**ranks.reduce_values(totals), "grad_norm": grad_norm}  # every rank's share of the batch's sums
+
+
+# ----------------------------------------------------------------------------------------------------
+# The step's plumbing: sampling on several ranks, precision, metrics
+
+def sample_rollouts(model, tok, retriever, questions, cfg, generator, clock):
+    """METHOD §1: G rollouts of each question at cfg.temperature. Under torchrun each rank samples its share of
+    the questions (a group never spans ranks); the whole step's are gathered, in question order, on every rank."""
+    lo, hi = ranks.span(len(questions))
+    batch_q = [q for q in questions[lo:hi] for _ in range(cfg.group_size)]
+    groups = [i for i in range(lo, hi) for _ in range(cfg.group_size)]  # a group = one question of this batch
+    retriever.seconds = 0.0
+    with clock("rollout"):
+        rollouts = grpo.generate_rollouts(model, tok, batch_q, groups, retriever,
+                                          **rollout_kwargs(cfg, cfg.temperature, generator))
+    clock.seconds["retrieval"] = retriever.seconds  # the search engine's share, apart from the model's
+    clock.seconds["rollout"] -= retriever.seconds
+    return ranks.gather(rollouts)
+
+
+def precision(cfg, model):
+    """The forwards in bf16 where the CPU or GPU runs it natively (--precision); log-softmax, loss and weights fp32."""
+    return grpo.autocast(cfg.precision, next(model.parameters()).device)
+
+
+def step_metrics(rollouts, R, em, f1, adv, A):
+    """One line of metrics.jsonl: the step's rewards, its rollouts' shape, and the groups GRPO cannot learn from."""
+    groups = [r.group for r in rollouts]
+    flat = torch.tensor([bool(torch.all(adv[torch.tensor(groups) == g] == 0)) for g in groups])  # [B] no spread
+    return {
+        "reward": float(np.mean(R)), "em": float(np.mean(em)), "f1": float(np.mean(f1)),
+        "searches": float(np.mean([len(r.searches) for r in rollouts])),
+        "response_len": float(np.mean([len(r.ids) - r.roles.count(grpo.PROMPT) for r in rollouts])),
+        "policy_tokens": float(np.mean([r.n_policy for r in rollouts])),
+        "answered": float(np.mean([r.answer is not None for r in rollouts])),
+        "truncated": float(np.mean([r.truncated for r in rollouts])),
+        "zero_adv_groups": len({g for g, f in zip(groups, flat.tolist()) if f}),
+        "all_fail_groups": int(sum(all(e == 0 for e, g2 in zip(em, groups) if g2 == g) for g in set(groups))),
+        "flat_group_credit_tokens": int(((A != 0) & flat[:, None]).sum()),  # IG-Search's bonus where Â = 0
+    }
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -375,11 +351,9 @@ def evaluate(model, tok, retriever, questions, cfg, dp=None):
     torchrun each rank answers its share of the questions, and every rank gets all the rollouts. All of a
     rank's questions run as one set of rollouts: cfg.forward_budget bounds each turn's batches (generate_turn)."""
     mine = ranks.shard(questions)
-    ranks.unshard(dp)  # FSDP: generation runs on the whole weights
-    with grpo.autocast(cfg.precision, next(model.parameters()).device):
+    with ranks.whole_weights(dp), precision(cfg, model):  # FSDP: generation runs on the whole weights
         rollouts = grpo.generate_rollouts(model, tok, mine, list(range(len(mine))), retriever,
                                           **rollout_kwargs(cfg, 0.0, None))
-    ranks.reshard(dp)
     rollouts = ranks.gather(rollouts)
     summary = summarize(rollouts)
     em, f1 = score_outcome(rollouts)  # per question, by id: runs on the same questions compare pairwise (views)
@@ -420,9 +394,9 @@ def setup(cfg):
     """The seeded process, the device, the retriever over the corpus, the QA splits and the evaluation questions (--eval-split)."""
     seed_everything(cfg.seed)
     device = ranks.local_device(runs.pick_device(cfg.device))  # under torchrun: this rank's GPU
-    docs = load_corpus(cfg.corpus)
+    docs = retrieve.load_corpus(cfg.corpus)
     retriever = retrieve.Retriever(docs, stopwords=cfg.stopwords)
-    splits = load_data(cfg.data, docs, cfg.split)
+    splits = retrieve.load_data(cfg.data, docs, cfg.split)
     if not splits.get("train"):
         raise DataError(f"--data {cfg.data}: the train split is empty")
     print(f"data {cfg.data}: " + ", ".join(f"{k} {len(v)}" for k, v in splits.items()) + " questions; "
@@ -530,7 +504,7 @@ def _train(cfg, out, ckpt, resume, before, device, retriever, splits, dev):
                               **ranks.checkpoint_state(model, opt, dp, generator))
 
     if cfg.steps > first:
-        ranks.on_main(lambda: print(flat_groups_line(runs.read_metrics(out), cfg, out)))
+        ranks.on_main(lambda: print(views.flat_groups_line(runs.read_metrics(out), cfg, out)))
     del opt, ref_model  # AdamW's moments and the reference (1.3 GB for SmolLM2) are not needed by the evaluation
     runs.release_memory()
     after = evaluate(model, tok, retriever, dev, cfg, dp)[0] if dev else {}
@@ -541,26 +515,6 @@ def _train(cfg, out, ckpt, resume, before, device, retriever, splits, dev):
         rows = [("before", before)] + ([("after warm-up", evals["warm-up"])] if "warm-up" in evals else [])
         views.print_evals(rows + [("after GRPO" if "warm-up" in evals else "after", after)])
     return {"before": before, "after": after, "out": str(out), **({"warm-up": evals["warm-up"]} if evals else {})}
-
-
-def flat_groups_line(steps, cfg, out):
-    """The closing line on the groups GRPO could not learn from: those with no reward spread (every rollout
-    scored alike, so Â = 0 and outcome has no gradient there), and what IG-Search's query bonus gave them."""
-    flat = sum(m.get("zero_adv_groups", 0) for m in steps)
-    failed = sum(m.get("all_fail_groups", 0) for m in steps)
-    dead = sum(m.get("zero_adv_groups", 0) == cfg.questions_per_step for m in steps)
-    line = (f"groups without reward spread: {flat} of {len(steps) * cfg.questions_per_step} ({failed} where every "
-            f"rollout failed); {dead} of {len(steps)} steps had no spread in any group")
-    if cfg.reward == "igsearch":
-        credit = sum(m.get("flat_group_credit_tokens", 0) for m in steps)
-        line += f"; IG-Search gave {credit} query tokens in those groups an advantage"
-        shown = [m["step"] for m in steps if m.get("flat_group_credit_tokens") and cfg.show_every
-                 and m["step"] % cfg.show_every == 0]
-        if shown:
-            line += f" (see them: python igsearch.py show --run {out} --step {shown[0]})"
-    elif flat and cfg.reward == "outcome":
-        line += " (no gradient there; --reward igsearch credits their queries)"
-    return line
 
 
 def warm_start(cfg, out, retriever, splits, dev, device, eval_before=True):

@@ -19,6 +19,7 @@ import contextlib
 import datetime
 import os
 import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -303,6 +304,17 @@ def no_sync(dp, last):
     return contextlib.nullcontext()
 
 
+@contextlib.contextmanager
+def whole_weights(dp):
+    """Around the rollout phases (generation, IG scoring, evaluation): FSDP gathers every shard first and
+    shards again after (unshard, reshard); DDP and one process: nothing."""
+    unshard(dp)
+    try:
+        yield
+    finally:
+        reshard(dp)
+
+
 def unshard(dp):
     """FSDP: the rollout phases (generation, IG scoring, evaluation) call the model outside the update's
     forward, so every shard is gathered first and kept gathered until reshard(dp). Otherwise: nothing."""
@@ -369,3 +381,44 @@ def load_full_state(model, opt, dp, weights, opt_state):
     named = {"state": {names[i]: s for i, s in opt_state["state"].items()},
              "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in opt_state["param_groups"]]}
     set_optimizer_state_dict(model, opt, named, options=options)
+
+
+def accumulate_gradients(model, micro, forward, loss_of, cfg, dp=None, scale=1.0):
+    """The gradients of one optimizer step, from zero, summed over micro-batches (row slices, each within the token
+    budget): for each slice its forward (bf16 where native; activations recomputed with gradient
+    checkpointing), then loss_of(logp, slice) -> (loss, stats) in fp32, then backward of loss * scale. Every
+    loss is normalized by the whole batch, so the slices' gradients add up to the batch's. Under DDP the
+    gradients are all-reduced once, after the last slice (no_sync). Returns [(loss value, stats)] a slice."""
+    device = next(model.parameters()).device
+    if dp is None:
+        grpo.flat_grads(model.parameters())  # the last step's dropped, then one buffer (grpo.flat_zeros)
+    else:  # DDP and FSDP write the gradients themselves
+        model.zero_grad(set_to_none=True)
+    parts = []
+    for j, sl in enumerate(micro):
+        with grpo.autocast(cfg.precision, device), grpo.recompute(model, cfg.grad_checkpointing), \
+                no_sync(dp, last=j == len(micro) - 1):
+            logp = forward(sl)
+        loss, stats = loss_of(logp, sl)
+        (loss * scale).backward()
+        parts.append((loss.item(), stats))
+    return parts
+
+
+class Clock:
+    """Wall seconds of a step's phases: `with clock("update"): ...` adds to seconds["update"]; times() is the
+    slowest rank's of each phase, as metrics (time_update, ...)."""
+
+    def __init__(self, *names):
+        self.seconds = dict.fromkeys(names, 0.0)
+
+    @contextlib.contextmanager
+    def __call__(self, name):
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t
+
+    def times(self):
+        return {f"time_{k}": round(v, 3) for k, v in reduce_values(self.seconds, "max").items()}

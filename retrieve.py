@@ -15,6 +15,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import random
 import re
 import time
 import warnings
@@ -490,3 +491,53 @@ class Retriever:
             if d["id"] not in exclude and d not in picked:
                 picked.append(d)
         return picked
+
+
+# ----------------------------------------------------------------------------------------------------
+# A run's corpus and questions (--corpus, --data, --split)
+
+def load_corpus(spec):
+    """The documents of --corpus: the offline Wikipedia articles (vital), HotpotQA's pooled paragraphs, or a JSONL file."""
+    if spec == "vital":
+        return load_vital_articles()
+    kind, _, path = spec.partition(":")
+    if kind == "hotpotqa" and path:
+        return load_hotpotqa(path)[0]
+    if kind == "jsonl" and path:
+        return load_jsonl_corpus(path)
+    raise DataError(f"--corpus {spec!r}: use vital, hotpotqa:PATH or jsonl:PATH")
+
+
+def load_data(spec, docs, split="80/10/10"):
+    """Questions as {split: [question, ...]}; a file without splits is cut by `split` (train/dev/test percent)
+    after a shuffle of fixed seed: the run's seed drives sampling only, so that every seed of an experiment
+    trains on the same questions and is evaluated on the same held-out ones."""
+    if spec == "tiny":
+        from data.prepare import load_tiny_qa
+        return load_tiny_qa(seed=0)
+    kind, _, path = spec.partition(":")
+    questions = load_hotpotqa(path)[1] if kind == "hotpotqa" and path else load_questions(spec)
+    if not questions:
+        raise DataError(f"--data {spec}: no questions found")
+    order = list(range(len(questions)))
+    random.Random(0).shuffle(order)
+    n = len(order)
+    train, dev, _ = split_percents(split)
+    a, b = n * train // 100, n * (train + dev) // 100
+    cut = {"train": order[:a], "dev": order[a:b], "test": order[b:]}
+    return {s: [questions[i] for i in ix] for s, ix in cut.items()}
+
+
+def split_percents(spec):
+    """--split "train/dev/test" in whole percents that add up to 100, with some train.
+
+    >>> split_percents("55/10/35")
+    (55, 10, 35)
+    """
+    parts = spec.split("/")
+    if len(parts) != 3 or not all(p.strip().isdigit() for p in parts):
+        raise ValueError("give train/dev/test percents, e.g. 80/10/10")
+    train, dev, test = map(int, parts)
+    if train + dev + test != 100 or train == 0:
+        raise ValueError("the percents must add up to 100, with train above 0")
+    return train, dev, test

@@ -324,6 +324,26 @@ def print_evals(rows, columns=EVAL_METRICS):
                 ["when", *columns, "n"])
 
 
+def flat_groups_line(steps, cfg, out):
+    """The closing line on the groups GRPO could not learn from: those with no reward spread (every rollout
+    scored alike, so Â = 0 and outcome has no gradient there), and what IG-Search's query bonus gave them."""
+    flat = sum(m.get("zero_adv_groups", 0) for m in steps)
+    failed = sum(m.get("all_fail_groups", 0) for m in steps)
+    dead = sum(m.get("zero_adv_groups", 0) == cfg.questions_per_step for m in steps)
+    line = (f"groups without reward spread: {flat} of {len(steps) * cfg.questions_per_step} ({failed} where every "
+            f"rollout failed); {dead} of {len(steps)} steps had no spread in any group")
+    if cfg.reward == "igsearch":
+        credit = sum(m.get("flat_group_credit_tokens", 0) for m in steps)
+        line += f"; IG-Search gave {credit} query tokens in those groups an advantage"
+        shown = [m["step"] for m in steps if m.get("flat_group_credit_tokens") and cfg.show_every
+                 and m["step"] % cfg.show_every == 0]
+        if shown:
+            line += f" (see them: python igsearch.py show --run {out} --step {shown[0]})"
+    elif flat and cfg.reward == "outcome":
+        line += " (no gradient there; --reward igsearch credits their queries)"
+    return line
+
+
 def paired_gain(after, start, metric="em"):
     """The mean per-question change of `metric` from `start` to `after` (evaluation summaries holding
     "each", evaluate's per-question values) over the questions both answered, matched by id, with its 95%

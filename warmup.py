@@ -22,6 +22,7 @@ import re
 import torch
 
 import grpo
+import ranks
 import rewards
 
 THINK_FIRST = "<think> I need to look this up. </think>\n"
@@ -123,14 +124,11 @@ def warmup(model, tok, retriever, questions, cfg, rng, log=print):
         batch = grpo.collate(rollouts, tok.pad_token_id)
         ids, attn, mask = batch.ids.to(device), batch.attention_mask.to(device), batch.policy_mask.to(device)
         norm = mask.sum().clamp(min=1)                  # the whole batch's policy tokens: micro-batches add up
-        grpo.flat_grads(model.parameters())  # the last step's dropped, then one buffer (grpo.flat_zeros)
-        total = 0.0
-        for sl in grpo.token_chunks(attn.sum(-1).tolist(), cfg.token_budget):  # micro-batches within the budget
-            with grpo.autocast(cfg.precision, device), grpo.recompute(model, cfg.grad_checkpointing):
-                logp = grpo.token_logprobs(model, ids[sl], attn[sl], mask[sl])  # [b, T]
-            loss = grpo.warmup_loss(logp, mask[sl], norm)
-            loss.backward()
-            total += loss.item()
+        micro = grpo.token_chunks(attn.sum(-1).tolist(), cfg.token_budget)  # micro-batches within the budget
+        forward = lambda sl: grpo.token_logprobs(model, ids[sl], attn[sl], mask[sl])  # [b, T]
+        loss_of = lambda logp, sl: (grpo.warmup_loss(logp, mask[sl], norm), None)     # METHOD §6
+        parts = ranks.accumulate_gradients(model, micro, forward, loss_of, cfg)
+        total = sum(loss for loss, _ in parts)
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         losses.append(total)

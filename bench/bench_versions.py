@@ -83,7 +83,8 @@ def run_phase(spec):
     cfg = dataclasses.replace(cfg, **settings, seed=spec["seed"])
     igsearch.seed_everything(cfg.seed)
     device = runs.pick_device(spec["device"])
-    retriever = retrieve.Retriever(igsearch.load_corpus(cfg.corpus), stopwords=cfg.stopwords)
+    load_corpus = getattr(retrieve, "load_corpus", None) or igsearch.load_corpus  # older trees: in igsearch.py
+    retriever = retrieve.Retriever(load_corpus(cfg.corpus), stopwords=cfg.stopwords)
     model, tok, _ = runs.load_model(spec["model"], device, cfg.seed)
     rng, generator = random.Random(cfg.seed), torch.Generator().manual_seed(cfg.seed)
     out = {"left_out": sorted(set(spec["settings"]) - have), "precision": getattr(cfg, "precision", "fp32")}

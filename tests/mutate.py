@@ -55,12 +55,14 @@ TARGETS = {
                 "Batch.policy_mask",
                 "group_advantages", "token_advantages",
                 "head_logprobs", "token_logprobs", "grpo_loss", "ig_gate", "add_query_bonus"],
-    "igsearch.py": ["Config", "PRESETS", "train_step", "update_policy"],
+    "igsearch.py": ["Config", "PRESETS", "train_step", "step_rewards", "update_policy"],
+    "ranks.py": ["accumulate_gradients"],
 }
 
 # function -> a regular expression: only its lines that match are formula lines (the rest is bookkeeping)
-LINES = {"train_step": r"ir_model|ir_lambda|group_advantages|token_advantages|add_query_bonus|gold_scorer|"
-                       r"information_gain\(|inforeasoner_beliefs|ir_metrics|ref_model",
+STEP_LINES = (r"ir_model|ir_lambda|group_advantages|token_advantages|add_query_bonus|gold_scorer|"
+              r"information_gain\(|inforeasoner_beliefs|ir_metrics|ref_model")
+LINES = {"train_step": STEP_LINES, "step_rewards": STEP_LINES,
          "_generate_batch": r"temperature|cumsum|pos = |argmax"}  # the engine: its arithmetic, not its bookkeeping
 
 # Config and PRESETS: only the settings METHOD (or the README's --tiny) gives a value; the rest are run knobs
@@ -114,6 +116,9 @@ TESTS = {
                       "tests/test_grpo.py -k 'micro or update_policy or unchanged or learns or unlearns'",
                       "tests/test_budget.py -k update", "tests/test_ranks.py -k 'one_step or unequal'"],
 }
+TESTS["step_rewards"] = TESTS["train_step"]
+TESTS["accumulate_gradients"] = [*TESTS["update_policy"][:-1], "tests/test_warmup.py -k 'loss or step'",
+                                 TESTS["update_policy"][-1]]
 
 # (function, the mutated line, stripped) -> why no test can kill it: it computes the same numbers
 EQUIVALENT = {
@@ -159,7 +164,7 @@ EQUIVALENT = {
         "the last position's logits are 2-D, [U, V]: dim 1 is dim -1",
     ('token_logprobs', 'lengths = attention_mask.sum(1)                                           # [B]'):
         'attention_mask is 2-D, [B, T]: dim 1 is dim -1',
-    ('train_step', "stats = update_policy(model, ref_model, opt, batch[lo:hi], A[lo:hi + 1], cfg, dp)  # this rank's rows"):
+    ('train_step', "stats = update_policy(model, ref_model, opt, batch[lo:hi], A[lo:hi + 1], cfg, dp)              # §3.3"):
         "update_policy reads A only as A[sl] for row slices of its batch's rows: a trailing extra row is never read",
     ('head_logprobs', 'for s in range(0, max(h.shape[0], 2), HEAD_CHUNK):  # no state: one empty chunk, still in the graph'):
         'HEAD_CHUNK >= 2: with 0 or 1 states, range(0, 2, HEAD_CHUNK) is the same one chunk as range(0, 1, HEAD_CHUNK)',
@@ -193,7 +198,7 @@ EQUIVALENT = {
     ('update_policy', 'old = torch.cat([policy(ids[sl], attn[sl], mask[sl]) for sl in micro])'):
         'with one epoch the stored old log-probs are the current ones, which the loss otherwise takes detached: '
         'the same numbers, one forward more',
-    ('update_policy', 'opt.zero_grad(set_to_none=False)'):
+    ('accumulate_gradients', 'model.zero_grad(set_to_none=False)'):
         'gradients accumulate into zeros instead of None: the same sums',
     ('update_policy', 'old = torch.cat([policy(ids[sl], attn[sl], mask[sl]) for sl in micro]) if (cfg.ppo_epochs >= 1) else None'):
         'ppo_epochs is at least 1: the stored old log-probs always, the same numbers as above',

@@ -18,6 +18,7 @@ from torch import nn
 import grpo
 import igsearch
 import rewards
+import views
 from retrieve import Retriever
 
 
@@ -791,10 +792,10 @@ def test_closing_line_counts_the_groups_without_spread_and_igsearch_credit():
              {"step": 1, "zero_adv_groups": 1, "all_fail_groups": 1, "flat_group_credit_tokens": 14},
              {"step": 2, "zero_adv_groups": 2, "all_fail_groups": 2, "flat_group_credit_tokens": 9}]
     cfg = small_cfg(questions_per_step=2, show_every=2)
-    assert igsearch.flat_groups_line(steps, cfg, "runs/x") == (
+    assert views.flat_groups_line(steps, cfg, "runs/x") == (
         "groups without reward spread: 5 of 6 (4 where every rollout failed); 2 of 3 steps had no spread in any "
         "group; IG-Search gave 23 query tokens in those groups an advantage "
         "(see them: python igsearch.py show --run runs/x --step 2)")
     outcome = dataclasses.replace(cfg, reward="outcome")
-    assert igsearch.flat_groups_line(steps, outcome, "runs/x").endswith(
+    assert views.flat_groups_line(steps, outcome, "runs/x").endswith(
         "2 of 3 steps had no spread in any group (no gradient there; --reward igsearch credits their queries)")

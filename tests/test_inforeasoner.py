@@ -11,6 +11,7 @@ import torch
 import grpo
 import igsearch
 import rewards
+import retrieve
 from retrieve import DataError
 from rewards import (Belief, belief, default_equivalent, entailment_index, inforeasoner_information_gain,
                      information_gain, load_nli, nli_equivalent, semantic_classes, smoothed_p_gold, weigh_samples)
@@ -483,9 +484,9 @@ def test_beliefs_command_asks_both_ways_with_the_questions_top_documents(monkeyp
         return [0.0] * len(rollouts), b, 0
     monkeypatch.setattr(rewards, "inforeasoner_beliefs", fake)
     rows = experiments.beliefs_command(["--model", "tiny-random", "--limit", "2", "--ir-samples", "2"])
-    qs = igsearch.load_data("tiny", None)["dev"][:2]
+    qs = retrieve.load_data("tiny", None)["dev"][:2]
     top = [[d["title"] for d in hits] for hits in
-           __import__("retrieve").Retriever(igsearch.load_corpus("vital")).search([q["question"] for q in qs], 3)]
+           retrieve.Retriever(retrieve.load_corpus("vital")).search([q["question"] for q in qs], 3)]
     assert seen == [(kind, [(q["question"], t) for q, t in zip(qs, top)]) for kind in ("agent", "plain")]
     assert [(r["belief"], r["when"], r["p_gold"]) for r in rows] == [
         ("agent", "without evidence", 0.25), ("agent", "with evidence", 0.75),
