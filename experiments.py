@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 import checks
+import engine
 import grpo
 import igsearch
 import ranks
@@ -416,7 +417,7 @@ def beliefs_command(argv):
     rows = []
     for kind in ("agent", "plain"):
         generator = torch.Generator().manual_seed(cfg.seed)
-        with grpo.autocast(cfg.precision, next(model.parameters()).device):
+        with engine.autocast(cfg.precision, next(model.parameters()).device):
             _, beliefs, _ = rewards.inforeasoner_beliefs(model, tok, rollouts, dataclasses.replace(cfg, ir_belief=kind),
                                                          generator)
         for when, j in (("without evidence", 0), ("with evidence", 1)):

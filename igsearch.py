@@ -32,6 +32,7 @@ import torch
 
 import checks
 import demo
+import engine
 import grpo
 import lora
 import ranks
@@ -60,7 +61,7 @@ class Config:
     pg_timeout: float = 0.0           # under torchrun: seconds a rank waits for the others before the run ends
                                       # (a rank that died or froze; 0 = ranks.PG_TIMEOUT: 1800 on CPU, 600 on GPU)
     precision: str = "auto"           # auto | bf16 | fp32: the forward matmuls (weights, optimizer, loss stay fp32)
-    grad_checkpointing: bool = True   # recompute activations in the backward (grpo.recompute): memory for compute
+    grad_checkpointing: bool = True   # recompute activations in the backward (engine.recompute): memory for compute
     # low-rank adapters (METHOD §3.5, lora.py): only A and B train, the reference is the policy with them off
     lora_rank: int = 0                # r; 0 = full fine-tuning
     lora_alpha: float = 0.0           # α: each adapted layer adds (α / r) B A x; 0 = 2r
@@ -87,7 +88,7 @@ class Config:
     loss_agg: str = "token-mean"      # token-mean | seq-mean-token-mean
     grad_clip: float = 1.0            # gradient-norm clip of each optimizer step
     # memory: every batched forward holds at most a budget of tokens, rows × the chunk's longest row
-    # (grpo.token_chunks). token_budget: the forwards with a backward, the update's micro-batches and the warm-up's;
+    # (engine.token_chunks). token_budget: the forwards with a backward, the update's micro-batches and the warm-up's;
     # the default holds a few rows of a full response. forward_budget: the forwards without gradients, each turn's
     # generation (its KV cache) in rollouts and evaluation, reference log-probs, IG scoring, InfoReasoner's
     # sampling. A token there keeps no activations for a backward, so it costs far less memory than an update
@@ -252,7 +253,7 @@ def train_step(model, ref_model, opt, tok, retriever, questions, cfg, generator,
     gathered, so that every rank holds the whole step (A, metrics, the IG batch pool), and it updates through
     `dp`, the data-parallel forward, on its own rows."""
     times = {"retrieval": 0.0, "rollout": 0.0}
-    fast = lambda: grpo.autocast(cfg.precision, next(model.parameters()).device)  # bf16 forwards where native
+    fast = lambda: engine.autocast(cfg.precision, next(model.parameters()).device)  # bf16 forwards where native
     ranks.unshard(dp)  # FSDP: sampling and scoring run on the whole weights
     if rollouts is None:
         G = cfg.group_size
@@ -329,9 +330,9 @@ def update_policy(model, ref_model, opt, batch, A, cfg, dp=None):
     gradient only by the order of float sums."""
     device = next(model.parameters()).device
     ids, attn, mask, A = batch.ids.to(device), batch.attention_mask.to(device), batch.policy_mask.to(device), A.to(device)
-    fast = lambda: grpo.autocast(cfg.precision, device)  # bf16 forwards; log-softmax, loss and weights fp32
+    fast = lambda: engine.autocast(cfg.precision, device)  # bf16 forwards; log-softmax, loss and weights fp32
     policy = dp if dp is not None else ranks.PolicyLogprobs(model)  # log π of one micro-batch [b, T]
-    micro = ranks.same_count(grpo.token_chunks(attn.sum(-1).tolist(), cfg.token_budget))  # row slices
+    micro = ranks.same_count(engine.token_chunks(attn.sum(-1).tolist(), cfg.token_budget))  # row slices
     with torch.no_grad(), fast():
         with lora.reference(ref_model, dp) as reference:  # with adapters: the policy, its adapters off
             ref = (grpo.token_logprobs(reference, ids, attn, mask, cfg.forward_budget) if cfg.beta_kl > 0
@@ -343,11 +344,11 @@ def update_policy(model, ref_model, opt, batch, A, cfg, dp=None):
     totals, grad_norm = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "dual_clip_frac": 0.0}, 0.0
     for _ in range(cfg.ppo_epochs):
         if dp is None:
-            grpo.flat_grads(model.parameters())  # one buffer: the heap stays flat from step to step
+            engine.flat_grads(model.parameters())  # one buffer: the heap stays flat from step to step
         else:  # DDP and FSDP write the gradients themselves
             opt.zero_grad(set_to_none=True)
         for j, sl in enumerate(micro):
-            with fast(), grpo.recompute(model, cfg.grad_checkpointing), \
+            with fast(), engine.recompute(model, cfg.grad_checkpointing), \
                     ranks.no_sync(dp, last=j == len(micro) - 1):  # DDP: one all-reduce per optimizer step
                 logp = policy(ids[sl], attn[sl], mask[sl])
             logp_old = old[sl] if old is not None else logp.detach()
@@ -376,7 +377,7 @@ def evaluate(model, tok, retriever, questions, cfg, dp=None):
     rank's questions run as one set of rollouts: cfg.forward_budget bounds each turn's batches (generate_turn)."""
     mine = ranks.shard(questions)
     ranks.unshard(dp)  # FSDP: generation runs on the whole weights
-    with grpo.autocast(cfg.precision, next(model.parameters()).device):
+    with engine.autocast(cfg.precision, next(model.parameters()).device):
         rollouts = grpo.generate_rollouts(model, tok, mine, list(range(len(mine))), retriever,
                                           **rollout_kwargs(cfg, 0.0, None))
     ranks.reshard(dp)
@@ -478,9 +479,9 @@ def _train(cfg, out, ckpt, resume, before, device, retriever, splits, dev):
     smoke = smoke or evals.get("smoke", False)
     ref_model = None
     if cfg.beta_kl > 0 or cfg.reward == "inforeasoner":  # the initial policy, frozen (with adapters: for free)
-        ref_model = lora.Reference(model) if cfg.lora_rank else grpo.frozen_copy(model, cfg.precision)
+        ref_model = lora.Reference(model) if cfg.lora_rank else engine.frozen_copy(model, cfg.precision)
     dp = ranks.data_parallel(model, cfg.parallel)  # under torchrun: DDP or FSDP (before the optimizer); else None
-    opt = grpo.adamw(model.parameters(), cfg.lr)
+    opt = engine.adamw(model.parameters(), cfg.lr)
     if ckpt is not None:  # before anything is evaluated or written: a checkpoint that does not fit is refused
         lora.check_checkpoint(ckpt[0], model, ckpt[1])  # adapters of another base or rank: refused in one line
         runs.check_training_state(ckpt[0], model, opt, ckpt[1], ckpt[2])
@@ -606,7 +607,7 @@ def adapt(model, cfg, device):
     """The run's adapters on the loaded model (METHOD §3.5; nothing with --lora-rank 0), the frozen base in
     bf16 where the forwards run in bf16."""
     return lora.adapt(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets,
-                      bf16=grpo.bf16_forwards(cfg.precision, device), seed=cfg.seed)
+                      bf16=engine.bf16_forwards(cfg.precision, device), seed=cfg.seed)
 
 
 COMMANDS = {"show": views.show_command, "plot": views.plot_command, "merge": runs.merge_command}

@@ -241,7 +241,7 @@ class PolicyLogprobs(torch.nn.Module):
 
 
 def same_count(chunks):
-    """The update's micro-batches (row slices, grpo.token_chunks), the widest halved until this rank has as many
+    """The update's micro-batches (row slices, engine.token_chunks), the widest halved until this rank has as many
     as the rank with the most: FSDP gathers weights in every forward and reduce-scatters in every backward, so
     every rank must run as many of each. Halving never adds tokens to a micro-batch, and every rank holds as many
     rows (a step's questions divide among the ranks), so the count can always be reached. One process: chunks."""

