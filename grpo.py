@@ -1,22 +1,32 @@
 """Rollouts with search, per-token advantages and the GRPO loss.
 
-Read top to bottom, this is the algorithm box of one training step (igsearch.train_step and update_policy
-make these calls; rewards.py scores EM and the information gains):
+Read top to bottom, this is the algorithm box of one training step: the calls igsearch.train_step and
+update_policy make, module names left out (rewards.py scores EM and the information gains, engine.py cuts the
+token budgets; tests/test_layout.py holds each call to its function's signature):
 
-    rollouts = generate_rollouts(model, tok, batch_q, groups, retriever, max_turns=..., ...)          # METHOD §1
-    R        = [exact_match(r.answer, r.question["golden_answers"]) for r in rollouts]            # §2
-    adv      = group_advantages(R, groups)                                                        # §3.1, [B]
-    batch    = collate(rollouts, tok.pad_token_id)                                                # ids, roles [B, T]
-    A        = token_advantages(adv, batch.roles)                                                 # §3.2, [B, T]
-    A        = add_query_bonus(A, rollouts, ig, alpha, delta, rho, clip)    (IG-Search only)       # §4.3
-    logp     = token_logprobs(model, batch.ids, batch.attention_mask, batch.policy_mask)          # [B, T]
-    loss, st = grpo_loss(logp, logp_old, logp_ref, A, batch.policy_mask, clip_eps, beta_kl)       # §3.3
+    rollouts = generate_rollouts(model, tok, batch_q, groups, retriever,
+                                 **rollout_kwargs(cfg, cfg.temperature, generator))      # METHOD §1
+    em, f1   = score_outcome(rollouts)                                                   # §2, EM and F1 each
+    ig, _    = igsearch_information_gain(scorer, tok, rollouts, retriever, cfg.ig_samples, cfg.ig_baseline, rng,
+                                         cfg.ig_max_context, range(lo, hi))              # IG-Search only, §4.1-4.2
+    adv      = group_advantages(R, groups)                                               # §3.1, [B]
+    batch    = collate(rollouts, tok.pad_token_id)                                       # ids, roles [B, T]
+    A        = token_advantages(adv, batch.roles)                                        # §3.2, [B, T]
+    A        = add_query_bonus(A, rollouts, ig, cfg.ig_alpha, cfg.ig_delta, cfg.ig_rho, cfg.ig_clip)  # IG-Search, §4.3
+    micro    = token_chunks(attn.sum(-1).tolist(), cfg.token_budget)                     # update_policy: row slices
+    ref      = token_logprobs(reference, ids, attn, mask, cfg.forward_budget)            # [B, T], no grad
+    logp     = token_logprobs(model, ids[sl], attn[sl], mask[sl])                        # [b, T], micro-batch sl
+    loss, st = grpo_loss(logp, logp_old, ref[sl], A[sl], mask[sl], cfg.clip_eps, cfg.beta_kl, cfg.loss_agg, norm,
+                         cfg.clip_ratio_c)                                               # §3.3
 
-batch_q repeats each question G times and groups[i] names rollout i's question; logp_ref is token_logprobs of
-the frozen reference (frozen_copy), logp_old the sampling policy's (logp detached when ppo_epochs is 1).
+batch_q repeats each question G times and groups[i] names rollout i's question. R is em (InfoReasoner: em plus
+λ times its information gain, §5.4). ids, attn and mask are the batch's ids, attention_mask and policy_mask; the
+policy's log-probs come from ranks.PolicyLogprobs (the data-parallel forward under torchrun), the reference's
+from the frozen copy (engine.frozen_copy), and logp_old is logp detached when ppo_epochs is 1.
 
 A trajectory is a list of token ids with a role per position. The ids are kept exactly as sampled and
 observations are appended as ids, so the positions the loss trains on are exactly the tokens the model chose.
+How the forwards run (batched generation, bf16, the token budgets, memory) is engine.py.
 """
 from dataclasses import dataclass, field
 
