@@ -18,14 +18,15 @@ ALLOWED = {
     "rewards": {"retrieve", "grpo", "engine"},
     "warmup": {"grpo", "rewards", "retrieve", "engine"},
     "lora": {"ranks", "retrieve"},
-    "runs": {"retrieve", "rewards", "lora"},
+    "runs": {"retrieve", "lora"},
     "checks": {"runs", "retrieve"},
     "views": {"runs", "retrieve", "grpo", "rewards"},
     "demo": {"runs", "views", "retrieve", "grpo", "rewards"},
     "ranks": {"grpo"},
     "igsearch": {"retrieve", "engine", "grpo", "rewards", "warmup", "runs", "checks", "views", "demo", "ranks",
                  "lora"},
-    "experiments": {"igsearch", "retrieve", "runs", "checks", "views", "engine", "grpo", "rewards", "ranks", "warmup"},
+    "experiments": {"igsearch", "retrieve", "runs", "checks", "views", "engine", "grpo", "rewards", "ranks", "warmup",
+                    "lora"},
 }
 
 

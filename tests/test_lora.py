@@ -189,7 +189,7 @@ def test_merge_writes_a_plain_model_and_eval_reads_the_run(tmp_path, varied_rewa
     ids = sample_ids(len(tok), seed=5)
     assert (logits(merged, ids) - logits(model, ids)).abs().max() < 1e-5  # as in the test above
     assert (logits(merged, ids) - logits(runs.tiny_random_model(0)[0], ids)).abs().max() > 0  # it trained
-    from_run = runs.load_run_model(run, torch.device("cpu"))[0]  # what eval of the run loads
+    from_run = experiments.load_run_model(run, torch.device("cpu"))[0]  # what eval of the run loads
     assert torch.equal(logits(from_run, ids), logits(merged, ids))
     assert experiments.main(["eval", "--model", str(run), "--limit", "1"]) == 0
     capsys.readouterr()
