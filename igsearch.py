@@ -12,6 +12,8 @@
 
 One training step (train_step below) is the whole method: sample G rollouts per question with search,
 score them, build the per-token advantage tensor A [B, T], take a PPO-clip step. METHOD.md has the math.
+grpo.py holds the algorithm it calls (rollouts, advantages, the loss), rewards.py the rewards, and engine.py
+how the forwards run (batched generation, token budgets, bf16, memory).
 This file is the training script; its plumbing lives beside it: checks.py (settings refused in one line),
 runs.py (model loading, checkpoints, the metrics files, merge), views.py (show, plot, tables), demo.py (--demo),
 ranks.py (several processes under torchrun), lora.py (low-rank adapters).
