@@ -116,13 +116,12 @@ def call_shape(call):
 
 
 def step_calls():
-    """{function name: [call_shape, ...]} of the calls made by one training step's code: igsearch.train_step,
-    update_policy, score_outcome and the update's forward, ranks.PolicyLogprobs."""
-    import igsearch
-    import ranks
+    """{function name: [call_shape, ...]} of the calls made in igsearch.py and ranks.py, where a training step's
+    code lives (train_step, update_policy and what they call, the update's forward ranks.PolicyLogprobs): the
+    whole files, so that a step cut into helpers is still read."""
     calls = {}
-    for f in (igsearch.train_step, igsearch.update_policy, igsearch.score_outcome, ranks.PolicyLogprobs.forward):
-        for n in ast.walk(ast.parse(textwrap.dedent(inspect.getsource(f)))):
+    for module in ("igsearch", "ranks"):
+        for n in ast.walk(ast.parse((ROOT / f"{module}.py").read_text())):
             if isinstance(n, ast.Call) and isinstance(n.func, (ast.Name, ast.Attribute)):
                 name = n.func.id if isinstance(n.func, ast.Name) else n.func.attr
                 calls.setdefault(name, []).append(call_shape(n))
