@@ -25,8 +25,10 @@ import numpy as np
 import torch
 
 import checks
+import engine
 import grpo
 import igsearch
+import lora
 import ranks
 import retrieve
 import rewards
@@ -71,13 +73,13 @@ def eval_command(argv):
     inputs = [part.split(":", 1)[-1] for part in (*data.split(","), cfg.corpus)]
     if any(Path(i.strip()).resolve() == out.resolve() for i in inputs if i.strip()):
         raise DataError(f"--out {out}: that is an input file of this evaluation; choose another --out")
-    sets = runs.eval_sets(data)                      # data errors come before any model is loaded
+    sets = eval_sets(data)                      # data errors come before any model is loaded
     docs = retrieve.load_corpus(cfg.corpus)
     retriever = retrieve.Retriever(docs, stopwords=cfg.stopwords)
     igsearch.seed_everything(cfg.seed)
     device = runs.pick_device(cfg.device)
     if is_run:  # the newest checkpoint that loads; a damaged one is reported and the previous one used
-        model, tok, smoke, name = runs.load_run_model(model_path, device, cfg.seed)
+        model, tok, smoke, name = load_run_model(model_path, device, cfg.seed)
     else:
         (model, tok, smoke), name = runs.load_model(cfg.model, device, cfg.seed), cfg.model
     rows = []
@@ -87,7 +89,7 @@ def eval_command(argv):
             for set_name, questions in sets:
                 questions = questions[: args.limit] if args.limit > 0 else questions
                 summary, rollouts = igsearch.evaluate(model, tok, retriever, questions, cfg)
-                records = [runs.prediction_record(set_name, r) for r in rollouts]
+                records = [prediction_record(set_name, r) for r in rollouts]
                 for rec in records:
                     f.write(json.dumps(rec) + "\n")
                 rows.append({"dataset": set_name, "n": len(records), "em": summary["em"], "f1": summary["f1"],
@@ -110,6 +112,63 @@ def check_run_typo(path):
     siblings = sorted(p.name for p in parent.iterdir() if runs.is_run_dir(p))
     if siblings:
         raise DataError(f"--model {path}: no such run; {parent}/ holds the runs {', '.join(siblings[:5])}")
+
+
+def load_run_model(run_dir, device, seed=0):
+    """(model, tokenizer, smoke, model directory) of the run's newest checkpoint that loads; a damaged one
+    is reported in one line and the previous one used, as on resume."""
+    errors = []
+    for path in runs.checkpoints(run_dir):
+        try:
+            runs.check_manifest(path)
+            if lora.read_config(path / "adapters") is not None:  # the run's base, the adapters merged in
+                model, tok, smoke = runs.load_merged(run_dir, path, device, seed)
+            else:
+                model, tok, smoke = runs.load_model(str(path / "model"), device, seed)
+        except DataError as e:
+            errors.append(str(e))
+            continue
+        for e in errors:
+            print(runs.terminal_safe(f"warning: {e}; using the previous checkpoint"), file=sys.stderr)
+        return model, tok, smoke, path / "model"
+    if errors:
+        raise DataError(f"{run_dir}: no checkpoint loads ({len(errors)} damaged; newest: {errors[0]})")
+    raise DataError(f"{run_dir}: the run has no complete checkpoint to evaluate")
+
+
+def eval_sets(spec):
+    """eval's --data: comma-separated tiny (its test split) | hotpotqa:PATH | FlashRAG JSONL -> [(name, questions)]."""
+    sets = []
+    for part in [p.strip() for p in spec.split(",") if p.strip()]:
+        if part == "tiny":
+            from data.prepare import load_tiny_qa
+            sets.append(("tiny-test", load_tiny_qa(seed=0)["test"]))
+        elif part.startswith("hotpotqa:"):
+            sets.append(("hotpotqa", retrieve.load_hotpotqa(part.partition(":")[2])[1]))
+        elif Path(part).is_file():
+            sets.append((Path(part).stem, retrieve.load_questions(part)))
+        else:
+            raise DataError(f"--data {part}: no such file (use tiny, hotpotqa:PATH or a FlashRAG JSONL file)")
+        if not sets[-1][1]:
+            raise DataError(f"--data {part}: no questions found")
+    if not sets:
+        raise DataError("--data is empty")
+    return sets
+
+
+def answer_retrieved(r):
+    """Does a gold alias appear (normalized, as whole words) in a document the rollout retrieved?"""
+    golds = [rewards.normalize_answer(g) for g in r.question["golden_answers"]]
+    texts = [" " + rewards.normalize_answer(d["title"] + " " + d["text"]) + " " for s in r.searches for d in s["docs"]]
+    return any(g and f" {g} " in t for g in golds for t in texts)
+
+
+def prediction_record(name, r):
+    return {"dataset": name, "id": r.question.get("id"), "question": r.question["question"],
+            "golds": r.question["golden_answers"], "prediction": r.answer,
+            "em": rewards.exact_match(r.answer, r.question["golden_answers"]),
+            "f1": rewards.f1_score(r.answer, r.question["golden_answers"]), "searches": len(r.searches),
+            "queries": [s["query"] for s in r.searches], "answer_retrieved": answer_retrieved(r)}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -416,7 +475,7 @@ def beliefs_command(argv):
     rows = []
     for kind in ("agent", "plain"):
         generator = torch.Generator().manual_seed(cfg.seed)
-        with grpo.autocast(cfg.precision, next(model.parameters()).device):
+        with engine.autocast(cfg.precision, next(model.parameters()).device):
             _, beliefs, _ = rewards.inforeasoner_beliefs(model, tok, rollouts, dataclasses.replace(cfg, ir_belief=kind),
                                                          generator)
         for when, j in (("without evidence", 0), ("with evidence", 1)):

@@ -12,6 +12,8 @@
 
 One training step (train_step below) is the whole method: sample G rollouts per question with search,
 score them, build the per-token advantage tensor A [B, T], take a PPO-clip step. METHOD.md has the math.
+grpo.py holds the algorithm it calls (rollouts, advantages, the loss), rewards.py the rewards, and engine.py
+how the forwards run (batched generation, token budgets, bf16, memory).
 This file is the training script; its plumbing lives beside it: checks.py (settings refused in one line),
 runs.py (model loading, checkpoints, the metrics files, merge), views.py (show, plot, tables), demo.py (--demo),
 ranks.py (several processes under torchrun), lora.py (low-rank adapters).
@@ -31,6 +33,7 @@ import torch
 
 import checks
 import demo
+import engine
 import grpo
 import lora
 import ranks
@@ -59,7 +62,7 @@ class Config:
     pg_timeout: float = 0.0           # under torchrun: seconds a rank waits for the others before the run ends
                                       # (a rank that died or froze; 0 = ranks.PG_TIMEOUT: 1800 on CPU, 600 on GPU)
     precision: str = "auto"           # auto | bf16 | fp32: the forward matmuls (weights, optimizer, loss stay fp32)
-    grad_checkpointing: bool = True   # recompute activations in the backward (grpo.recompute): memory for compute
+    grad_checkpointing: bool = True   # recompute activations in the backward (engine.recompute): memory for compute
     # low-rank adapters (METHOD §3.5, lora.py): only A and B train, the reference is the policy with them off
     lora_rank: int = 0                # r; 0 = full fine-tuning
     lora_alpha: float = 0.0           # α: each adapted layer adds (α / r) B A x; 0 = 2r
@@ -86,7 +89,7 @@ class Config:
     loss_agg: str = "token-mean"      # token-mean | seq-mean-token-mean
     grad_clip: float = 1.0            # gradient-norm clip of each optimizer step
     # memory: every batched forward holds at most a budget of tokens, rows × the chunk's longest row
-    # (grpo.token_chunks). token_budget: the forwards with a backward, the update's micro-batches and the warm-up's;
+    # (engine.token_chunks). token_budget: the forwards with a backward, the update's micro-batches and the warm-up's;
     # the default holds a few rows of a full response. forward_budget: the forwards without gradients, each turn's
     # generation (its KV cache) in rollouts and evaluation, reference log-probs, IG scoring, InfoReasoner's
     # sampling. A token there keeps no activations for a backward, so it costs far less memory than an update
@@ -270,7 +273,7 @@ def update_policy(model, ref_model, opt, batch, A, cfg, dp=None):
     device = next(model.parameters()).device
     ids, attn, mask, A = batch.ids.to(device), batch.attention_mask.to(device), batch.policy_mask.to(device), A.to(device)
     policy = dp if dp is not None else ranks.PolicyLogprobs(model)  # log π of one micro-batch [b, T]
-    micro = ranks.same_count(grpo.token_chunks(attn.sum(-1).tolist(), cfg.token_budget))  # row slices
+    micro = ranks.same_count(engine.token_chunks(attn.sum(-1).tolist(), cfg.token_budget))  # row slices
     with torch.no_grad(), precision(cfg, model):
         with lora.reference(ref_model, dp) as reference:  # with adapters: the policy, its adapters off
             ref = (grpo.token_logprobs(reference, ids, attn, mask, cfg.forward_budget) if cfg.beta_kl > 0
@@ -321,7 +324,7 @@ def sample_rollouts(model, tok, retriever, questions, cfg, generator, clock):
 
 def precision(cfg, model):
     """The forwards in bf16 where the CPU or GPU runs it natively (--precision); log-softmax, loss and weights fp32."""
-    return grpo.autocast(cfg.precision, next(model.parameters()).device)
+    return engine.autocast(cfg.precision, next(model.parameters()).device)
 
 
 def step_metrics(rollouts, R, em, f1, adv, A):
@@ -452,9 +455,9 @@ def _train(cfg, out, ckpt, resume, before, device, retriever, splits, dev):
     smoke = smoke or evals.get("smoke", False)
     ref_model = None
     if cfg.beta_kl > 0 or cfg.reward == "inforeasoner":  # the initial policy, frozen (with adapters: for free)
-        ref_model = lora.Reference(model) if cfg.lora_rank else grpo.frozen_copy(model, cfg.precision)
+        ref_model = lora.Reference(model) if cfg.lora_rank else engine.frozen_copy(model, cfg.precision)
     dp = ranks.data_parallel(model, cfg.parallel)  # under torchrun: DDP or FSDP (before the optimizer); else None
-    opt = grpo.adamw(model.parameters(), cfg.lr)
+    opt = engine.adamw(model.parameters(), cfg.lr)
     if ckpt is not None:  # before anything is evaluated or written: a checkpoint that does not fit is refused
         lora.check_checkpoint(ckpt[0], model, ckpt[1])  # adapters of another base or rank: refused in one line
         runs.check_training_state(ckpt[0], model, opt, ckpt[1], ckpt[2])
@@ -560,7 +563,7 @@ def adapt(model, cfg, device):
     """The run's adapters on the loaded model (METHOD §3.5; nothing with --lora-rank 0), the frozen base in
     bf16 where the forwards run in bf16."""
     return lora.adapt(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets,
-                      bf16=grpo.bf16_forwards(cfg.precision, device), seed=cfg.seed)
+                      bf16=engine.bf16_forwards(cfg.precision, device), seed=cfg.seed)
 
 
 COMMANDS = {"show": views.show_command, "plot": views.plot_command, "merge": runs.merge_command}

@@ -13,7 +13,7 @@ Rank 0 alone writes the run directory and holds its lock (on_main, main_holds; t
 and alone prints (init sends the others' stdout to os.devnull; errors still reach stderr on every rank).
 Should a rank fail, it ends, and torchrun stops the others.
 
-This module imports only torch and grpo (for the update's forward, PolicyLogprobs).
+This module imports only torch, grpo (the update's forward, PolicyLogprobs) and engine (precision, gradient buffers).
 """
 import contextlib
 import datetime
@@ -24,6 +24,7 @@ import time
 import torch
 import torch.distributed as dist
 
+import engine
 import grpo
 
 
@@ -242,7 +243,7 @@ class PolicyLogprobs(torch.nn.Module):
 
 
 def same_count(chunks):
-    """The update's micro-batches (row slices, grpo.token_chunks), the widest halved until this rank has as many
+    """The update's micro-batches (row slices, engine.token_chunks), the widest halved until this rank has as many
     as the rank with the most: FSDP gathers weights in every forward and reduce-scatters in every backward, so
     every rank must run as many of each. Halving never adds tokens to a micro-batch, and every rank holds as many
     rows (a step's questions divide among the ranks), so the count can always be reached. One process: chunks."""
@@ -391,12 +392,12 @@ def accumulate_gradients(model, micro, forward, loss_of, cfg, dp=None, scale=1.0
     gradients are all-reduced once, after the last slice (no_sync). Returns [(loss value, stats)] a slice."""
     device = next(model.parameters()).device
     if dp is None:
-        grpo.flat_grads(model.parameters())  # the last step's dropped, then one buffer (grpo.flat_zeros)
+        engine.flat_grads(model.parameters())  # the last step's dropped, then one buffer (engine.flat_zeros)
     else:  # DDP and FSDP write the gradients themselves
         model.zero_grad(set_to_none=True)
     parts = []
     for j, sl in enumerate(micro):
-        with grpo.autocast(cfg.precision, device), grpo.recompute(model, cfg.grad_checkpointing), \
+        with engine.autocast(cfg.precision, device), engine.recompute(model, cfg.grad_checkpointing), \
                 no_sync(dp, last=j == len(micro) - 1):
             logp = forward(sl)
         loss, stats = loss_of(logp, sl)

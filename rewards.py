@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+import engine  # token budgets, head log-probs, the generation engine
 import grpo  # rollouts, spans and log-probs
 from retrieve import DataError, format_docs
 
@@ -101,7 +102,7 @@ def gold_scorer(model, prefix, head_tokens=3, head_weight=3.0, token_budget=None
         if not P and not all(suffixes):
             raise ValueError("gold_scorer: an empty context leaves the first gold token unpredicted")
         rows, scores = [list(x) + list(g) for x, g in zip(suffixes, golds)], []
-        for sl in grpo.token_chunks([P + len(r) for r in rows], token_budget):  # a row attends to P + its tokens
+        for sl in engine.token_chunks([P + len(r) for r in rows], token_budget):  # a row attends to P + its tokens
             B, T = len(rows[sl]), max(len(r) for r in rows[sl])
             ids = torch.zeros((B, T), dtype=torch.long)  # padded on the right, where a causal model never looks
             target = torch.zeros((B, T), dtype=torch.bool)
@@ -119,7 +120,7 @@ def gold_scorer(model, prefix, head_tokens=3, head_weight=3.0, token_budget=None
                 h = torch.cat([last.expand(B, 1, -1), h[:, :-1]], 1)   # [B, T, H]: the state that predicts token k
             else:
                 h, ids, target = h[:, :-1], ids[:, 1:], target[:, 1:]  # without a prefix, token 0 has no prediction
-            lp = grpo.head_logprobs(head, h[target], ids[target]).cpu()  # [n]
+            lp = engine.head_logprobs(head, h[target], ids[target]).cpu()  # [n]
             k = 0
             for g in golds[sl]:
                 w = head_weights(len(g), head_tokens, head_weight)
@@ -498,8 +499,8 @@ def sample_answers(model, tok, prompts, cfg, generator, stop="\n"):
     if not prompts:
         return [], [], 0
     seqs = [p for p in prompts for _ in range(K)]                      # [P*K] prompt p at rows p*K .. p*K+K-1
-    gens, _ = grpo.generate_turn(model, tok, seqs, [cfg.ir_max_tokens] * len(seqs), [stop], grpo.stop_ids(tok, model),
-                                 cfg.ir_temperature, generator, cfg.forward_budget)
+    gens, _ = engine.generate_turn(model, tok, seqs, [cfg.ir_max_tokens] * len(seqs), [stop],
+                                   engine.stop_ids(tok, model), cfg.ir_temperature, generator, cfg.forward_budget)
     lps = sample_logprobs(model, seqs, gens, cfg.forward_budget)
     texts = [tok.decode(g, skip_special_tokens=True).split(stop)[0].strip() for g in gens]
     return ([texts[p * K:(p + 1) * K] for p in range(len(prompts))],

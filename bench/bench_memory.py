@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import engine  # noqa: E402
 import grpo  # noqa: E402
 import igsearch  # noqa: E402
 import lora  # noqa: E402
@@ -66,8 +67,8 @@ def one_case(case, cfg, heap="steady"):
     rng, generator = random.Random(cfg.seed), torch.Generator().manual_seed(cfg.seed)
     ref = opt = None
     if case not in ("warmup", "eval"):
-        ref = lora.Reference(model) if cfg.lora_rank else grpo.frozen_copy(model, cfg.precision)
-        opt = grpo.adamw(model.parameters(), cfg.lr)
+        ref = lora.Reference(model) if cfg.lora_rank else engine.frozen_copy(model, cfg.precision)
+        opt = engine.adamw(model.parameters(), cfg.lr)
     def grpo_step():
         reward, _, regime = case.partition("-")
         c = dataclasses.replace(cfg, reward=reward)
@@ -78,7 +79,7 @@ def one_case(case, cfg, heap="steady"):
         if regime == "scripted":
             rollouts = scripted_rollouts(tok, batch_q, groups, retriever, c, 2)
         elif regime == "forced":
-            with grpo.autocast(c.precision, device):
+            with engine.autocast(c.precision, device):
                 rollouts = grpo.generate_rollouts(model, tok, batch_q, groups, retriever,
                                                   **igsearch.rollout_kwargs(c, c.temperature, generator),
                                                   turn_fn=forced_search_turns(model, tok, c, generator))

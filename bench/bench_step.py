@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import engine  # noqa: E402
 import grpo  # noqa: E402
 import igsearch  # noqa: E402
 import retrieve  # noqa: E402
@@ -36,7 +37,7 @@ def time_variant(model, ref_model, tok, retriever, rollouts, cfg, reward, seed):
     reference): for the outcome reward, which scores without a model, the update's."""
     cfg = dataclasses.replace(cfg, reward=reward)
     m = copy.deepcopy(model)
-    opt = grpo.adamw(m.parameters(), cfg.lr)  # as a run makes it (fused, moments in one buffer)
+    opt = engine.adamw(m.parameters(), cfg.lr)  # as a run makes it (fused, moments in one buffer)
     counted = [Positions(m), Positions(ref_model)]
     t = time.perf_counter()
     metrics, _, _ = igsearch.train_step(m, ref_model, opt, tok, retriever, [], cfg, torch.Generator().manual_seed(seed),
@@ -73,13 +74,13 @@ def ig_prefix_sharing(model, tok, retriever, rollouts, cfg, seed):
 # Roofline (bench/roofline.py): each phase's achieved rate against the machine's dense matmul rate
 
 def engine_vs_generate(model, tok, prompts, new_tokens, seed):
-    """Tokens/s of grpo.generate_turn against model.generate on the same prompts, same number of new tokens
+    """Tokens/s of engine.generate_turn against model.generate on the same prompts, same number of new tokens
     (no stop strings, EOS ignored on both sides so both produce exactly new_tokens per row), and the engine's
     FLOP/s (roofline.Positions: 2·P per prompt and generated token, the head once per row and step)."""
-    grpo.generate_turn(model, tok, prompts, [4] * len(prompts), [], set(), 1.0, torch.Generator())  # warm-up
+    engine.generate_turn(model, tok, prompts, [4] * len(prompts), [], set(), 1.0, torch.Generator())  # warm-up
     gen, positions = torch.Generator().manual_seed(seed), Positions(model)
     t = time.perf_counter()
-    outs, _ = grpo.generate_turn(model, tok, prompts, [new_tokens] * len(prompts), [], set(), 1.0, gen)
+    outs, _ = engine.generate_turn(model, tok, prompts, [new_tokens] * len(prompts), [], set(), 1.0, gen)
     ours_s = time.perf_counter() - t
     positions.remove()
     ours = sum(len(o) for o in outs) / ours_s
@@ -142,14 +143,14 @@ def forced_search_turns(model, tok, cfg, generator):
     Sampling then costs what it costs for a policy that searches, which untrained SmolLM2 never does alone."""
     opener = tok.encode("<search>", add_special_tokens=False)
     closer = tok.encode(" </search>", add_special_tokens=False)
-    eos_ids = grpo.stop_ids(tok, model)
+    eos_ids = engine.stop_ids(tok, model)
 
     def turn_fn(active, seqs, budget, stops):
         if "</search>" not in stops:  # the answer-only turn: the model alone
-            return grpo.generate_turn(model, tok, seqs, budget, stops, eos_ids, cfg.temperature, generator,
+            return engine.generate_turn(model, tok, seqs, budget, stops, eos_ids, cfg.temperature, generator,
                                       cfg.forward_budget)
         room = [max(1, b - len(opener) - len(closer)) for b in budget]
-        gens, why = grpo.generate_turn(model, tok, [s + opener for s in seqs], room, stops, eos_ids,
+        gens, why = engine.generate_turn(model, tok, [s + opener for s in seqs], room, stops, eos_ids,
                                        cfg.temperature, generator, cfg.forward_budget)
         gens = [opener + g + (closer if w not in stops else []) for g, w in zip(gens, why)]
         return gens, [w if w in stops else "</search>" for w in why]  # an answer still ends the episode
@@ -186,14 +187,14 @@ def main(argv=None):
     t = time.perf_counter()
     model, tok, smoke = runs.load_model(args.model, device, args.seed)
     load_s = time.perf_counter() - t
-    ref_model = grpo.frozen_copy(model, cfg.precision)
+    ref_model = engine.frozen_copy(model, cfg.precision)
     variants = [v for v in args.rewards.split(",") if v]
     print(f"model {args.model} ({sum(q.numel() for q in model.parameters()) / 1e6:.1f}M params, loaded in "
           f"{load_s:.1f} s) on {device}, torch {torch.__version__}, {torch.get_num_threads()} threads; --tiny preset: "
           f"{cfg.questions_per_step} questions x G={cfg.group_size}, max_turns {cfg.max_turns}")
 
     rng = random.Random(args.seed)
-    fast = lambda: grpo.autocast(cfg.precision, device)  # noqa: E731
+    fast = lambda: engine.autocast(cfg.precision, device)  # noqa: E731
     # warm-up (allocator, kernels, lazy init), untimed: otherwise whichever variant runs first pays for it
     warm = grpo.generate_rollouts(model, tok, train_q[:2], [0, 1], retriever,
                                   **igsearch.rollout_kwargs(cfg, cfg.temperature, torch.Generator().manual_seed(0)))
@@ -261,7 +262,7 @@ def main(argv=None):
           f"tokens: ratio {ours / theirs:.2f}")
 
     # roofline: every rate against a plain matmul at the model's sizes, measured here, now
-    P, bf16 = body_params(model), grpo.bf16_forwards(cfg.precision, device)
+    P, bf16 = body_params(model), engine.bf16_forwards(cfg.precision, device)
     mm = {dt: matmul_rate(*mlp_sizes(model), dt, device) for dt in (torch.bfloat16, torch.float32)}
     peak = mm[torch.bfloat16 if bf16 else torch.float32]
     print(f"\nroofline: torch.mm [2048 x {model.config.hidden_size}] @ [{model.config.hidden_size} x "

@@ -77,6 +77,7 @@ def run_phase(spec):
     import igsearch
     import retrieve
     runs = __import__("runs") if (Path.cwd() / "runs.py").exists() else igsearch  # runs.py came later
+    engine = __import__("engine") if (Path.cwd() / "engine.py").exists() else grpo  # and engine.py after it
     cfg, _ = igsearch.parse_args(["--tiny"])
     have = {f.name for f in dataclasses.fields(cfg)}
     settings = {k: v for k, v in spec["settings"].items() if k in have}
@@ -88,7 +89,7 @@ def run_phase(spec):
     model, tok, _ = runs.load_model(spec["model"], device, cfg.seed)
     rng, generator = random.Random(cfg.seed), torch.Generator().manual_seed(cfg.seed)
     out = {"left_out": sorted(set(spec["settings"]) - have), "precision": getattr(cfg, "precision", "fp32")}
-    bf16 = hasattr(grpo, "bf16_forwards") and grpo.bf16_forwards(cfg.precision, device)  # older trees: fp32
+    bf16 = hasattr(engine, "bf16_forwards") and engine.bf16_forwards(cfg.precision, device)  # older trees: fp32
     out.update(P=roofline.body_params(model), mlp=roofline.mlp_sizes(model), bf16=bool(bf16))
     counted = [roofline.Positions(model)]  # the work the phase needs (roofline.py), for its time at the matmul rate
     if spec["phase"] == "warmup":
@@ -102,10 +103,10 @@ def run_phase(spec):
     else:
         ref = None
         if cfg.beta_kl > 0 or cfg.reward == "inforeasoner":  # as igsearch.py builds it, in either tree
-            ref = (grpo.frozen_copy(model, cfg.precision) if hasattr(grpo, "frozen_copy")
+            ref = (engine.frozen_copy(model, cfg.precision) if hasattr(engine, "frozen_copy")
                    else copy.deepcopy(model).eval().requires_grad_(False))
             counted.append(roofline.Positions(ref))
-        opt = (grpo.adamw(model.parameters(), cfg.lr) if hasattr(grpo, "adamw")  # as the tree builds it
+        opt = (engine.adamw(model.parameters(), cfg.lr) if hasattr(engine, "adamw")  # as the tree builds it
                else torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0))
         qs = spec["questions"][: cfg.questions_per_step]
         rollouts = scripted_rollouts(grpo, tok, retriever, qs, cfg) if spec["phase"] == "step-scripted" else None

@@ -30,8 +30,8 @@ def _isolated_cache(tmp_path, monkeypatch):
 def _auto_precision_is_fp32(monkeypatch):
     # precision "auto" (the default) means fp32 in tests, so that hand-computed expectations hold to 1e-6; the
     # tests of bf16 ask for it by name (precision="bf16").
-    import grpo
-    monkeypatch.setattr(grpo, "bf16_native", lambda device: False)
+    import engine
+    monkeypatch.setattr(engine, "bf16_native", lambda device: False)
 
 
 @pytest.fixture(autouse=True)

@@ -9,8 +9,8 @@
     python tests/mutate.py --tally LOG [LOG..]  # the score of the current mutants from the outputs of runs in parts
 
 The formula lines are the bodies and default arguments of the functions in TARGETS (rewards.py, the math of
-grpo.py, and the lines of igsearch.py that combine them: the rewards of a step, the update, the defaults that
-METHOD gives), less the bookkeeping lines LINES and FIELDS leave out. Each
+grpo.py and engine.py, and the lines of igsearch.py that combine them: the rewards of a step, the update, the
+defaults that METHOD gives), less the bookkeeping lines LINES and FIELDS leave out. Each
 mutant changes one node on one line, the kind of slip a reader makes:
 
     constant     a number n -> n + 1 (floats: 2n, 0 -> 1), True <-> False
@@ -51,10 +51,9 @@ TARGETS = {
                    "nli_equivalent.equivalent", "entailment_index", "load_nli.entail", "sample_logprobs",
                    "sample_answers", "trajectory_evidence", "inforeasoner_information_gain", "inforeasoner_beliefs",
                    "ir_metrics", "IR_EPS"],
-    "grpo.py": ["extract_answer", "stop_ids", "token_chunks", "generate_turn", "sample_tokens", "_generate_batch",
-                "Batch.policy_mask",
-                "group_advantages", "token_advantages",
-                "head_logprobs", "token_logprobs", "grpo_loss", "ig_gate", "add_query_bonus"],
+    "grpo.py": ["extract_answer", "Batch.policy_mask", "group_advantages", "token_advantages", "token_logprobs",
+                "grpo_loss", "ig_gate", "add_query_bonus"],
+    "engine.py": ["stop_ids", "token_chunks", "generate_turn", "sample_tokens", "_generate_batch", "head_logprobs"],
     "igsearch.py": ["Config", "PRESETS", "train_step", "step_rewards", "update_policy"],
     "ranks.py": ["accumulate_gradients"],
 }
@@ -88,7 +87,7 @@ TESTS = {
     **{f: ["rewards.py", *FAST_IR, "tests/test_inforeasoner.py -k nli_model_loads"] for f in ("entailment_index",
                                                                                                "load_nli.entail")},
     "stop_ids": ["tests/test_engine.py"],
-    "token_chunks": ["grpo.py", "tests/test_budget.py -k 'chunks or update or logprobs'"],
+    "token_chunks": ["engine.py", "tests/test_budget.py -k 'chunks or update or logprobs'"],
     "generate_turn": ["tests/test_budget.py -k 'rollout or evaluation or one_batch or belief or longest or shortest'",
                       "tests/test_engine.py"],
     "sample_tokens": ["tests/test_engine.py -k 'sampler or sampling'"],
@@ -193,7 +192,7 @@ EQUIVALENT = {
         'a 2-D tensor: dim 1 is dim -1',
     ('ig_gate', 'return x if (x >= 0) else rho * x'):
         'at x = 0 both branches give 0',
-    ('update_policy', 'micro = ranks.same_count(grpo.token_chunks(attn.sum(1).tolist(), cfg.token_budget))  # row slices'):
+    ('update_policy', 'micro = ranks.same_count(engine.token_chunks(attn.sum(1).tolist(), cfg.token_budget))  # row slices'):
         'a 2-D tensor: dim 1 is dim -1',
     ('update_policy', 'old = torch.cat([policy(ids[sl], attn[sl], mask[sl]) for sl in micro])'):
         'with one epoch the stored old log-probs are the current ones, which the loss otherwise takes detached: '

@@ -21,6 +21,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+import engine  # noqa: E402
 import experiments  # noqa: E402
 import grpo  # noqa: E402
 import igsearch  # noqa: E402
@@ -94,7 +95,7 @@ def one_step(cache_dir, parallel=None, **kw):
     lora.adapt(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)  # as igsearch._train (rank 0: nothing)
     ref_model = lora.Reference(model) if cfg.lora_rank else copy.deepcopy(model).eval().requires_grad_(False)
     dp = ranks.data_parallel(model, parallel) if parallel else None
-    opt = grpo.adamw(model.parameters(), cfg.lr)
+    opt = engine.adamw(model.parameters(), cfg.lr)
     step_grads = {}  # the gradients the optimizer steps on (update_policy drops them after the step)
     opt.register_step_pre_hook(lambda *a: step_grads.update(
         {n: whole(p.grad).detach().clone() for n, p in model.named_parameters() if p.requires_grad}))

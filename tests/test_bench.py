@@ -5,6 +5,7 @@ import sys
 
 import torch
 
+import engine
 import grpo
 import igsearch
 import runs
@@ -59,7 +60,7 @@ def test_roofline_counts_the_decoders_matmul_parameters_and_the_positions_it_com
     # a forward that records a graph counts for its backward too; checkpointing's recomputed layers do not
     layer_calls = []
     hook = model.model.layers[0].self_attn.register_forward_pre_hook(lambda *a: layer_calls.append(1))  # inside it
-    with grpo.recompute(model, True):
+    with engine.recompute(model, True):
         model(input_ids=ids, attention_mask=(ids != 0).long()).logits.sum().backward()
     hook.remove()
     assert len(layer_calls) == 2 and (positions.n, positions.grad) == (26, 8)  # the layer ran twice, counted once

@@ -1,4 +1,4 @@
-"""The token budgets (grpo.token_chunks): every batched forward of a step holds at most --token-budget tokens
+"""The token budgets (engine.token_chunks): every batched forward of a step holds at most --token-budget tokens
 where a backward follows (the update, the warm-up) and --forward-budget where none does (generation, reference
 log-probs, IG scoring, belief sampling), rows × the tokens each row attends to, or a single row where one row
 alone exceeds it; and cutting a batch by them changes no number beyond the order of float sums.
@@ -14,6 +14,7 @@ import random
 import pytest
 import torch
 
+import engine
 import grpo
 import igsearch
 import ranks
@@ -76,15 +77,15 @@ def scripted_rollouts(tok, retriever):
 
 def test_token_chunks_by_hand():
     # budget 12: 3, 4, 4 (3 rows × 4 = 12); 2, 2 (a third row of 6 would make 3 × 6 = 18); 6
-    assert grpo.token_chunks([3, 4, 4, 2, 2, 6], 12) == [slice(0, 3), slice(3, 5), slice(5, 6)]
+    assert engine.token_chunks([3, 4, 4, 2, 2, 6], 12) == [slice(0, 3), slice(3, 5), slice(5, 6)]
     # the chunk's longest row counts, not its sum: 2 rows of 6 fill 12 although they hold 7 tokens
-    assert grpo.token_chunks([6, 1, 1], 12) == [slice(0, 2), slice(2, 3)]
+    assert engine.token_chunks([6, 1, 1], 12) == [slice(0, 2), slice(2, 3)]
     # a row longer than the budget goes alone, and the rows after it start a new chunk
-    assert grpo.token_chunks([5, 30, 5, 5], 12) == [slice(0, 1), slice(1, 2), slice(2, 4)]
-    assert grpo.token_chunks([30], 12) == [slice(0, 1)]
+    assert engine.token_chunks([5, 30, 5, 5], 12) == [slice(0, 1), slice(1, 2), slice(2, 4)]
+    assert engine.token_chunks([30], 12) == [slice(0, 1)]
     # no budget: one chunk; no rows: no chunk
-    assert grpo.token_chunks([5, 30, 5], None) == [slice(0, 3)]
-    assert grpo.token_chunks([], 12) == []
+    assert engine.token_chunks([5, 30, 5], None) == [slice(0, 3)]
+    assert engine.token_chunks([], 12) == []
 
 
 def test_token_chunks_keep_order_fit_the_budget_and_are_greedy():
@@ -92,7 +93,7 @@ def test_token_chunks_keep_order_fit_the_budget_and_are_greedy():
     for _ in range(300):
         lengths = [rng.randint(1, 40) for _ in range(rng.randint(1, 12))]
         budget = rng.randint(1, 100)
-        chunks = grpo.token_chunks(lengths, budget)
+        chunks = engine.token_chunks(lengths, budget)
         assert [i for sl in chunks for i in range(sl.start, sl.stop)] == list(range(len(lengths)))  # order kept
         for k, sl in enumerate(chunks):
             rows = lengths[sl]
@@ -122,7 +123,7 @@ def test_update_micro_batches_fit_the_budget_and_give_the_same_gradients(tiny, r
     batch = grpo.collate(rollouts, tok.pad_token_id)
     lengths = batch.attention_mask.sum(-1).tolist()
     small = 2 * max(lengths[:2])  # the two short rows together, each searching row alone
-    assert grpo.token_chunks(lengths, small) == [slice(0, 2), slice(2, 3), slice(3, 4)]
+    assert engine.token_chunks(lengths, small) == [slice(0, 2), slice(2, 3), slice(3, 4)]
     A = grpo.token_advantages(torch.tensor([1.0, -1.0, 0.5, -0.5]), batch.roles)
     ref = copy.deepcopy(model)
     with torch.no_grad():
@@ -242,7 +243,7 @@ def test_generate_turn_counts_every_row_at_the_turns_longest_max_new(tiny):
     # budget of 30 runs them one by one (a cut at the shortest max_new, 3 × 7 = 21, would batch all three)
     model, _ = tiny
     with Forwards(model) as fw:
-        gens, why = grpo.generate_turn(model, tiny[1], [[11, 12, 13, 14, 15]] * 3, [12, 12, 2], [], set(), 0.0,
+        gens, why = engine.generate_turn(model, tiny[1], [[11, 12, 13, 14, 15]] * 3, [12, 12, 2], [], set(), 0.0,
                                        None, 30)
     assert fw.within(30) == 1
     assert [len(g) for g in gens] == [12, 12, 2] and why == ["length"] * 3
@@ -256,9 +257,9 @@ def test_rows_that_need_several_batches_are_cut_shortest_first(tiny):
     g = torch.Generator().manual_seed(0)
     seqs = [torch.randint(10, 5000, (n,), generator=g).tolist() for n in (5, 20, 5, 20)]
     with Forwards(model) as fw:
-        gens, why = grpo.generate_turn(model, tok, seqs, [2] * 4, [], set(), 0.0, None, 44)
+        gens, why = engine.generate_turn(model, tok, seqs, [2] * 4, [], set(), 0.0, None, 44)
     assert [s for s in fw.seen if s[1] in (5, 20)] == [(2, 5), (2, 20)]  # the two prefills
-    assert (gens, why) == grpo.generate_turn(model, tok, seqs, [2] * 4, [], set(), 0.0, None)
+    assert (gens, why) == engine.generate_turn(model, tok, seqs, [2] * 4, [], set(), 0.0, None)
 
 
 def test_one_batch_samples_as_the_engine_did_before_the_budget(tiny):
@@ -267,9 +268,9 @@ def test_one_batch_samples_as_the_engine_did_before_the_budget(tiny):
     model, tok = tiny
     seqs = [tok.encode(t, add_special_tokens=False) for t in ("The capital of France is", "Rivers", "A b c d e")]
     gen = lambda: torch.Generator().manual_seed(3)  # noqa: E731
-    before = grpo._generate_batch(model, tok, seqs, [6, 6, 6], [], set(), 1.0, gen())
-    assert grpo.generate_turn(model, tok, seqs, [6, 6, 6], [], set(), 1.0, gen(), 10 ** 6) == before
-    assert grpo.generate_turn(model, tok, seqs, [6, 6, 6], [], set(), 1.0, gen()) == before
+    before = engine._generate_batch(model, tok, seqs, [6, 6, 6], [], set(), 1.0, gen())
+    assert engine.generate_turn(model, tok, seqs, [6, 6, 6], [], set(), 1.0, gen(), 10 ** 6) == before
+    assert engine.generate_turn(model, tok, seqs, [6, 6, 6], [], set(), 1.0, gen()) == before
 
 
 def test_evaluation_fits_the_budget_and_answers_as_with_one_batch(tiny, retriever):
@@ -301,7 +302,7 @@ def test_belief_sampling_fits_the_budget_and_its_logprobs_do_not_depend_on_it(ti
     assert [len(t) for t in texts] == [3, 3]
     # the samples' log-probs are those of one batch
     seqs = [p for p in prompts for _ in range(3)]
-    gens, _ = grpo.generate_turn(model, tok, seqs, [6] * 6, ["\n"], grpo.stop_ids(tok, model), 1.0,
+    gens, _ = engine.generate_turn(model, tok, seqs, [6] * 6, ["\n"], engine.stop_ids(tok, model), 1.0,
                                  torch.Generator().manual_seed(0), budget)
     whole = rewards.sample_logprobs(model, seqs, gens)
     assert [x for row in lps for x in row] == pytest.approx(whole, rel=1e-5, abs=1e-6)

@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch import nn
 
+import engine
 import grpo
 import retrieve
 import runs
@@ -61,11 +62,11 @@ def test_information_block_is_the_documents_between_the_tags():
 def test_stop_ids_hold_eos_and_every_generation_eos():
     tok_ = SimpleNamespace(eos_token_id=7)
     model = SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=[5, 9]))
-    assert grpo.stop_ids(tok_, model) == {5, 7, 9}
+    assert engine.stop_ids(tok_, model) == {5, 7, 9}
     model.generation_config.eos_token_id = 9
-    assert grpo.stop_ids(tok_, model) == {7, 9}
+    assert engine.stop_ids(tok_, model) == {7, 9}
     model.generation_config.eos_token_id = None
-    assert grpo.stop_ids(SimpleNamespace(eos_token_id=None), model) == set()
+    assert engine.stop_ids(SimpleNamespace(eos_token_id=None), model) == set()
 
 
 def end_of_turn(tok):
@@ -81,7 +82,7 @@ def test_stop_ids_hold_the_chat_templates_end_of_turn(tok):
     model, tok_ = runs.tiny_random_model(0)
     eot = end_of_turn(tok_)
     assert tok_.decode([eot]) == "<|im_end|>"
-    assert eot in grpo.stop_ids(tok_, model)
+    assert eot in engine.stop_ids(tok_, model)
 
 
 class _Past:
@@ -194,18 +195,18 @@ def test_the_constructed_continuations_are_not_degenerate(prompts):
 def test_greedy_turn_equals_the_continuation_by_hand(tok, arith, prompts):
     model, _ = arith
     short, long, ref_s, ref_l = prompts
-    gens, why = grpo.generate_turn(model, tok, [short, long], [12, 12], [], set(), 0.0, None)
+    gens, why = engine.generate_turn(model, tok, [short, long], [12, 12], [], set(), 0.0, None)
     assert gens == [ref_s, ref_l] and why == ["length", "length"]
-    gens, _ = grpo.generate_turn(model, tok, [long, short], [12, 12], [], set(), 0.0, None)   # padded second
+    gens, _ = engine.generate_turn(model, tok, [long, short], [12, 12], [], set(), 0.0, None)   # padded second
     assert gens == [ref_l, ref_s]
-    gens, _ = grpo.generate_turn(model, tok, [short], [12], [], set(), 0.0, None)
+    gens, _ = engine.generate_turn(model, tok, [short], [12], [], set(), 0.0, None)
     assert gens == [ref_s]
 
 
 def test_max_new_per_row(tok, arith, prompts):
     model, _ = arith
     short, long, ref_s, ref_l = prompts
-    gens, why = grpo.generate_turn(model, tok, [short, long, short], [3, 9, 1], [], set(), 0.0, None)
+    gens, why = engine.generate_turn(model, tok, [short, long, short], [3, 9, 1], [], set(), 0.0, None)
     assert gens == [ref_s[:3], ref_l[:9], ref_s[:1]] and why == ["length"] * 3
 
 
@@ -227,13 +228,13 @@ def test_stop_string_across_a_token_boundary(tok, arith, prompts):
     stop = tok.decode(ref_s[3:4])[-1] + tok.decode(ref_s[4:5])[:2]
     expected = [cut_by_hand(tok, ref, ["no such string", stop]) for ref in (ref_s, ref_l)]
     assert len(expected[0][0]) <= 5 and expected[0][1] == stop
-    gens, why = grpo.generate_turn(model, tok, [short, long], [12, 12], ["no such string", stop], set(), 0.0, None)
+    gens, why = engine.generate_turn(model, tok, [short, long], [12, 12], ["no such string", stop], set(), 0.0, None)
     assert list(zip(gens, why)) == expected
     # a stop string inside the first token (its text without the first and last character): one token
     inner = tok.decode(ref_s[:1])[1:-1]
     expected = [cut_by_hand(tok, ref, [inner]) for ref in (ref_s, ref_l)]
     assert expected[0] == (ref_s[:1], inner)
-    gens, why = grpo.generate_turn(model, tok, [short, long], [12, 12], [inner], set(), 0.0, None)
+    gens, why = engine.generate_turn(model, tok, [short, long], [12, 12], [inner], set(), 0.0, None)
     assert list(zip(gens, why)) == expected
 
 
@@ -245,7 +246,7 @@ def test_a_row_that_stops_leaves_the_others_exact(tok, arith, prompts):
     ref_m = arith[1](middle, 12)
     eos = {ref_s[4]}
     expected = [cut_by_hand(tok, ref, [], eos) for ref in (ref_l, ref_s, ref_m)]
-    gens, why = grpo.generate_turn(model, tok, [long, short, middle], [12, 12, 12], [], eos, 0.0, None)
+    gens, why = engine.generate_turn(model, tok, [long, short, middle], [12, 12, 12], [], eos, 0.0, None)
     assert list(zip(gens, why)) == expected
     assert expected[1] == (ref_s[:ref_s.index(ref_s[4]) + 1], "eos")
 
@@ -275,7 +276,7 @@ class FixedLM(nn.Module):
 ])
 def test_sampling_frequencies_follow_the_temperature(tok, T, expected):
     n = 4000
-    gens, why = grpo.generate_turn(FixedLM(), tok, [[5]] * n, [1] * n, [], set(), T, torch.Generator().manual_seed(0))
+    gens, why = engine.generate_turn(FixedLM(), tok, [[5]] * n, [1] * n, [], set(), T, torch.Generator().manual_seed(0))
     assert why == ["length"] * n
     freq = [sum(g == [t] for g in gens) / n for t in range(3)]
     assert sum(freq) == 1.0
@@ -285,7 +286,7 @@ def test_sampling_frequencies_follow_the_temperature(tok, T, expected):
 
 
 def test_temperature_zero_is_greedy(tok):
-    gens, _ = grpo.generate_turn(FixedLM(), tok, [[5]] * 50, [1] * 50, [], set(), 0.0, None)
+    gens, _ = engine.generate_turn(FixedLM(), tok, [[5]] * 50, [1] * 50, [], set(), 0.0, None)
     assert gens == [[2]] * 50
 
 
@@ -298,7 +299,7 @@ def test_sampler_inverts_the_cumulative_distribution_at_the_uniform_draw(monkeyp
     probs = torch.tensor([[0.2, 0.0, 0.5, 0.3]] * 6)
     u = torch.tensor([[0.0], [0.1999], [0.2], [0.6999], [0.7], [0.9999]], dtype=torch.float64)
     monkeypatch.setattr(torch, "rand", lambda *a, **k: u)
-    assert grpo.sample_tokens(probs, None).tolist() == [0, 0, 2, 2, 3, 3]  # never 1, whose probability is 0
+    assert engine.sample_tokens(probs, None).tolist() == [0, 0, 2, 2, 3, 3]  # never 1, whose probability is 0
 
 
 def test_sampler_scales_the_draw_by_the_row_total(monkeypatch):
@@ -307,7 +308,7 @@ def test_sampler_scales_the_draw_by_the_row_total(monkeypatch):
     probs = torch.tensor([[1.0, 3.0], [1.0, 3.0], [0.0, 2.0], [1.0, 3.0]])
     u = torch.tensor([[0.24], [0.26], [0.0], [1.0]], dtype=torch.float64)
     monkeypatch.setattr(torch, "rand", lambda *a, **k: u)
-    assert grpo.sample_tokens(probs, None).tolist() == [0, 1, 1, 1]
+    assert engine.sample_tokens(probs, None).tolist() == [0, 1, 1, 1]
 
 
 def test_sampler_frequencies_rows_and_seed():
@@ -315,12 +316,12 @@ def test_sampler_frequencies_rows_and_seed():
     probs = torch.tensor([[0.0, 0.1, 0.0, 0.6, 0.3, 0.0], [0.5, 0.0, 0.0, 0.0, 0.0, 0.5]])
     n = 20000
     gen = torch.Generator().manual_seed(0)
-    draws = torch.stack([grpo.sample_tokens(probs, gen) for _ in range(n)])  # [n, 2]
+    draws = torch.stack([engine.sample_tokens(probs, gen) for _ in range(n)])  # [n, 2]
     for row in range(2):
         freq = torch.bincount(draws[:, row], minlength=6).double() / n
         # a binomial frequency over 20,000 draws has a standard deviation under 0.0036: 0.015 is beyond 4 of them
         assert freq.tolist() == pytest.approx(probs[row].tolist(), abs=0.015)
         assert freq[probs[row] == 0].sum() == 0
-    again = grpo.sample_tokens(probs.repeat(50, 1), torch.Generator().manual_seed(3))
-    assert torch.equal(again, grpo.sample_tokens(probs.repeat(50, 1), torch.Generator().manual_seed(3)))
-    assert not torch.equal(again, grpo.sample_tokens(probs.repeat(50, 1), torch.Generator().manual_seed(4)))
+    again = engine.sample_tokens(probs.repeat(50, 1), torch.Generator().manual_seed(3))
+    assert torch.equal(again, engine.sample_tokens(probs.repeat(50, 1), torch.Generator().manual_seed(3)))
+    assert not torch.equal(again, engine.sample_tokens(probs.repeat(50, 1), torch.Generator().manual_seed(4)))

@@ -48,8 +48,8 @@ def kept_files(run):
 def model_opt():
     """The model and optimizer that --resume builds, with AdamW's moments of every parameter."""
     model, _ = runs.tiny_random_model()
-    import grpo
-    return model, grpo.adamw(model.parameters(), 1e-3)
+    import engine
+    return model, engine.adamw(model.parameters(), 1e-3)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import random
 import pytest
 import torch
 
+import engine
 import grpo
 import igsearch
 import rewards
@@ -53,7 +54,7 @@ def mean_logprob_by_hand(model, prompt, sample):
 
 
 def script_engine(monkeypatch, tok, answer_of, record=None):
-    """The engine's batches (grpo._generate_batch, under generate_turn's token budget) replaced by fixed
+    """The engine's batches (engine._generate_batch, under generate_turn's token budget) replaced by fixed
     samples: answer_of(prompt text, row index within its batch) -> ids."""
     def fake(model, tok_, seqs, max_new, stop_strings, eos_ids, temperature, generator):
         if record is not None:
@@ -61,7 +62,7 @@ def script_engine(monkeypatch, tok, answer_of, record=None):
                            "eos": set(eos_ids), "temperature": temperature, "seqs": [list(s) for s in seqs]})
         gens = [list(answer_of(tok.decode(s), j)) for j, s in enumerate(seqs)]
         return gens, ["\n"] * len(seqs)
-    monkeypatch.setattr(grpo, "_generate_batch", fake)
+    monkeypatch.setattr(engine, "_generate_batch", fake)
 
 
 def ir_config(**kw):
@@ -101,7 +102,7 @@ def test_sample_answers_by_hand(tiny, monkeypatch):
     c = calls[0]
     assert c["model"] is model and c["seqs"] == [prompts[0]] * 3 + [prompts[1]] * 3
     assert c["temperature"] == 0.7 and c["max_new"] == [5] * 6 and c["stops"] == ["\n"]
-    assert c["eos"] == grpo.stop_ids(tok, model) and eos in c["eos"]
+    assert c["eos"] == engine.stop_ids(tok, model) and eos in c["eos"]
     # texts cut at the newline and stripped (the EOS token is not text); the empty sample stays empty here
     assert texts == [["Paris", "Lyon", "The Seine river"], ["Nice", "", "Brest and more"]]
     # each mean covers every sampled token, the one that ended the sample (newline or EOS) included

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import engine
 import grpo
 import retrieve
 import runs
@@ -30,9 +31,9 @@ def test_gguf_model_checkpoints_and_reloads_bit_for_bit(tmp_path):
     assert not smoke2
     prompt = grpo.prompt_ids(tok, "What is the capital of France?")
     assert prompt == grpo.prompt_ids(tok2, "What is the capital of France?")
-    stops = grpo.stop_ids(tok, model)
-    a, why_a = grpo.generate_turn(model, tok, [prompt], [12], ["</answer>"], stops, 0.0, None)
-    b, why_b = grpo.generate_turn(again, tok2, [prompt], [12], ["</answer>"], stops, 0.0, None)
+    stops = engine.stop_ids(tok, model)
+    a, why_a = engine.generate_turn(model, tok, [prompt], [12], ["</answer>"], stops, 0.0, None)
+    b, why_b = engine.generate_turn(again, tok2, [prompt], [12], ["</answer>"], stops, 0.0, None)
     assert a == b and why_a == why_b and len(a[0]) >= 1
     ids = torch.tensor([prompt + a[0]])
     with torch.no_grad():

@@ -13,6 +13,7 @@ import socket
 import pytest
 import torch
 
+import engine
 import grpo
 import igsearch
 import retrieve
@@ -200,7 +201,7 @@ def test_total_token_cap_truncates(tok, retriever):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 2. The generation engine (grpo.generate_turn) on the tiny model
+# 2. The generation engine (engine.generate_turn) on the tiny model
 
 def greedy_reference(model, seq, n):
     """n greedy tokens by a full forward pass of the whole sequence at every step (no cache, no padding)."""
@@ -214,7 +215,7 @@ def greedy_reference(model, seq, n):
 
 
 @pytest.fixture(scope="module")
-def engine(tiny):
+def shaped_tiny(tiny):
     """The tiny model with its layers re-drawn at std 0.3. At the default init (std 0.02, tied embeddings) the
     residual stream is almost the input embedding, so greedy decoding repeats the last prompt token forever
     and would hide a padding or position bug; with larger layer weights attention shapes every token."""
@@ -229,57 +230,57 @@ def engine(tiny):
 
 
 @pytest.fixture(scope="module")
-def two_prompts(engine):
-    model, tok = engine
+def two_prompts(shaped_tiny):
+    model, tok = shaped_tiny
     short = grpo.prompt_ids(tok, "Who?")
     long = grpo.prompt_ids(tok, "Which river flows through the capital of France, and how long is it in kilometres?")
     assert len(long) - len(short) >= 15
     return short, long, greedy_reference(model, short, 12), greedy_reference(model, long, 12)
 
 
-def test_greedy_turn_equals_step_by_step_argmax(engine, two_prompts):
-    model, tok = engine
+def test_greedy_turn_equals_step_by_step_argmax(shaped_tiny, two_prompts):
+    model, tok = shaped_tiny
     short, long, ref_s, ref_l = two_prompts
-    gens, why = grpo.generate_turn(model, tok, [short, long], [12, 12], [], set(), 0.0, None)
+    gens, why = engine.generate_turn(model, tok, [short, long], [12, 12], [], set(), 0.0, None)
     assert gens == [ref_s, ref_l] and why == ["length", "length"]
     # the other order (the short prompt now padded in the second row) and each prompt alone give the same
-    gens, _ = grpo.generate_turn(model, tok, [long, short], [12, 12], [], set(), 0.0, None)
+    gens, _ = engine.generate_turn(model, tok, [long, short], [12, 12], [], set(), 0.0, None)
     assert gens == [ref_l, ref_s]
-    gens, _ = grpo.generate_turn(model, tok, [short], [12], [], set(), 0.0, None)
+    gens, _ = engine.generate_turn(model, tok, [short], [12], [], set(), 0.0, None)
     assert gens == [ref_s]
 
 
-def test_max_new_per_row(engine, two_prompts):
-    model, tok = engine
+def test_max_new_per_row(shaped_tiny, two_prompts):
+    model, tok = shaped_tiny
     short, long, ref_s, ref_l = two_prompts
-    gens, why = grpo.generate_turn(model, tok, [short, long, short], [3, 9, 1], [], set(), 0.0, None)
+    gens, why = engine.generate_turn(model, tok, [short, long, short], [3, 9, 1], [], set(), 0.0, None)
     assert gens == [ref_s[:3], ref_l[:9], ref_s[:1]] and why == ["length"] * 3
 
 
 
-def test_repeated_prompts_share_one_prefill(engine, two_prompts):
+def test_repeated_prompts_share_one_prefill(shaped_tiny, two_prompts):
     # InfoReasoner's K samples of one belief: the rows of a repeated prompt are prefilled once, then each row
     # continues on its own copy of the cache: greedy gives each prompt's own continuation, sampling K different ones
-    model, tok = engine
+    model, tok = shaped_tiny
     short, long, ref_s, ref_l = two_prompts
     prefill_rows = []
     hook = model.register_forward_pre_hook(
         lambda m, args, kw: prefill_rows.append(kw["input_ids"].shape) if kw["input_ids"].shape[1] > 1 else None,
         with_kwargs=True)
     try:
-        gens, _ = grpo.generate_turn(model, tok, [short, short, long, short], [12] * 4, [], set(), 0.0, None)
+        gens, _ = engine.generate_turn(model, tok, [short, short, long, short], [12] * 4, [], set(), 0.0, None)
         assert gens == [ref_s, ref_s, ref_l, ref_s]
         assert [rows for rows, _ in prefill_rows] == [2]  # one prefill, of the 2 distinct prompts
         gen = torch.Generator().manual_seed(0)
-        gens, _ = grpo.generate_turn(model, tok, [long] * 6, [12] * 6, [], set(), 1.0, gen)
+        gens, _ = engine.generate_turn(model, tok, [long] * 6, [12] * 6, [], set(), 1.0, gen)
         assert [rows for rows, _ in prefill_rows] == [2, 1] and len({tuple(g) for g in gens}) == 6
     finally:
         hook.remove()
 
-def test_kv_cache_writes_in_place_and_gives_the_dynamic_caches_logits(engine, two_prompts):
+def test_kv_cache_writes_in_place_and_gives_the_dynamic_caches_logits(shaped_tiny, two_prompts):
     # the preallocated cache against transformers' own: two left-padded rows, a prefill and 4 decode steps, the
     # second row dropped after step 2 (as when it stops); the same logits, and every step writes into the one buffer
-    model, tok = engine
+    model, tok = shaped_tiny
     short, long = two_prompts[:2]
     L = len(long)
     ids = torch.tensor([[0] * (L - len(short)) + short, long])
@@ -288,9 +289,9 @@ def test_kv_cache_writes_in_place_and_gives_the_dynamic_caches_logits(engine, tw
     logits = {}
     cases = [(f"{name} {prec}", name, prec) for prec in ("fp32", "bf16") for name in ("dynamic", "roomy")]
     for key, name, prec in cases:
-        past = grpo.kv_cache(model, 5) if name == "roomy" else None
+        past = engine.kv_cache(model, 5) if name == "roomy" else None
         a, p, steps = attn, pos, []
-        with torch.no_grad(), grpo.autocast(prec, torch.device("cpu")):
+        with torch.no_grad(), engine.autocast(prec, torch.device("cpu")):
             out = model(input_ids=ids, attention_mask=a, position_ids=p, past_key_values=past, use_cache=True)
             cache, nxt = out.past_key_values, out.logits[:, -1].argmax(-1)
             steps.append(out.logits[:, -1])
@@ -310,14 +311,14 @@ def test_kv_cache_writes_in_place_and_gives_the_dynamic_caches_logits(engine, tw
                 if name == "roomy":
                     assert cache.layers[0].k_buf.data_ptr() == buf and cache.get_seq_length() == L + step + 1
         logits[key] = steps
-    assert isinstance(cache.layers[0], grpo.RoomyLayer) and cache.layers[0].k_buf.shape[2] == L + 5
+    assert isinstance(cache.layers[0], engine.RoomyLayer) and cache.layers[0].k_buf.shape[2] == L + 5
     # under bf16 autocast the keys are stored as the attention reads them (it casts them to bf16 itself)
     assert cache.layers[0].k_buf.dtype == cache.layers[0].v_buf.dtype == torch.bfloat16
     for prec in ("fp32", "bf16"):
         for d, r in zip(logits[f"dynamic {prec}"], logits[f"roomy {prec}"]):
             assert torch.equal(d, r)
     # a model that is not a transformers model builds its own cache
-    assert grpo.kv_cache(torch.nn.Linear(2, 2), 5) is None
+    assert engine.kv_cache(torch.nn.Linear(2, 2), 5) is None
 
 # Stop strings across token boundaries, EOS and rows leaving the batch at different steps: tests/test_engine.py,
 # on a constructed model whose continuations are known by hand (a random model's need not suit the test).
@@ -350,7 +351,7 @@ def test_stop_string_whatever_its_tokenization(tiny, pieces):
     script = [i for piece in pieces for i in enc(tok, piece)]
     assert all(len(enc(tok, piece)) == 1 for piece in pieces)  # each piece is one token
     n_stop = pieces.index(">\n\n" if ">\n\n" in pieces else ">") + 1
-    gens, why = grpo.generate_turn(Forced(model, script), tok, [[1, 2, 3]], [20], ["</search>", "</answer>"],
+    gens, why = engine.generate_turn(Forced(model, script), tok, [[1, 2, 3]], [20], ["</search>", "</answer>"],
                                    set(), 0.0, None)
     assert gens == [script[:n_stop]] and why == ["</search>"]
 
@@ -372,10 +373,10 @@ def test_engine_rollouts_equal_scripted_rollouts(tiny, retriever):
     assert len(real[0].ids) != len(real[1].ids)
 
 
-def test_sampling_is_reproducible_with_a_seeded_generator(engine, two_prompts):
-    model, tok = engine
+def test_sampling_is_reproducible_with_a_seeded_generator(shaped_tiny, two_prompts):
+    model, tok = shaped_tiny
     short, long, _, _ = two_prompts
-    runs = [grpo.generate_turn(model, tok, [short, long], [3, 3], [], set(), 1.0, torch.Generator().manual_seed(s))[0]
+    runs = [engine.generate_turn(model, tok, [short, long], [3, 3], [], set(), 1.0, torch.Generator().manual_seed(s))[0]
             for s in (0, 0, 1)]
     assert runs[0] == runs[1] and runs[0] != runs[2]
 
@@ -715,8 +716,8 @@ def test_gradient_reaches_only_policy_positions(tiny, scripted_batch, beta_kl):
 # ----------------------------------------------------------------------------------------------------
 # 7. token_logprobs equals a plain full forward pass
 
-def test_token_logprobs_matches_a_full_forward(engine):
-    model, tok = engine
+def test_token_logprobs_matches_a_full_forward(shaped_tiny):
+    model, tok = shaped_tiny
     texts = ["The Seine flows through Paris and into the English Channel at Le Havre.",
              "<search> capital of France </search>",
              "Hi",
@@ -778,7 +779,7 @@ def _toy_task(tiny, sign, steps=4, G=8):
     gen = torch.Generator().manual_seed(0)
     hits = []
     for _ in range(steps):
-        gens, why = grpo.generate_turn(model, tok, [prompt] * G, [1] * G, [], set(), 1.0, gen)
+        gens, why = engine.generate_turn(model, tok, [prompt] * G, [1] * G, [], set(), 1.0, gen)
         assert all(len(g) == 1 for g in gens) and why == ["length"] * G
         R = [float(g[0] == target) for g in gens]
         hits.append(int(sum(R)))

@@ -8,6 +8,7 @@ import random
 import pytest
 import torch
 
+import engine
 import grpo
 import igsearch
 import rewards
@@ -272,7 +273,7 @@ def test_all_wrong_group_learns_from_ig(tiny, monkeypatch):
     def fake_turn(model_, tok_, seqs, *args):  # the reference answers Paris when its context holds the Paris article
         return [tok.encode("Paris\n" if "Paris is the capital" in tok.decode(s) else "London\n",
                            add_special_tokens=False) for s in seqs], ["\n"] * len(seqs)
-    monkeypatch.setattr(grpo, "generate_turn", fake_turn)
+    monkeypatch.setattr(engine, "generate_turn", fake_turn)
 
     def step(searches):
         policy = copy.deepcopy(model)
@@ -315,9 +316,9 @@ def toy_rollouts(tok):
 
 
 def spy_generate(monkeypatch, tok, script=None):
-    """Record every batch of the engine (grpo._generate_batch: rows, rows with a Context line, tokens made);
+    """Record every batch of the engine (engine._generate_batch: rows, rows with a Context line, tokens made);
     `script(has_context)` replaces what the model samples with fixed text."""
-    calls, real = [], grpo._generate_batch
+    calls, real = [], engine._generate_batch
 
     def spy(model, tok_, seqs, max_new, stop_strings, eos_ids, temperature, generator):
         ctx = ["Context:" in tok.decode(s) for s in seqs]
@@ -331,7 +332,7 @@ def spy_generate(monkeypatch, tok, script=None):
                       "prompts": len(set(map(tuple, seqs)))})
         return gens, why
 
-    monkeypatch.setattr(grpo, "_generate_batch", spy)
+    monkeypatch.setattr(engine, "_generate_batch", spy)
     return calls
 
 
@@ -444,7 +445,7 @@ def test_belief_prompts_and_stops_reach_the_engine(tiny, monkeypatch, belief_kin
         texts = [f" Paris {stop}" if expected.get(tuple(s)) == "with" or j > 0 else f" Lyon {stop}"
                  for j, s in enumerate(seqs)]
         return [tok.encode(t, add_special_tokens=False) for t in texts], [stop] * len(seqs)
-    monkeypatch.setattr(grpo, "_generate_batch", fake)
+    monkeypatch.setattr(engine, "_generate_batch", fake)
     monkeypatch.setattr(rewards, "sample_logprobs", lambda model_, prompts, samples, budget=None: [0.0] * len(prompts))
     ig, extra = inforeasoner_information_gain(model, tok, [r], ir_config(ir_belief=belief_kind),
                                               torch.Generator().manual_seed(0))
@@ -462,7 +463,7 @@ def test_agent_belief_samples_end_at_the_answer_tag(tiny, monkeypatch):
     samples = [tok.encode(" Paris\nFrance </answer>", add_special_tokens=False),
                tok.encode(" Lyon", add_special_tokens=False) + [eos], tok.encode(" Nice and", add_special_tokens=False)]
     row = iter(range(3))
-    monkeypatch.setattr(grpo, "_generate_batch", lambda m, t, seqs, *a: ([samples[next(row)] for _ in seqs],
+    monkeypatch.setattr(engine, "_generate_batch", lambda m, t, seqs, *a: ([samples[next(row)] for _ in seqs],
                                                                          ["</answer>", "eos", "length"]))
     prompt = rewards.agent_belief_prompt(tok, "Capital of France?")
     texts, _, n = rewards.sample_answers(model, tok, [prompt], ir_config(ir_samples=3), None, "</answer>")

@@ -7,6 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import engine
 import experiments
 import grpo
 import igsearch
@@ -87,7 +88,7 @@ def test_the_reference_is_the_policy_with_its_adapters_off_and_equals_a_frozen_c
     model, tok = stepped["model"], stepped["tok"]
     ids = sample_ids(len(tok), (3, 10), seed=1)
     attn, mask = torch.ones_like(ids), torch.ones_like(ids, dtype=torch.bool)
-    frozen = grpo.frozen_copy(W.tiny_model(0)[0], "fp32")  # the initial policy, as a run without adapters holds it
+    frozen = engine.frozen_copy(W.tiny_model(0)[0], "fp32")  # the initial policy, as a run without adapters holds it
     with torch.no_grad():
         on = grpo.token_logprobs(model, ids, attn, mask)
         with lora.reference(lora.Reference(model)) as ref:
@@ -103,7 +104,7 @@ def test_the_reference_is_the_policy_with_its_adapters_off_and_equals_a_frozen_c
     held = lora.adapt(copy.deepcopy(base), RANK, bf16=True)
     for m in lora.layers(held):
         torch.nn.init.normal_(m.lora_B, std=0.1, generator=torch.Generator().manual_seed(2))
-    frozen16 = grpo.frozen_copy(base, "bf16")
+    frozen16 = engine.frozen_copy(base, "bf16")
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         with lora.adapters_off(held):
             off16 = grpo.token_logprobs(held, ids, attn, mask)
@@ -188,7 +189,7 @@ def test_merge_writes_a_plain_model_and_eval_reads_the_run(tmp_path, varied_rewa
     ids = sample_ids(len(tok), seed=5)
     assert (logits(merged, ids) - logits(model, ids)).abs().max() < 1e-5  # as in the test above
     assert (logits(merged, ids) - logits(runs.tiny_random_model(0)[0], ids)).abs().max() > 0  # it trained
-    from_run = runs.load_run_model(run, torch.device("cpu"))[0]  # what eval of the run loads
+    from_run = experiments.load_run_model(run, torch.device("cpu"))[0]  # what eval of the run loads
     assert torch.equal(logits(from_run, ids), logits(merged, ids))
     assert experiments.main(["eval", "--model", str(run), "--limit", "1"]) == 0
     capsys.readouterr()

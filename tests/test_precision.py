@@ -1,10 +1,11 @@
-"""bf16 autocast (grpo.autocast): the forward matmuls in bfloat16, the vocabulary projection, log-softmax, loss
+"""bf16 autocast (engine.autocast): the forward matmuls in bfloat16, the vocabulary projection, log-softmax, loss
 and weights in fp32. Losses, log-probs and IG scores agree with fp32 to a stated tolerance on the tiny model."""
 import copy
 
 import pytest
 import torch
 
+import engine
 import grpo
 import rewards
 
@@ -27,11 +28,11 @@ def batch(tok):
 
 def test_autocast_choices():
     assert not torch.is_autocast_enabled("cpu")
-    with grpo.autocast("bf16", CPU):
+    with engine.autocast("bf16", CPU):
         assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
-    with grpo.autocast("fp32", CPU):
+    with engine.autocast("fp32", CPU):
         assert not torch.is_autocast_enabled("cpu")
-    with grpo.autocast("auto", CPU):   # tests pin "auto" to fp32 (conftest); a run takes bf16 where native
+    with engine.autocast("auto", CPU):   # tests pin "auto" to fp32 (conftest); a run takes bf16 where native
         assert not torch.is_autocast_enabled("cpu")
 
 
@@ -41,8 +42,8 @@ def test_head_runs_in_fp32_inside_bf16_autocast(tiny):
     head = model.get_output_embeddings()
     with torch.no_grad():
         exact = head(h).float()
-        with grpo.autocast("bf16", CPU):
-            got = grpo.head_logits(head, h)
+        with engine.autocast("bf16", CPU):
+            got = engine.head_logits(head, h)
             plain = head(h)              # what autocast alone would give: bf16 logits
     assert got.dtype == torch.float32 and torch.equal(got, exact)
     assert plain.dtype == torch.bfloat16 and not torch.equal(plain.float(), exact)
@@ -60,11 +61,11 @@ def test_head_logprobs_by_chunks_keep_no_logits_for_the_backward(tiny, monkeypat
     logits = h @ head.weight.T                                  # [10, V]
     exact = logits[torch.arange(10), tokens] - logits.logsumexp(-1)
     (w_exact, h_exact) = torch.autograd.grad(exact.sum(), (head.weight, h))
-    monkeypatch.setattr(grpo, "HEAD_CHUNK", 4)
+    monkeypatch.setattr(engine, "HEAD_CHUNK", 4)
     saved, rows = [], []
     hook = head.register_forward_hook(lambda m, args, out: rows.append(out.shape[0]))
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
-        got = grpo.head_logprobs(head, h, tokens)
+        got = engine.head_logprobs(head, h, tokens)
     torch.testing.assert_close(got, exact, rtol=1e-5, atol=1e-5)
     (w_got, h_got) = torch.autograd.grad(got.sum(), (head.weight, h))
     hook.remove()
@@ -73,7 +74,7 @@ def test_head_logprobs_by_chunks_keep_no_logits_for_the_backward(tiny, monkeypat
     torch.testing.assert_close(h_got, h_exact, rtol=1e-4, atol=1e-6)
     assert saved and max(saved) < 4 * V
     with torch.no_grad():  # no autograd: plain chunks, the same numbers
-        torch.testing.assert_close(grpo.head_logprobs(head, h, tokens), exact.detach(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(engine.head_logprobs(head, h, tokens), exact.detach(), rtol=1e-5, atol=1e-5)
 
 
 def test_head_logprobs_when_only_the_states_or_only_the_head_need_a_gradient(tiny, monkeypatch):
@@ -85,13 +86,13 @@ def test_head_logprobs_when_only_the_states_or_only_the_head_need_a_gradient(tin
     g = torch.Generator().manual_seed(1)
     h = torch.randn(6, model.config.hidden_size, generator=g, requires_grad=True)
     tokens = torch.randint(0, V, (6,), generator=g)
-    monkeypatch.setattr(grpo, "HEAD_CHUNK", 4)
+    monkeypatch.setattr(engine, "HEAD_CHUNK", 4)
     monkeypatch.setattr(head.weight, "requires_grad", False)
     logits = h @ head.weight.T
     (h_exact,) = torch.autograd.grad((logits[torch.arange(6), tokens] - logits.logsumexp(-1)).sum(), (h,))
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
-        got = grpo.head_logprobs(head, h, tokens)
+        got = engine.head_logprobs(head, h, tokens)
     (h_got,) = torch.autograd.grad(got.sum(), (h,))
     torch.testing.assert_close(h_got, h_exact, rtol=1e-4, atol=1e-6)
     assert saved and max(saved) < 4 * V
@@ -101,7 +102,7 @@ def test_head_logprobs_when_only_the_states_or_only_the_head_need_a_gradient(tin
     h = h.detach()
     logits = h @ head.weight.T
     (w_exact,) = torch.autograd.grad((logits[torch.arange(6), tokens] - logits.logsumexp(-1)).sum(), (head.weight,))
-    (w_got,) = torch.autograd.grad(grpo.head_logprobs(head, h, tokens).sum(), (head.weight,))
+    (w_got,) = torch.autograd.grad(engine.head_logprobs(head, h, tokens).sum(), (head.weight,))
     torch.testing.assert_close(w_got, w_exact, rtol=1e-4, atol=1e-6)
 
 
@@ -110,7 +111,7 @@ def test_bf16_reference_keeps_its_linear_layers_in_bf16_and_gives_the_same_logpr
     # stores them so gives bit-identical log-probs; the head (tied to the embedding here) and the norms stay fp32
     model, tok = tiny
     ids, attn, mask = batch(tok)
-    ref = grpo.frozen_copy(model, "bf16")
+    ref = engine.frozen_copy(model, "bf16")
     head = ref.get_output_embeddings()
     linears = [m for m in ref.modules() if isinstance(m, torch.nn.Linear) and m is not head]
     assert linears and all(m.weight.dtype == torch.bfloat16 for m in linears)
@@ -118,7 +119,7 @@ def test_bf16_reference_keeps_its_linear_layers_in_bf16_and_gives_the_same_logpr
     assert all(not p.requires_grad for p in ref.parameters()) and not ref.training
     bf16_bytes = sum(p.numel() * p.element_size() for p in ref.parameters())
     assert bf16_bytes < sum(p.numel() * p.element_size() for p in model.parameters())
-    with torch.no_grad(), grpo.autocast("bf16", CPU):
+    with torch.no_grad(), engine.autocast("bf16", CPU):
         assert torch.equal(grpo.token_logprobs(ref, ids, attn, mask), grpo.token_logprobs(model, ids, attn, mask))
     # the policy is left as it was (fp32, trainable), and the copy shares no weight with it
     assert all(p.dtype == torch.float32 and p.requires_grad for p in model.parameters())
@@ -126,7 +127,7 @@ def test_bf16_reference_keeps_its_linear_layers_in_bf16_and_gives_the_same_logpr
     assert not policy_ptrs & {p.data_ptr() for p in ref.parameters()}
     assert ref.get_output_embeddings().weight is ref.get_input_embeddings().weight  # still tied, one tensor
     # fp32 forwards: an fp32 copy
-    assert all(p.dtype == torch.float32 for p in grpo.frozen_copy(model, "fp32").parameters())
+    assert all(p.dtype == torch.float32 for p in engine.frozen_copy(model, "fp32").parameters())
 
 
 def test_bf16_logprobs_and_loss_agree_with_fp32(tiny):
@@ -135,7 +136,7 @@ def test_bf16_logprobs_and_loss_agree_with_fp32(tiny):
     A = torch.where(mask, torch.linspace(-1, 1, ids.numel()).view(ids.shape), torch.zeros(()))
     with torch.no_grad():
         lp32 = grpo.token_logprobs(model, ids, attn, mask)
-        with grpo.autocast("bf16", CPU):
+        with engine.autocast("bf16", CPU):
             lp16 = grpo.token_logprobs(model, ids, attn, mask)
     assert lp16.dtype == torch.float32
     assert (lp16 - lp32).abs().max() < 0.05                 # per token, nats
@@ -154,7 +155,7 @@ def test_bf16_gradients_point_the_same_way(tiny):
     grads = {}
     for prec in ("fp32", "bf16"):
         model.zero_grad()
-        with grpo.autocast(prec, CPU):
+        with engine.autocast(prec, CPU):
             lp = grpo.token_logprobs(model, ids, attn, mask)
         grpo.warmup_loss(lp, mask).backward()
         grads[prec] = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
@@ -172,7 +173,7 @@ def test_bf16_ig_scores_agree_with_fp32(tiny):
                  "<information> The Danube flows through Vienna. </information> <answer>"]]
     golds = [tok.encode(" William Shakespeare", add_special_tokens=False)] * 2
     s32 = rewards.gold_scorer(model, prefix)(suffixes, golds)
-    with grpo.autocast("bf16", CPU):
+    with engine.autocast("bf16", CPU):
         s16 = rewards.gold_scorer(model, prefix)(suffixes, golds)
     assert (s16 - s32).abs().max() < 0.05
     ig32, ig16 = float(s32[0] - s32[1]), float(s16[0] - s16[1])   # the IG of the real block over the other
@@ -191,7 +192,7 @@ def test_gradient_checkpointing_recomputes_and_gives_the_same_gradients(tiny):
         for on in (False, True, False):  # off again after on: set once, it acts only inside recompute
             model.zero_grad(set_to_none=True)
             calls.clear()
-            with grpo.recompute(model, on):
+            with engine.recompute(model, on):
                 assert model.training == on  # transformers checkpoints in train mode only
                 loss = grpo.warmup_loss(grpo.token_logprobs(model, ids, attn, mask), mask)
             assert not model.training  # back in eval mode
@@ -213,7 +214,7 @@ def test_adamw_is_fused_and_steps_like_plain_adamw():
     torch.manual_seed(0)
     a = torch.nn.Linear(6, 4)
     b = copy.deepcopy(a)
-    opt_a, opt_b = grpo.adamw(a.parameters(), 1e-2), torch.optim.AdamW(b.parameters(), lr=1e-2, weight_decay=0.0)
+    opt_a, opt_b = engine.adamw(a.parameters(), 1e-2), torch.optim.AdamW(b.parameters(), lr=1e-2, weight_decay=0.0)
     assert opt_a.defaults["fused"] is True and opt_a.defaults["weight_decay"] == 0.0
     for step in range(3):
         x = torch.randn(5, 6)
@@ -240,7 +241,7 @@ def test_flat_grads_add_every_backward_into_one_buffer():
     b = copy.deepcopy(a)
     x1, x2 = torch.randn(5, 6), torch.randn(2, 6)
     for _ in range(2):  # twice: the second starts again from zeros
-        grpo.flat_grads(a.parameters())
+        engine.flat_grads(a.parameters())
         for x in (x1, x2):
             a(x).square().sum().backward()
     b.zero_grad(set_to_none=True)
@@ -251,5 +252,5 @@ def test_flat_grads_add_every_backward_into_one_buffer():
     for g, q in zip(grads, b.parameters()):
         torch.testing.assert_close(g, q.grad, rtol=0, atol=1e-6)
     frozen = torch.nn.Linear(2, 2).requires_grad_(False)
-    grpo.flat_grads(frozen.parameters())
+    engine.flat_grads(frozen.parameters())
     assert frozen.weight.grad is None  # parameters that do not train get none

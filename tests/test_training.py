@@ -12,6 +12,7 @@ import random
 import pytest
 import torch
 
+import engine
 import grpo
 import igsearch
 import retrieve
@@ -220,7 +221,7 @@ def test_inforeasoner_beliefs_come_from_the_reference_not_the_policy(monkeypatch
     def spy_logprobs(model_, *a, **kw):
         used.append(model_)
         return real_logprobs(model_, *a, **kw)
-    monkeypatch.setattr(grpo, "generate_turn", fake_turn)
+    monkeypatch.setattr(engine, "generate_turn", fake_turn)
     monkeypatch.setattr(rewards, "sample_logprobs", spy_logprobs)
     q = {"question": "What is the capital of France?", "golden_answers": ["Paris"]}
     p = grpo.prompt_ids(tok, q["question"])

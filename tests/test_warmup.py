@@ -8,6 +8,7 @@ import weakref
 import pytest
 import torch
 
+import engine
 import grpo
 import igsearch
 import retrieve
@@ -260,7 +261,7 @@ def test_the_last_evaluation_holds_no_optimizer_and_no_reference(monkeypatch, tm
     # memory: AdamW's two moments and the frozen reference are freed before the evaluation after GRPO
     data, corpus = qa_files
     held, alive = [], []
-    real_adamw, real_copy, real_eval = grpo.adamw, grpo.frozen_copy, igsearch.evaluate
+    real_adamw, real_copy, real_eval = engine.adamw, engine.frozen_copy, igsearch.evaluate
 
     def keep(x):
         held.append(weakref.ref(x))
@@ -270,8 +271,8 @@ def test_the_last_evaluation_holds_no_optimizer_and_no_reference(monkeypatch, tm
         alive.append([r() is not None for r in held])
         return real_eval(*a, **kw)
 
-    monkeypatch.setattr(grpo, "adamw", lambda *a, **kw: keep(real_adamw(*a, **kw)))
-    monkeypatch.setattr(grpo, "frozen_copy", lambda *a, **kw: keep(real_copy(*a, **kw)))
+    monkeypatch.setattr(engine, "adamw", lambda *a, **kw: keep(real_adamw(*a, **kw)))
+    monkeypatch.setattr(engine, "frozen_copy", lambda *a, **kw: keep(real_copy(*a, **kw)))
     monkeypatch.setattr(igsearch, "evaluate", spy_eval)
     cfg = igsearch.Config(model="tiny-random", corpus=f"jsonl:{corpus}", data=str(data), out=str(tmp_path / "run"),
                           device="cpu", steps=1, questions_per_step=1, group_size=2, max_turns=1, max_turn_tokens=16,
