@@ -76,7 +76,7 @@ def eval_command(argv):
     sets = eval_sets(data)                      # data errors come before any model is loaded
     docs = retrieve.load_corpus(cfg.corpus)
     retriever = retrieve.Retriever(docs, stopwords=cfg.stopwords)
-    igsearch.seed_everything(cfg.seed)
+    runs.seed_everything(cfg.seed)
     device = runs.pick_device(cfg.device)
     if is_run:  # the newest checkpoint that loads; a damaged one is reported and the previous one used
         model, tok, smoke, name = load_run_model(model_path, device, cfg.seed)
@@ -263,7 +263,8 @@ def _compare(cfg, args, seeds, root, arms=REWARDS):
     start, evals = cfg.model, {}
     if cfg.warmup_steps > 0:  # one warm-up, shared: every run starts from the same weights
         device, retriever, splits, dev = igsearch.setup(cfg)
-        start, evals = igsearch.warm_start(cfg, root, retriever, splits, dev, device, eval_before=False)
+        start, evals = warmup.warm_start(cfg, root, retriever, splits, dev, device, igsearch.evaluate,
+                                            eval_before=False)
     run_dirs, results = [], {}
     for seed in seeds:
         for reward in arms:
@@ -467,7 +468,7 @@ def beliefs_command(argv):
     docs = retrieve.load_corpus(cfg.corpus)
     questions = retrieve.load_data(cfg.data, docs, cfg.split)[args.split][: args.limit]
     retriever = retrieve.Retriever(docs, stopwords=cfg.stopwords)
-    igsearch.seed_everything(cfg.seed)
+    runs.seed_everything(cfg.seed)
     model, tok, _ = runs.load_model(cfg.model, runs.pick_device(cfg.device), cfg.seed)
     found = retriever.search([q["question"] for q in questions], cfg.topk)
     rollouts = [grpo.Rollout(question=q, group=i, ids=[], roles=[], searches=[{"query": q["question"], "docs": d}])

@@ -19,7 +19,6 @@ runs.py (model loading, checkpoints, the metrics files, merge), views.py (show, 
 ranks.py (several processes under torchrun), lora.py (low-rank adapters).
 experiments.py evaluates runs (eval) and compares the three rewards (compare).
 """
-import argparse
 import dataclasses
 import json
 import os
@@ -156,14 +155,7 @@ def parse_args(argv=None):
                         "overridden by any flags given here, e.g. --steps)")
     p.add_argument("--overwrite", action="store_true",
                    help="start afresh in a run directory that holds a run: its files are deleted first")
-    notes = field_comments(Config)
-    for f in dataclasses.fields(Config):
-        flag, kind = "--" + f.name.replace("_", "-"), type(f.default)
-        text = f"{notes[f.name]} (default {f.default!r})" if f.name in notes else f"(default {f.default!r})"
-        if kind is bool:  # --x / --no-x; absent leaves the preset's value
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
-        else:
-            p.add_argument(flag, type=kind, default=None, help=text)
+    runs.add_config_flags(p, Config)  # --lr ... for every field, its comment the help text
     args = p.parse_args(argv)
     if args.resume and args.overwrite:
         raise DataError("--resume continues a run and --overwrite replaces it: give one of them")
@@ -177,14 +169,6 @@ def parse_args(argv=None):
     cfg = dataclasses.replace(cfg, **explicit)
     checks.check_config(cfg, source, explicit)
     return cfg, args
-
-
-def field_comments(cls):
-    """{field: its comment} of a dataclass, read from its source: the Config's comments are its --help text."""
-    import inspect
-    import re
-    lines = inspect.getsource(cls).splitlines()
-    return {m[1]: m[2].strip() for m in (re.match(r"\s+(\w+): \w+ = .*?  # (.*)$", ln) for ln in lines) if m}
 
 
 def run_config(run_dir):
@@ -387,15 +371,9 @@ def summarize(rollouts):
 # ----------------------------------------------------------------------------------------------------
 # Training
 
-def seed_everything(seed):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
 def setup(cfg):
     """The seeded process, the device, the retriever over the corpus, the QA splits and the evaluation questions (--eval-split)."""
-    seed_everything(cfg.seed)
+    runs.seed_everything(cfg.seed)
     device = ranks.local_device(runs.pick_device(cfg.device))  # under torchrun: this rank's GPU
     docs = retrieve.load_corpus(cfg.corpus)
     retriever = retrieve.Retriever(docs, stopwords=cfg.stopwords)
@@ -423,35 +401,19 @@ def train(cfg, resume=False, before=None, overwrite=False):
     ranks.on_main(runs.claim_run_dir, out, resume, overwrite)  # refused before anything is read or written
     device, retriever, splits, dev = setup(cfg)  # data errors come before any model is loaded
     with ranks.main_holds(runs.locked(out)):     # one process writes a run directory
-        ckpt = ranks.on_main(open_run, cfg, out, resume, overwrite,
+        ckpt = ranks.on_main(runs.open_run, cfg, out, resume, overwrite,
                              then=lambda: runs.last_checkpoint(out) if resume else None)
         return _train(cfg, out, ckpt, resume, before, device, retriever, splits, dev)
-
-
-def open_run(cfg, out, resume, overwrite):
-    """Under the lock: claim the run again; read its checkpoint (before any model: a bad run fails fast) and
-    metrics, or clear an old run's files (--overwrite: never mixed with this one's); write config.json."""
-    runs.claim_run_dir(out, resume, overwrite)
-    ckpt = runs.last_checkpoint(out) if resume else None
-    if resume:
-        runs.check_resume(out, ckpt, cfg.steps)
-        runs.remove_partial(out)  # a cut or failed write: its space back before anything is written
-    if resume and (out / "metrics.jsonl").exists():
-        runs.read_metrics(out)
-    if not resume:
-        runs.clear_run(out)
-    runs.write_json(out / "config.json", dataclasses.asdict(cfg), indent=2)
-    return ckpt
 
 
 def _train(cfg, out, ckpt, resume, before, device, retriever, splits, dev):
     from tqdm import tqdm
     start, evals = cfg.model, {}
     if cfg.warmup_steps > 0:  # METHOD §6: RL starts from the warmed-up model, and so does the reference
-        start, evals = warm_start(cfg, out, retriever, splits, dev, device)
+        start, evals = warmup.warm_start(cfg, out, retriever, splits, dev, device, evaluate)
         runs.release_memory()  # the warm-up's model and optimizer state are freed: hand their pages back first
     model, tok, smoke = runs.load_model(start, device, cfg.seed)
-    adapt(model, cfg, device)
+    lora.adapt_run(model, cfg, device)
     smoke = smoke or evals.get("smoke", False)
     ref_model = None
     if cfg.beta_kl > 0 or cfg.reward == "inforeasoner":  # the initial policy, frozen (with adapters: for free)
@@ -474,18 +436,8 @@ def _train(cfg, out, ckpt, resume, before, device, retriever, splits, dev):
 
     generator = torch.Generator().manual_seed(ranks.rank_seed(cfg.seed))  # CPU sampling; rank r: seed + r
     rng = random.Random(cfg.seed)  # the shared stream (questions, IG draws): the same on every rank
-    first = 0
-    if ckpt is not None:
-        path, weights, opt_state, state = ckpt
-        if ranks.is_fsdp(dp):  # the whole state, into this rank's shards
-            ranks.load_full_state(model, opt, dp, weights, opt_state)
-        else:
-            runs.load_training_state(path, model, opt, weights, opt_state)
-        runs.set_rng_states(state["rng"], generator, rng)
-        ranks.resume_generator(generator, state.get("generators", []), cfg.seed)
-        first = state["step"]
-        print(runs.terminal_safe(f"resuming from {path} ({first} steps done)"))
-    elif resume:
+    first = runs.restore(ckpt, model, opt, dp, generator, rng, cfg.seed) if ckpt is not None else 0
+    if ckpt is None and resume:
         print(runs.terminal_safe(f"{out} has no checkpoint yet: starting it from step 0" +
                                  (" (its warm-up is kept)" if cfg.warmup_steps > 0 else "")))
     if resume:
@@ -520,52 +472,6 @@ def _train(cfg, out, ckpt, resume, before, device, retriever, splits, dev):
     return {"before": before, "after": after, "out": str(out), **({"warm-up": evals["warm-up"]} if evals else {})}
 
 
-def warm_start(cfg, out, retriever, splits, dev, device, eval_before=True):
-    """METHOD §6, once per run directory: evaluate the model as loaded ("before"), warm it up for
-    cfg.warmup_steps steps on oracle trajectories of the train split (never dev or test), save it with
-    save_pretrained to OUT/warmup/model and evaluate it again ("warm-up"). OUT/warmup/done.json is written as
-    soon as the model is saved, and again with the evaluation: a run cut during that evaluation keeps its
-    warm-up. eval_before=False skips the first evaluation (compare: a model that does not follow the format
-    rambles to every token limit, and the warm-up's own row says where RL starts).
-    Returns (the model directory, {"before", "warm-up", "smoke"}); "before" is {} when skipped. Under torchrun
-    the warm-up runs on rank 0 (the others wait, then take its weights); the evaluations are shared."""
-    wdir = out / "warmup"
-    done = wdir / "done.json"
-    model = None
-    if not ranks.from_main(done.is_file):  # every rank takes rank 0's view of the files it writes
-        model, tok, smoke = runs.load_model(cfg.model, device, cfg.seed)
-        before = evaluate(model, tok, retriever, dev, cfg)[0] if dev and eval_before else {}
-        adapt(model, cfg, device)
-        print(f"format warm-up: {cfg.warmup_steps} steps of {cfg.warmup_batch} oracle trajectories (METHOD §6)")
-        losses = ranks.on_main(warmup.warmup, model, tok, retriever, splits["train"], cfg, random.Random(cfg.seed))
-        lora.merge(model)  # METHOD §3.5: GRPO's adapters start on the warmed-up base, its reference
-        runs.release_memory()  # the warm-up's AdamW state is freed: hand its pages back before evaluating
-        ranks.broadcast_weights(model)
-        ranks.on_main(runs.save_model, model, tok, wdir / "model")
-        ranks.on_main(runs.write_json, done, {"before": before, "warm-up": None, "losses": losses, "smoke": smoke,
-                                              "from": cfg.model})
-    info = ranks.from_main(runs.read_json, done, "the warm-up's summary")
-    wrong = runs.warmup_problem(info)
-    if wrong:
-        raise DataError(f"{done}: {wrong}, not the summary this program writes; delete {wdir} to warm up again")
-    if info.get("from") != cfg.model:  # a warm-up of another model must not start this run
-        raise DataError(f"{done}: that warm-up started from {info.get('from')!r}, not from --model {cfg.model}; "
-                        f"use another --out, or delete {wdir} to warm up again")
-    if info["warm-up"] is None:  # saved, not yet evaluated
-        if model is None:
-            model, tok, _ = runs.load_model(str(wdir / "model"), device, cfg.seed)
-        info["warm-up"] = evaluate(model, tok, retriever, dev, cfg)[0] if dev else {}
-        ranks.on_main(runs.write_json, done, info)
-    return str(wdir / "model"), {k: info[k] for k in ("before", "warm-up", "smoke")}
-
-
-def adapt(model, cfg, device):
-    """The run's adapters on the loaded model (METHOD §3.5; nothing with --lora-rank 0), the frozen base in
-    bf16 where the forwards run in bf16."""
-    return lora.adapt(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets,
-                      bf16=engine.bf16_forwards(cfg.precision, device), seed=cfg.seed)
-
-
 COMMANDS = {"show": views.show_command, "plot": views.plot_command, "merge": runs.merge_command}
 
 
@@ -584,19 +490,8 @@ def main(argv=None):
             return demo.demo()
         train(seen["cfg"], resume=bool(args.resume), overwrite=args.overwrite)
 
-    return runs.cli(ranks.guarded(command), lambda: interrupted(argv, seen.get("cfg")))
-
-
-def interrupted(argv, cfg):
-    """The one line printed on Ctrl-C: what was kept, and how to go on."""
-    if cfg is None or "--demo" in argv:
-        return "interrupted"
-    out = run_path(cfg)
-    if not (out / "config.json").is_file():
-        return "interrupted before the run started"
-    done = runs.checkpoints(out)
-    return (f"interrupted: {out} keeps {done[0].name if done else 'no checkpoint yet'}; "
-            f"python igsearch.py --resume {out} goes on")
+    out = lambda: run_path(seen["cfg"]) if "cfg" in seen and "--demo" not in argv else None
+    return runs.cli(ranks.guarded(command), lambda: runs.interrupted(out()))
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import engine
 import ranks
 from retrieve import DataError
 
@@ -77,6 +78,13 @@ def adapt(model, rank, alpha=0.0, targets=TARGETS, bf16=False, seed=0):
         if bf16:
             m.weight = torch.nn.Parameter(m.weight.detach().to(torch.bfloat16), requires_grad=False)
     return model
+
+
+def adapt_run(model, cfg, device):
+    """The run's adapters on the loaded model (METHOD §3.5; nothing with --lora-rank 0), the frozen base in
+    bf16 where the forwards run in bf16."""
+    return adapt(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets,
+                      bf16=engine.bf16_forwards(cfg.precision, device), seed=cfg.seed)
 
 
 def adapted(model):

@@ -19,6 +19,7 @@ weights: a hub id or local directory does not change, tiny-random is seeded), ne
 """
 import argparse
 import contextlib
+import dataclasses
 import ctypes
 import errno
 import gc
@@ -40,12 +41,20 @@ import numpy as np
 import torch
 
 import lora
+import ranks
 import retrieve
 from retrieve import DataError
 
 
 # ----------------------------------------------------------------------------------------------------
 # Model loading
+
+def seed_everything(seed):
+    """Python's, numpy's and torch's global random streams, from one seed."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
 
 def pick_device(name):
     """auto | cpu | cuda | cuda:N | mps, refused in one line when this machine does not have it."""
@@ -291,10 +300,41 @@ def cli(command, interrupted):
     return 0
 
 
+def interrupted(out):
+    """The one line printed on Ctrl-C: what the run in `out` kept (None: no run), and how to go on."""
+    if out is None:
+        return "interrupted"
+    if not (out / "config.json").is_file():
+        return "interrupted before the run started"
+    done = checkpoints(out)
+    return (f"interrupted: {out} keeps {done[0].name if done else 'no checkpoint yet'}; "
+            f"python igsearch.py --resume {out} goes on")
+
+
 def error(e):
     """The one line of a failure the user can fix, on stderr; exit code 2."""
     print(f"error: {terminal_safe(e)}", file=sys.stderr)
     return 2
+
+
+def add_config_flags(parser, cls):
+    """A flag for every field of the dataclass `cls` (--warmup-steps for warmup_steps; booleans as --x / --no-x),
+    its help text the field's comment. Absent flags parse to None: they leave the preset's value."""
+    notes = field_comments(cls)
+    for f in dataclasses.fields(cls):
+        flag, kind = "--" + f.name.replace("_", "-"), type(f.default)
+        text = f"{notes[f.name]} (default {f.default!r})" if f.name in notes else f"(default {f.default!r})"
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
+        else:
+            parser.add_argument(flag, type=kind, default=None, help=text)
+
+
+def field_comments(cls):
+    """{field: its comment} of a dataclass, read from its source: the Config's comments are its --help text."""
+    import inspect
+    lines = inspect.getsource(cls).splitlines()
+    return {m[1]: m[2].strip() for m in (re.match(r"\s+(\w+): \w+ = .*?  # (.*)$", ln) for ln in lines) if m}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -535,6 +575,22 @@ def foreign_entries(path):
     """The entries of a directory that this program did not write (the lock file aside)."""
     return sorted(p.name for p in Path(path).iterdir() if p.name not in (*RUN_FILES, *RUN_DIRS, LOCK)) \
         if Path(path).is_dir() else []
+
+
+def open_run(cfg, out, resume, overwrite):
+    """Under the lock: claim the run again; read its checkpoint (before any model: a bad run fails fast) and
+    metrics, or clear an old run's files (--overwrite: never mixed with this one's); write config.json."""
+    claim_run_dir(out, resume, overwrite)
+    ckpt = last_checkpoint(out) if resume else None
+    if resume:
+        check_resume(out, ckpt, cfg.steps)
+        remove_partial(out)  # a cut or failed write: its space back before anything is written
+    if resume and (out / "metrics.jsonl").exists():
+        read_metrics(out)
+    if not resume:
+        clear_run(out)
+    write_json(out / "config.json", dataclasses.asdict(cfg), indent=2)
+    return ckpt
 
 
 def claim_run_dir(out, resume=False, overwrite=False):
@@ -897,6 +953,20 @@ def load_training_state(path, model, opt, weights, opt_state):
     except (ValueError, KeyError, TypeError) as e:
         raise DataError(f"{path}/optimizer.pt does not fit this model's optimizer ({e}); --overwrite starts "
                         "the run again") from None
+
+
+def restore(ckpt, model, opt, dp, generator, rng, seed):
+    """Resume: the checkpoint's weights, AdamW state and random streams into this run (under FSDP the whole
+    state into this rank's shards). Returns the number of steps done."""
+    path, weights, opt_state, state = ckpt
+    if ranks.is_fsdp(dp):
+        ranks.load_full_state(model, opt, dp, weights, opt_state)
+    else:
+        load_training_state(path, model, opt, weights, opt_state)
+    set_rng_states(state["rng"], generator, rng)
+    ranks.resume_generator(generator, state.get("generators", []), seed)
+    print(terminal_safe(f"resuming from {path} ({state['step']} steps done)"))
+    return state["step"]
 
 
 def load_weights(model, weights):

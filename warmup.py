@@ -16,15 +16,20 @@ that RL still has query quality to learn (METHOD §6):
 
     rollouts = warmup_rollouts(tok, retriever, train_questions, rng, ...)   # scripted, real observations
     losses = warmup(model, tok, retriever, train_questions, cfg, rng)       # grpo.warmup_loss, AdamW
+    start, evals = warm_start(cfg, out, retriever, splits, dev, device, evaluate)  # once per run directory
 """
+import random
 import re
 
 import torch
 
 import engine
 import grpo
+import lora
 import ranks
 import rewards
+import runs
+from retrieve import DataError
 
 THINK_FIRST = "<think> I need to look this up. </think>\n"
 THINK_AGAIN = "<think> The documents do not say it yet. </think>\n"
@@ -137,3 +142,42 @@ def warmup(model, tok, retriever, questions, cfg, rng, log=print):
             f"of {len(rollouts)} trajectories, {sum(len(r.searches) for r in rollouts) / len(rollouts):.2f} searches each")
     opt.zero_grad(set_to_none=True)  # the last step's gradients (the model's size again) are not kept past the warm-up
     return losses
+
+
+def warm_start(cfg, out, retriever, splits, dev, device, evaluate, eval_before=True):
+    """METHOD §6, once per run directory: evaluate the model as loaded ("before"), warm it up for
+    cfg.warmup_steps steps on oracle trajectories of the train split (never dev or test), save it with
+    save_pretrained to OUT/warmup/model and evaluate it again ("warm-up"). OUT/warmup/done.json is written as
+    soon as the model is saved, and again with the evaluation: a run cut during that evaluation keeps its
+    warm-up. eval_before=False skips the first evaluation (compare: a model that does not follow the format
+    rambles to every token limit, and the warm-up's own row says where RL starts).
+    Returns (the model directory, {"before", "warm-up", "smoke"}); "before" is {} when skipped. Under torchrun
+    the warm-up runs on rank 0 (the others wait, then take its weights); the evaluations are shared."""
+    wdir = out / "warmup"
+    done = wdir / "done.json"
+    model = None
+    if not ranks.from_main(done.is_file):  # every rank takes rank 0's view of the files it writes
+        model, tok, smoke = runs.load_model(cfg.model, device, cfg.seed)
+        before = evaluate(model, tok, retriever, dev, cfg)[0] if dev and eval_before else {}
+        lora.adapt_run(model, cfg, device)
+        print(f"format warm-up: {cfg.warmup_steps} steps of {cfg.warmup_batch} oracle trajectories (METHOD §6)")
+        losses = ranks.on_main(warmup, model, tok, retriever, splits["train"], cfg, random.Random(cfg.seed))
+        lora.merge(model)  # METHOD §3.5: GRPO's adapters start on the warmed-up base, its reference
+        runs.release_memory()  # the warm-up's AdamW state is freed: hand its pages back before evaluating
+        ranks.broadcast_weights(model)
+        ranks.on_main(runs.save_model, model, tok, wdir / "model")
+        ranks.on_main(runs.write_json, done, {"before": before, "warm-up": None, "losses": losses, "smoke": smoke,
+                                              "from": cfg.model})
+    info = ranks.from_main(runs.read_json, done, "the warm-up's summary")
+    wrong = runs.warmup_problem(info)
+    if wrong:
+        raise DataError(f"{done}: {wrong}, not the summary this program writes; delete {wdir} to warm up again")
+    if info.get("from") != cfg.model:  # a warm-up of another model must not start this run
+        raise DataError(f"{done}: that warm-up started from {info.get('from')!r}, not from --model {cfg.model}; "
+                        f"use another --out, or delete {wdir} to warm up again")
+    if info["warm-up"] is None:  # saved, not yet evaluated
+        if model is None:
+            model, tok, _ = runs.load_model(str(wdir / "model"), device, cfg.seed)
+        info["warm-up"] = evaluate(model, tok, retriever, dev, cfg)[0] if dev else {}
+        ranks.on_main(runs.write_json, done, info)
+    return str(wdir / "model"), {k: info[k] for k in ("before", "warm-up", "smoke")}

@@ -57,12 +57,12 @@ def one_case(case, cfg, heap="steady"):
     if heap == "steady":  # as every command line does (runs.cli)
         runs.steady_heap()
     device = runs.pick_device(cfg.device)
-    igsearch.seed_everything(cfg.seed)
+    runs.seed_everything(cfg.seed)
     retriever = retrieve.Retriever(retrieve.load_vital_articles())
     from data.prepare import load_tiny_qa
     qa = load_tiny_qa()
     model, tok, _ = runs.load_model(cfg.model, device, cfg.seed)
-    igsearch.adapt(model, cfg, device)  # --lora-rank 0: nothing
+    lora.adapt_run(model, cfg, device)  # --lora-rank 0: nothing
     load_peak = rss_mb("VmHWM")
     rng, generator = random.Random(cfg.seed), torch.Generator().manual_seed(cfg.seed)
     ref = opt = None

@@ -180,7 +180,7 @@ def main(argv=None):
 
     cfg = dataclasses.replace(igsearch.Config(), **igsearch.PRESETS["tiny"], model=args.model, seed=args.seed)
     device = runs.pick_device(args.device)
-    igsearch.seed_everything(args.seed)
+    runs.seed_everything(args.seed)
     retriever = retrieve.Retriever(retrieve.load_vital_articles())
     from data.prepare import load_tiny_qa
     train_q = load_tiny_qa()["train"]

@@ -82,7 +82,7 @@ def run_phase(spec):
     have = {f.name for f in dataclasses.fields(cfg)}
     settings = {k: v for k, v in spec["settings"].items() if k in have}
     cfg = dataclasses.replace(cfg, **settings, seed=spec["seed"])
-    igsearch.seed_everything(cfg.seed)
+    (getattr(runs, "seed_everything", None) or igsearch.seed_everything)(cfg.seed)  # older trees: in igsearch.py
     device = runs.pick_device(spec["device"])
     load_corpus = getattr(retrieve, "load_corpus", None) or igsearch.load_corpus  # older trees: in igsearch.py
     retriever = retrieve.Retriever(load_corpus(cfg.corpus), stopwords=cfg.stopwords)

@@ -769,7 +769,7 @@ def test_ctrl_c_ends_in_one_line_and_the_run_resumes(tmp_path, files):
 
 def test_help_of_every_setting_is_its_config_comment(capsys):
     # the Config dataclass's field comments are the --help text, each with its default
-    notes = igsearch.field_comments(igsearch.Config)
+    notes = runs.field_comments(igsearch.Config)
     assert notes["group_size"] == "G" and notes["ir_belief"].startswith("agent | plain")
     assert set(notes) == {f.name for f in dataclasses.fields(igsearch.Config)}      # every setting says what it is
     with pytest.raises(SystemExit):

@@ -16,9 +16,9 @@ ALLOWED = {
     "retrieve": set(),
     "grpo": {"retrieve", "engine"},
     "rewards": {"retrieve", "grpo", "engine"},
-    "warmup": {"grpo", "rewards", "retrieve", "engine", "ranks"},
-    "lora": {"ranks", "retrieve"},
-    "runs": {"retrieve", "lora"},
+    "warmup": {"grpo", "rewards", "retrieve", "engine", "ranks", "lora", "runs"},
+    "lora": {"ranks", "retrieve", "engine"},
+    "runs": {"retrieve", "lora", "ranks"},
     "checks": {"runs", "retrieve"},
     "views": {"runs", "retrieve", "grpo", "rewards"},
     "demo": {"runs", "views", "retrieve", "grpo", "rewards"},
@@ -155,3 +155,25 @@ def test_the_algorithm_box_calls_each_function_as_its_signature_and_the_step_do(
                 f"the box passes {named} as argument {i} of {name}(), where it is parameter {params.index(named)}"
         assert call_shape(call) in real.get(name, []), \
             f"the box calls {name}() with {call_shape(call)}; the step calls it with {real.get(name)}"
+
+
+def readme_step_lines():
+    """The code lines of the README's "One training step" block (its `# ...` headings and `...` left out)."""
+    text = (ROOT / "README.md").read_text()
+    block = text[text.index("## One training step"):]
+    block = block[block.index("```python\n") + len("```python\n"):]
+    block = block[:block.index("```")]
+    return [ln.strip() for ln in block.splitlines() if ln.strip() and not ln.strip().startswith("#")
+            and ln.strip() != "..."]
+
+
+def test_the_readme_step_is_the_real_train_step():
+    # the README shows train_step as the file has it: every line of its block is a line of igsearch.py, and
+    # every line of train_step's body (after the docstring) is in the block, so a changed step changes the README
+    source = (ROOT / "igsearch.py").read_text()
+    lines = {ln.strip() for ln in source.splitlines()}
+    shown = readme_step_lines()
+    assert len(shown) > 20
+    assert [ln for ln in shown if ln not in lines] == []
+    body = inspect.getsource(__import__("igsearch").train_step).split('"""')[2]
+    assert [ln.strip() for ln in body.splitlines() if ln.strip() and ln.strip() not in shown] == []

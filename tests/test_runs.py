@@ -296,7 +296,7 @@ def test_compare_starts_every_run_from_one_warmup_and_resumes(tmp_path, capsys, 
         (out / "eval_after.json").write_text(json.dumps(_summary(0.5)))
         return {"before": before, "after": _summary(0.5), "out": str(out)}
 
-    monkeypatch.setattr(igsearch, "warm_start", fake_warm_start)
+    monkeypatch.setattr(warmup, "warm_start", fake_warm_start)
     monkeypatch.setattr(igsearch, "train", fake_train)
     argv = ["compare", "--tiny", "--seeds", "3,4", "--out", str(tmp_path / "cmp")]
     assert experiments.main(argv) == 0
@@ -334,7 +334,7 @@ def test_control_arm_continues_the_warmup_on_as_many_trajectories_as_a_grpo_arm(
     # --arms control: from the shared warm-up, steps supervised steps of questions_per_step × G oracle
     # trajectories (the count a GRPO arm samples), at the warm-up's lr, then the same evaluation; read back after
     warm = tmp_path / "cmp" / "warmup" / "model"
-    monkeypatch.setattr(igsearch, "warm_start", lambda cfg, out, *a, **kw: (
+    monkeypatch.setattr(warmup, "warm_start", lambda cfg, out, *a, **kw: (
         str(warm), {"before": {}, "warm-up": _summary(0.25), "smoke": False}))
     loaded, supervised = [], []
     monkeypatch.setattr(runs, "load_model", lambda name, device, seed=0: loaded.append(name) or ("M", "T", False))
@@ -378,7 +378,7 @@ def test_clip_ablation_arm_is_igsearch_with_its_own_clip(tmp_path, monkeypatch, 
         (out / "warmup").mkdir(parents=True)
         runs.write_json(out / "warmup" / "done.json", {**info, "losses": [], "from": cfg.model})
         return "WARM", info
-    monkeypatch.setattr(igsearch, "warm_start", fake_warm_start)
+    monkeypatch.setattr(warmup, "warm_start", fake_warm_start)
     monkeypatch.setattr(igsearch, "train", fake_train)
     argv = ["compare", "--tiny", "--arms", "igsearch,igsearch-c8", "--out", str(tmp_path / "cmp")]
     assert experiments.main(argv) == 0
