@@ -19,29 +19,13 @@ import engine
 import grpo
 import igsearch
 import rewards
+from conftest import enc, make_rollout
 from retrieve import Retriever, format_docs
 
 PARIS = {"id": "paris", "title": "Paris", "text": "Paris is the capital and largest city of France."}
 LYON = {"id": "lyon", "title": "Lyon", "text": "Lyon is a city in France."}
 NICE = {"id": "nice", "title": "Nice", "text": "Nice lies on the Riviera."}
 Q = {"question": "What is the capital of France?", "golden_answers": ["Paris"]}
-
-
-def enc(tok, text):
-    return tok.encode(text, add_special_tokens=False)
-
-
-def make_rollout(tok, question, group, searches, answer="Lyon"):
-    """A hand-built trajectory: prompt, one search per entry of `searches` (its documents), then an answer."""
-    p = grpo.prompt_ids(tok, question["question"])
-    r = grpo.Rollout(question=question, group=group, ids=list(p), roles=[grpo.PROMPT] * len(p))
-    for docs in searches:
-        s = grpo._append(r, enc(tok, "<search> capital of France </search>"), grpo.POLICY)
-        info = grpo._append(r, enc(tok, grpo.information_block(docs)), grpo.OBS)
-        r.searches.append({"query": "capital of France", "docs": docs, "query_span": s, "info_span": info})
-    grpo._append(r, enc(tok, f"<answer> {answer} </answer>"), grpo.POLICY)
-    r.answer = answer
-    return r
 
 
 def mean_logprob_by_hand(model, prompt, sample):

@@ -19,6 +19,7 @@ import igsearch
 import retrieve
 import rewards
 import runs
+from conftest import enc, loss_and_grads
 from grpo import OBS, PAD, POLICY, PROMPT
 
 DOCS = [
@@ -30,24 +31,15 @@ DOCS = [
 ]
 QUESTION = {"id": "q0", "question": "What is the capital of France?", "golden_answers": ["Paris"]}
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread for this module: the matrices are tiny, so a second thread gains little, and on a
-    shared CPU (tests run beside other jobs) OpenMP threads waiting on each other slow the file down."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# One intra-op thread for the whole module, its module fixtures (shaped_tiny, two_prompts) included: the matrices
+# are tiny, so a second thread gains little, and on a shared CPU (tests run beside other jobs) OpenMP threads
+# waiting on each other slow the file down.
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
 
 @pytest.fixture
 def retriever(tmp_path):
     return retrieve.Retriever(DOCS, cache_dir=tmp_path)
-
-
-def enc(tok, text):
-    return tok.encode(text, add_special_tokens=False)
 
 
 def run_scripts(tok, retriever, scripts, questions=None, groups=None, **kw):
@@ -599,27 +591,20 @@ def scripted_batch(tok, retriever):
     return rs, grpo.collate(rs, tok.pad_token_id)
 
 
-def _loss_and_grads(model, batch, rewards, beta_kl=0.0):
-    model.zero_grad(set_to_none=True)
-    adv = grpo.group_advantages(rewards, [0] * len(rewards))
-    A = grpo.token_advantages(adv, batch.roles)
-    mask = batch.policy_mask
-    logp = grpo.token_logprobs(model, batch.ids, batch.attention_mask, mask)
-    ref = logp.detach() - 0.1 if beta_kl > 0 else None
-    loss, _ = grpo.grpo_loss(logp, logp.detach(), ref, A, mask, beta_kl=beta_kl)
-    loss.backward()
-    return {n: p.grad for n, p in model.named_parameters()}
+def advantages_of(rewards, batch):
+    """A [B, T] of one group with these rewards (METHOD §3.1, §3.2)."""
+    return grpo.token_advantages(grpo.group_advantages(rewards, [0] * len(rewards)), batch.roles)
 
 
 def test_equal_rewards_give_exactly_zero_gradient(tiny, scripted_batch):
     model = copy.deepcopy(tiny[0])
     _, batch = scripted_batch
-    grads = _loss_and_grads(model, batch, [1.0, 1.0])
+    _, grads = loss_and_grads(model, batch, advantages_of([1.0, 1.0], batch))
     assert len(grads) > 10
     for name, g in grads.items():
         assert g is not None and torch.count_nonzero(g) == 0, name
     # different rewards: a gradient, and on the layers too, not just the embedding
-    grads = _loss_and_grads(model, batch, [1.0, 0.0])
+    _, grads = loss_and_grads(model, batch, advantages_of([1.0, 0.0], batch))
     nonzero = [n for n, g in grads.items() if torch.count_nonzero(g) > 0]
     assert len(nonzero) == len(grads)
 

@@ -19,6 +19,7 @@ import grpo
 import igsearch
 import rewards
 import views
+from conftest import loss_and_grads
 from retrieve import Retriever
 
 
@@ -635,16 +636,11 @@ def test_all_failed_group_gets_gradient_only_on_query_tokens(tiny, retriever):
     assert torch.allclose(lp.grad, -A * mask / mask.sum(), atol=1e-9)
 
     # through the model: outcome-only gives exactly no gradient, IG-Search a non-zero one
-    def param_grads(A_):
-        model.zero_grad(set_to_none=True)
-        lp_ = grpo.token_logprobs(model, batch.ids, batch.attention_mask, mask)
-        loss_, _ = grpo.grpo_loss(lp_, lp_.detach(), None, A_, mask, beta_kl=0.0)
-        loss_.backward()
-        return loss_.detach(), [p.grad.clone() if p.grad is not None else torch.zeros_like(p)
-                                for p in model.parameters()]
-    loss_out, g_out = param_grads(A0)
+    loss_out, grads = loss_and_grads(model, batch, A0)
+    g_out = list(grads.values())
     assert float(loss_out) == 0.0 and all(torch.count_nonzero(g) == 0 for g in g_out)
-    _, g_ig = param_grads(A)
+    _, grads = loss_and_grads(model, batch, A)
+    g_ig = list(grads.values())
     assert sum(float(g.abs().sum()) for g in g_ig) > 0
     model.zero_grad(set_to_none=True)
 
@@ -655,19 +651,13 @@ def test_alpha_zero_is_outcome_only_bit_for_bit(tiny, retriever):
     R = [1.0, 0.0, 0.0, 0.0]
     adv = grpo.group_advantages(R, [0] * 4)
     batch = grpo.collate(rs, tok.pad_token_id)
-    mask = batch.policy_mask
     A_out = grpo.token_advantages(adv, batch.roles)
     A_ig = grpo.add_query_bonus(A_out, rs, [[0.4], [-0.3, 1.0], [], [-5.0]], alpha=0.0)
     assert torch.equal(A_ig, A_out)
 
-    def run(A_):
-        model.zero_grad(set_to_none=True)
-        lp = grpo.token_logprobs(model, batch.ids, batch.attention_mask, mask)
-        loss, _ = grpo.grpo_loss(lp, lp.detach(), None, A_, mask, beta_kl=0.0)
-        loss.backward()
-        return loss.detach(), [p.grad.clone() for p in model.parameters()]
-    l1, g1 = run(A_out)
-    l2, g2 = run(A_ig)
+    l1, g1 = loss_and_grads(model, batch, A_out)
+    l2, g2 = loss_and_grads(model, batch, A_ig)
+    g1, g2 = list(g1.values()), list(g2.values())
     model.zero_grad(set_to_none=True)
     assert torch.equal(l1, l2)
     assert all(torch.equal(a, b) for a, b in zip(g1, g2))

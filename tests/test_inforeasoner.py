@@ -13,6 +13,7 @@ import grpo
 import igsearch
 import rewards
 import retrieve
+from conftest import make_rollout
 from retrieve import DataError
 from rewards import (Belief, belief, default_equivalent, entailment_index, inforeasoner_information_gain,
                      information_gain, load_nli, nli_equivalent, semantic_classes, smoothed_p_gold, weigh_samples)
@@ -247,19 +248,7 @@ def test_nli_model_loads_from_a_local_directory(tmp_path, tiny):
 # ----------------------------------------------------------------------------------------------------
 # METHOD §5.4 and §3: the reward, and the gradient it gives a group where every answer is wrong
 
-def make_rollout(tok, question, group, searches, answer="Lyon", golds=("Paris",)):
-    """A hand-built trajectory: prompt, a search per entry of `searches` (docs), then an answer."""
-    q = {"question": question, "golden_answers": list(golds)}
-    p = grpo.prompt_ids(tok, question)
-    r = grpo.Rollout(question=q, group=group, ids=list(p), roles=[grpo.PROMPT] * len(p))
-    for docs in searches:
-        s = grpo._append(r, tok.encode("<search> capital of France </search>", add_special_tokens=False), grpo.POLICY)
-        info = grpo._append(r, tok.encode(grpo.information_block(docs), add_special_tokens=False), grpo.OBS)
-        r.searches.append({"query": "capital of France", "docs": docs, "query_span": s, "info_span": info})
-    grpo._append(r, tok.encode(f"<answer> {answer} </answer>", add_special_tokens=False), grpo.POLICY)
-    r.answer = answer
-    return r
-
+# make_rollout (tests/conftest.py): a hand-built trajectory, here from the question's text and its golds
 
 DOCS = [{"title": "Paris", "text": "Paris is the capital and largest city of France."},
         {"title": "Lyon", "text": "Lyon is a city in France."}]
