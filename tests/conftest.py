@@ -100,6 +100,13 @@ def enc(tok, text):
     return tok.encode(text, add_special_tokens=False)
 
 
+# A question and three documents for hand-built rollouts (make_rollout's searches ask "capital of France")
+Q = {"question": "What is the capital of France?", "golden_answers": ["Paris"]}
+PARIS = {"id": "paris", "title": "Paris", "text": "Paris is the capital and largest city of France."}
+LYON = {"id": "lyon", "title": "Lyon", "text": "Lyon is a city in France."}
+NICE = {"id": "nice", "title": "Nice", "text": "Nice lies on the Riviera."}
+
+
 def make_rollout(tok, question, group, searches, answer="Lyon", golds=("Paris",)):
     """A hand-built trajectory: prompt, one search per entry of `searches` (its documents), then an answer.
 

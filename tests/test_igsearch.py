@@ -19,7 +19,7 @@ import grpo
 import igsearch
 import rewards
 import views
-from conftest import loss_and_grads
+from conftest import LYON, NICE, PARIS, Q, enc, loss_and_grads, make_rollout
 from retrieve import Retriever
 
 
@@ -178,6 +178,15 @@ def test_gold_score_by_hand():
     assert float(score_whole(model, [[4, 2]], [[3]])[0]) == pytest.approx(math.log(0.5), abs=1e-5)
     with pytest.raises(ValueError, match="empty context"):
         score_whole(model, [[]], [[3]])
+
+
+# METHOD §4.1: without a shared prefix, an empty context leaves the first gold token unpredicted
+def test_gold_scorer_refuses_an_empty_context_in_any_row(tiny):
+    model, _ = tiny
+    score = rewards.gold_scorer(model, [], token_budget=4)
+    for suffixes in ([[5, 6], []], [[], [5, 6]], [[5], [6], [7], []]):
+        with pytest.raises(ValueError, match="empty context"):
+            score(suffixes, [[3]] * len(suffixes))
 
 
 def test_gold_score_with_a_shared_prefix_by_hand():
@@ -477,10 +486,84 @@ def test_no_search_anywhere(tok, retriever):
     assert scorer.prefixes == [] and scorer.calls == []  # no forward pass at all
 
 
-def test_ig_default_rng_works(tok, retriever):
-    rs = scripted(tok, retriever, MAIN)
-    ig, _ = rewards.igsearch_information_gain(FakeScorer(tok), tok, rs, retriever)
-    assert ig[0] == [2.0]
+# Hand-built rollouts (conftest.make_rollout) and a scorer that records its calls: the defaults of §4.2 (N = 3
+# blocks from the batch, the seed-0 rng), plain-text ids, and the cut of a step's contexts
+
+def test_igsearch_defaults_draw_three_blocks_of_other_questions(tiny):
+    _, tok = tiny
+    q2 = {"question": "Where is Nice?", "golden_answers": ["Riviera"]}
+    rs = [make_rollout(tok, Q, 0, [[PARIS]]), make_rollout(tok, q2, 1, [[NICE]])]
+    calls = []
+
+    def scorer(prefix):
+        def score(suffixes, golds):
+            calls.append([list(prefix) + list(s) for s in suffixes])
+            return torch.zeros(len(suffixes))
+        return score
+    rewards.igsearch_information_gain(scorer, tok, rs, retriever=None)
+    # per step: the real context with each alias (one here), then N = 3 baselines; each baseline block is the
+    # other question's block (the batch pool), never a random corpus document (retriever=None would fail)
+    assert [len(c) for c in calls] == [1, 3, 1, 3]
+    for i, other in ((0, 1), (1, 0)):
+        s, e = rs[i].searches[0]["info_span"]
+        block = rs[other].ids[slice(*rs[other].searches[0]["info_span"])]
+        for ctx in calls[2 * i + 1]:
+            assert ctx[:s] == rs[i].ids[:s] and ctx[s:s + len(block)] == block
+
+
+def recording_scorer(calls):
+    def scorer(prefix):
+        def score(suffixes, golds):
+            calls.append(([list(prefix) + list(s) for s in suffixes], [list(g) for g in golds]))
+            return torch.zeros(len(suffixes))
+        return score
+    return scorer
+
+
+def test_igsearch_default_rng_is_seed_zero(tiny):
+    _, tok = tiny
+    qs = [{"question": f"Where is {d['title']}?", "golden_answers": [d["title"]]} for d in (PARIS, LYON, NICE)]
+    rs = [make_rollout(tok, q, i, [[d]]) for i, (q, d) in enumerate(zip(qs, (PARIS, LYON, NICE)))]
+    runs = []
+    for rng in (None, random.Random(0), random.Random(1)):
+        calls = []
+        rewards.igsearch_information_gain(recording_scorer(calls), tok, rs, None, n_samples=6, rng=rng)
+        runs.append(calls)
+    assert runs[0] == runs[1] and runs[1] != runs[2]
+
+
+BOS = 151644  # <|im_start|>: never in a block or an answer
+
+
+class BosTokenizer:
+    """The Qwen tokenizer, but with a BOS id in front when asked for special tokens (as Llama's adds one)."""
+
+    def __init__(self, tok):
+        self.tok = tok
+
+    def encode(self, text, add_special_tokens=True):
+        return ([BOS] if add_special_tokens else []) + self.tok.encode(text, add_special_tokens=False)
+
+    def decode(self, ids, **kw):
+        return self.tok.decode(ids, **kw)
+
+
+def test_igsearch_contexts_and_golds_are_plain_text_ids(tiny, tmp_path):
+    # "<answer>", the gold alias and a corpus block continue the rollout: no special token in front of any (§4.1)
+    _, tok = tiny
+    q2 = {"question": "Where is Nice?", "golden_answers": ["Riviera"]}
+    rs = [make_rollout(tok, Q, 0, [[PARIS]]), make_rollout(tok, q2, 1, [[NICE]])]
+    cue = enc(tok, "<answer>")
+    retriever = Retriever([PARIS, LYON, NICE], cache_dir=tmp_path)
+    for baseline in ("batch", "corpus"):
+        calls = []
+        rewards.igsearch_information_gain(recording_scorer(calls), BosTokenizer(tok), rs, retriever,
+                                          baseline=baseline)
+        for r, (ctxs, golds) in zip([rs[0], rs[0], rs[1], rs[1]], calls):
+            s = r.searches[0]["info_span"][0]
+            for ctx in ctxs:
+                assert ctx[-len(cue):] == cue and BOS not in ctx[s:]
+            assert golds == [enc(tok, " " + r.question["golden_answers"][0])] * len(ctxs)
 
 
 def test_left_truncation_cuts_a_step_at_one_point(tok, retriever):
@@ -516,6 +599,19 @@ def test_left_truncation_cuts_a_step_at_one_point(tok, retriever):
                                       max_context=tiny_limit)
     assert all(p == [] for p in short.prefixes)
     assert short.passes(0)[0][4] == ctx_real[-tiny_limit:]
+
+
+def test_igsearch_cuts_every_context_of_a_step_to_the_limit(tiny):
+    # a limit shorter than the blocks: no prefix at all, and every context, real or counterfactual, is the last
+    # `max_context` tokens of its block + "<answer>" (§4.1: cut from the left)
+    _, tok = tiny
+    q2 = {"question": "Where is Nice?", "golden_answers": ["Riviera"]}
+    rs = [make_rollout(tok, Q, 0, [[PARIS]]), make_rollout(tok, q2, 1, [[NICE]])]
+    calls = []
+    rewards.igsearch_information_gain(recording_scorer(calls), tok, rs, None, max_context=5)
+    blocks = [r.ids[slice(*r.searches[0]["info_span"])] + enc(tok, "<answer>") for r in rs]
+    assert [ctxs for ctxs, _ in calls] == [[blocks[0][-5:]], [blocks[1][-5:]] * 3,
+                                          [blocks[1][-5:]], [blocks[0][-5:]] * 3]
 
 
 def test_left_truncation_on_the_real_model(tiny, retriever):
