@@ -71,14 +71,19 @@ FIELDS = {"Config": {"group_size", "temperature", "max_turns", "topk", "lr", "be
           "PRESETS": {"steps", "questions_per_step", "group_size", "max_turns", "topk"}}
 
 # function -> the pytest runs that guard it, fastest and most direct first; a mutant is killed by the first that fails
-FAST_IR = ["tests/test_formulas.py", "tests/test_inforeasoner.py -k 'not nli_model_loads'"]
+# the defaults against METHOD (tests/test_grpo.py) and IG-Search's default N = 3 blocks (tests/test_igsearch.py)
+DEFAULTS = "tests/test_grpo.py tests/test_igsearch.py -k 'defaults_follow or igsearch_defaults'"
+# the guards tests/test_formulas.py held (now in their topic files; its InfoReasoner ones run with the second)
+FAST_IR = ["tests/test_grpo.py tests/test_igsearch.py -k 'defaults_follow or preset or gold_scorer_refuses or "
+           "igsearch_default or igsearch_contexts or igsearch_cuts'",
+           "tests/test_inforeasoner.py -k 'not nli_model_loads'"]
 TESTS = {
     **{f: ["rewards.py", "tests/test_outcome.py"] for f in ("normalize_answer", "exact_match", "f1_score")},
     "extract_answer": ["grpo.py", "tests/test_outcome.py"],
     **{f: ["rewards.py", "tests/test_igsearch.py -k 'head_weights or gold_score'",
-           "tests/test_formulas.py -k 'gold_scorer or defaults'", "tests/test_budget.py -k 'gold or ig_'"]
+           DEFAULTS, "tests/test_budget.py -k 'gold or ig_'"]
        for f in ("head_weights", "gold_scorer", "gold_scorer.score")},
-    **{f: ["tests/test_igsearch.py -k 'not train_step'", "tests/test_formulas.py -k 'igsearch or defaults'"] for f in
+    **{f: ["tests/test_igsearch.py -k 'not train_step'", "tests/test_grpo.py -k defaults_follow"] for f in
        ("batch_pool", "baseline_blocks", "igsearch_information_gain")},
     **{f: ["rewards.py", *FAST_IR] for f in (
         "weigh_samples", "default_equivalent", "semantic_classes", "belief", "smoothed_p_gold", "information_gain",
@@ -95,16 +100,16 @@ TESTS = {
                         "tests/test_grpo.py -k 'greedy or max_new or stop_string or engine_rollouts or reproducible'"],
     **{f: ["grpo.py", "tests/test_grpo.py -k 'loss or advantage or gradient or mask or logprobs or micro or learns "
                       "or unlearns or equal or clip or kl or group or seq_mean'", "tests/test_training.py -k 'ppo or clipping or one_policy'",
-                 "tests/test_formulas.py -k 'clip_fraction or defaults'",
+                 DEFAULTS,
                  "tests/test_budget.py -k 'update or logprobs'"]
        for f in ("Batch.policy_mask", "group_advantages", "token_advantages", "head_logprobs", "token_logprobs",
                  "grpo_loss")},
     "head_logprobs": ["tests/test_precision.py -k head_logprobs", "tests/test_grpo.py -k 'logprobs or gradient'"],
     **{f: ["grpo.py", "tests/test_igsearch.py -k 'gate or bonus or failed or alpha'",
-           "tests/test_formulas.py -k defaults"] for f in
+           DEFAULTS] for f in
        ("ig_gate", "add_query_bonus")},
-    "Config": ["tests/test_formulas.py -k 'defaults or preset'"],
-    "PRESETS": ["tests/test_formulas.py -k 'defaults or preset'"],
+    "Config": ["tests/test_grpo.py tests/test_igsearch.py -k 'defaults_follow or igsearch_defaults or preset'"],
+    "PRESETS": ["tests/test_grpo.py tests/test_igsearch.py -k 'defaults_follow or igsearch_defaults or preset'"],
     # last, tests/test_ranks.py (2 processes, a minute or two): a rank's share and the data-parallel update, which
     # one process cannot tell from the whole (there world() is 1 and [lo:hi] the whole batch)
     "train_step": ["tests/test_training.py -k inforeasoner",

@@ -17,10 +17,7 @@ import engine
 import grpo
 import retrieve
 import runs
-
-
-def enc(tok, text):
-    return tok.encode(text, add_special_tokens=False)
+from conftest import enc
 
 
 # ----------------------------------------------------------------------------------------------------

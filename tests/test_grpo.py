@@ -1,11 +1,13 @@
 """GRPO (METHOD §1 and §3): token bookkeeping of rollouts, the generation engine, advantages, the loss,
-gradients, log-probs, a learning check, seeded repeatability and the command line.
+gradients, log-probs, a learning check, seeded repeatability, the defaults of Config, the presets and the
+formula functions against METHOD, and the command line.
 
 Every expectation is worked out by hand or by an independent computation (a plain full forward pass, a
 step-by-step argmax, Python float arithmetic), never by calling the function under test a second time.
 The model is runs.tiny_random_model: a 2-layer random Qwen3 with the real Qwen3 tokenizer (offline).
 """
 import copy
+import inspect
 import json
 import math
 import socket
@@ -19,6 +21,7 @@ import igsearch
 import retrieve
 import rewards
 import runs
+from conftest import enc, loss_and_grads
 from grpo import OBS, PAD, POLICY, PROMPT
 
 DOCS = [
@@ -30,24 +33,15 @@ DOCS = [
 ]
 QUESTION = {"id": "q0", "question": "What is the capital of France?", "golden_answers": ["Paris"]}
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread for this module: the matrices are tiny, so a second thread gains little, and on a
-    shared CPU (tests run beside other jobs) OpenMP threads waiting on each other slow the file down."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# One intra-op thread for the whole module, its module fixtures (shaped_tiny, two_prompts) included: the matrices
+# are tiny, so a second thread gains little, and on a shared CPU (tests run beside other jobs) OpenMP threads
+# waiting on each other slow the file down.
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
 
 @pytest.fixture
 def retriever(tmp_path):
     return retrieve.Retriever(DOCS, cache_dir=tmp_path)
-
-
-def enc(tok, text):
-    return tok.encode(text, add_special_tokens=False)
 
 
 def run_scripts(tok, retriever, scripts, questions=None, groups=None, **kw):
@@ -599,27 +593,20 @@ def scripted_batch(tok, retriever):
     return rs, grpo.collate(rs, tok.pad_token_id)
 
 
-def _loss_and_grads(model, batch, rewards, beta_kl=0.0):
-    model.zero_grad(set_to_none=True)
-    adv = grpo.group_advantages(rewards, [0] * len(rewards))
-    A = grpo.token_advantages(adv, batch.roles)
-    mask = batch.policy_mask
-    logp = grpo.token_logprobs(model, batch.ids, batch.attention_mask, mask)
-    ref = logp.detach() - 0.1 if beta_kl > 0 else None
-    loss, _ = grpo.grpo_loss(logp, logp.detach(), ref, A, mask, beta_kl=beta_kl)
-    loss.backward()
-    return {n: p.grad for n, p in model.named_parameters()}
+def advantages_of(rewards, batch):
+    """A [B, T] of one group with these rewards (METHOD §3.1, §3.2)."""
+    return grpo.token_advantages(grpo.group_advantages(rewards, [0] * len(rewards)), batch.roles)
 
 
 def test_equal_rewards_give_exactly_zero_gradient(tiny, scripted_batch):
     model = copy.deepcopy(tiny[0])
     _, batch = scripted_batch
-    grads = _loss_and_grads(model, batch, [1.0, 1.0])
+    _, grads = loss_and_grads(model, batch, advantages_of([1.0, 1.0], batch))
     assert len(grads) > 10
     for name, g in grads.items():
         assert g is not None and torch.count_nonzero(g) == 0, name
     # different rewards: a gradient, and on the layers too, not just the embedding
-    grads = _loss_and_grads(model, batch, [1.0, 0.0])
+    _, grads = loss_and_grads(model, batch, advantages_of([1.0, 0.0], batch))
     nonzero = [n for n, g in grads.items() if torch.count_nonzero(g) > 0]
     assert len(nonzero) == len(grads)
 
@@ -879,7 +866,65 @@ def test_seeded_runs_repeat_exactly(monkeypatch, tmp_path, qa_files):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 10. The command line
+# 10. The defaults against METHOD (Config, the presets, the formula functions) and the command line
+
+def test_config_defaults_follow_method():
+    c = igsearch.Config()
+    # §1: k = 3 documents, at most 4 searches; §3: G = 5 at temperature 1.0, ε = 0.2, β_kl = 0.001 (k3),
+    # μ = 1, grad clip 1.0, token-mean; §6: lr 1e-6
+    assert (c.topk, c.max_turns, c.group_size, c.temperature) == (3, 4, 5, 1.0)
+    assert (c.clip_eps, c.beta_kl, c.ppo_epochs, c.grad_clip, c.loss_agg, c.lr) == \
+        (0.2, 0.001, 1, 1.0, "token-mean", 1e-6)
+    # §4: α = 0.5, δ = 0.05, ρ = 0.5, c = 2, N = 3 from the batch, w = 3 on the first 3 gold tokens
+    assert (c.ig_alpha, c.ig_delta, c.ig_rho, c.ig_clip, c.ig_samples, c.ig_baseline) == \
+        (0.5, 0.05, 0.5, 2.0, 3, "batch")
+    assert (c.ig_head_tokens, c.ig_head_weight) == (3, 3.0)
+    # §5: K = 10 at temperature 1.0, at most 32 new tokens, the prob estimator, λ = 0.6, ε = 1e-3, no NLI
+    assert (c.ir_samples, c.ir_temperature, c.ir_max_tokens, c.ir_estimator, c.ir_lambda, c.nli_model) == \
+        (10, 1.0, 32, "prob", 0.6, "")
+    assert rewards.IR_EPS == 1e-3
+
+
+def test_tiny_preset():
+    # §1: max_turns 2 for --tiny; README: 2 questions x G = 4 per step, 4 steps
+    cfg, _ = igsearch.parse_args(["--tiny"])
+    assert (cfg.max_turns, cfg.questions_per_step, cfg.group_size, cfg.steps, cfg.topk) == (2, 2, 4, 4, 3)
+    # everything the preset does not set keeps METHOD's values
+    assert (cfg.clip_eps, cfg.beta_kl, cfg.ig_alpha, cfg.ig_samples, cfg.ir_samples, cfg.ir_lambda) == \
+        (0.2, 0.001, 0.5, 3, 10, 0.6)
+    # a flag still wins over the preset
+    assert igsearch.parse_args(["--tiny", "--max-turns", "3"])[0].max_turns == 3
+
+
+def test_cpu_preset():
+    # README, the learning experiment: 10 steps of 4 questions x G = 4, max_turns 2 (§1), top-3 documents
+    cfg, _ = igsearch.parse_args(["--preset", "cpu"])
+    assert (cfg.max_turns, cfg.questions_per_step, cfg.group_size, cfg.steps, cfg.topk) == (2, 4, 4, 10, 3)
+    assert (cfg.clip_eps, cfg.beta_kl, cfg.ig_alpha, cfg.ig_samples, cfg.ir_samples, cfg.ir_lambda) == \
+        (0.2, 0.001, 0.5, 3, 10, 0.6)
+
+
+def defaults(fn, *names):
+    """The defaults of the named parameters (a parameter added later does not break the check)."""
+    params = inspect.signature(fn).parameters
+    return {k: params[k].default for k in names}
+
+
+def test_formula_function_defaults_follow_method():
+    assert defaults(grpo.group_advantages, "eps") == {"eps": 1e-6}                                   # §3.1
+    assert defaults(grpo.grpo_loss, "clip_eps", "beta_kl", "agg") == {"clip_eps": 0.2, "beta_kl": 0.0,
+                                                                       "agg": "token-mean"}        # §3.3
+    assert defaults(grpo.ig_gate, "delta", "rho", "clip") == {"delta": 0.05, "rho": 0.5, "clip": 2.0}  # §4.3
+    assert defaults(grpo.add_query_bonus, "alpha", "delta", "rho", "clip") == \
+        {"alpha": 0.5, "delta": 0.05, "rho": 0.5, "clip": 2.0}
+    assert defaults(rewards.head_weights, "head_tokens", "head_weight") == {"head_tokens": 3, "head_weight": 3.0}
+    assert defaults(rewards.gold_scorer, "head_tokens", "head_weight") == \
+        {"head_tokens": 3, "head_weight": 3.0}                                                       # §4.1
+    assert defaults(rewards.igsearch_information_gain, "n_samples", "baseline", "max_context") == \
+        {"n_samples": 3, "baseline": "batch", "max_context": 2048}                                   # §4.2
+    assert defaults(rewards.information_gain, "estimator", "eps") == {"estimator": "prob", "eps": 1e-3}  # §5.3
+    assert defaults(rewards.smoothed_p_gold, "eps") == {"eps": 1e-3}
+
 
 @pytest.mark.parametrize("args, words", [
     (["--reward", "bogus"], "--reward"),

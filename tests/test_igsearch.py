@@ -19,6 +19,7 @@ import grpo
 import igsearch
 import rewards
 import views
+from conftest import LYON, NICE, PARIS, Q, enc, loss_and_grads, make_rollout
 from retrieve import Retriever
 
 
@@ -177,6 +178,15 @@ def test_gold_score_by_hand():
     assert float(score_whole(model, [[4, 2]], [[3]])[0]) == pytest.approx(math.log(0.5), abs=1e-5)
     with pytest.raises(ValueError, match="empty context"):
         score_whole(model, [[]], [[3]])
+
+
+# METHOD §4.1: without a shared prefix, an empty context leaves the first gold token unpredicted
+def test_gold_scorer_refuses_an_empty_context_in_any_row(tiny):
+    model, _ = tiny
+    score = rewards.gold_scorer(model, [], token_budget=4)
+    for suffixes in ([[5, 6], []], [[], [5, 6]], [[5], [6], [7], []]):
+        with pytest.raises(ValueError, match="empty context"):
+            score(suffixes, [[3]] * len(suffixes))
 
 
 def test_gold_score_with_a_shared_prefix_by_hand():
@@ -476,10 +486,84 @@ def test_no_search_anywhere(tok, retriever):
     assert scorer.prefixes == [] and scorer.calls == []  # no forward pass at all
 
 
-def test_ig_default_rng_works(tok, retriever):
-    rs = scripted(tok, retriever, MAIN)
-    ig, _ = rewards.igsearch_information_gain(FakeScorer(tok), tok, rs, retriever)
-    assert ig[0] == [2.0]
+# Hand-built rollouts (conftest.make_rollout) and a scorer that records its calls: the defaults of §4.2 (N = 3
+# blocks from the batch, the seed-0 rng), plain-text ids, and the cut of a step's contexts
+
+def test_igsearch_defaults_draw_three_blocks_of_other_questions(tiny):
+    _, tok = tiny
+    q2 = {"question": "Where is Nice?", "golden_answers": ["Riviera"]}
+    rs = [make_rollout(tok, Q, 0, [[PARIS]]), make_rollout(tok, q2, 1, [[NICE]])]
+    calls = []
+
+    def scorer(prefix):
+        def score(suffixes, golds):
+            calls.append([list(prefix) + list(s) for s in suffixes])
+            return torch.zeros(len(suffixes))
+        return score
+    rewards.igsearch_information_gain(scorer, tok, rs, retriever=None)
+    # per step: the real context with each alias (one here), then N = 3 baselines; each baseline block is the
+    # other question's block (the batch pool), never a random corpus document (retriever=None would fail)
+    assert [len(c) for c in calls] == [1, 3, 1, 3]
+    for i, other in ((0, 1), (1, 0)):
+        s, e = rs[i].searches[0]["info_span"]
+        block = rs[other].ids[slice(*rs[other].searches[0]["info_span"])]
+        for ctx in calls[2 * i + 1]:
+            assert ctx[:s] == rs[i].ids[:s] and ctx[s:s + len(block)] == block
+
+
+def recording_scorer(calls):
+    def scorer(prefix):
+        def score(suffixes, golds):
+            calls.append(([list(prefix) + list(s) for s in suffixes], [list(g) for g in golds]))
+            return torch.zeros(len(suffixes))
+        return score
+    return scorer
+
+
+def test_igsearch_default_rng_is_seed_zero(tiny):
+    _, tok = tiny
+    qs = [{"question": f"Where is {d['title']}?", "golden_answers": [d["title"]]} for d in (PARIS, LYON, NICE)]
+    rs = [make_rollout(tok, q, i, [[d]]) for i, (q, d) in enumerate(zip(qs, (PARIS, LYON, NICE)))]
+    runs = []
+    for rng in (None, random.Random(0), random.Random(1)):
+        calls = []
+        rewards.igsearch_information_gain(recording_scorer(calls), tok, rs, None, n_samples=6, rng=rng)
+        runs.append(calls)
+    assert runs[0] == runs[1] and runs[1] != runs[2]
+
+
+BOS = 151644  # <|im_start|>: never in a block or an answer
+
+
+class BosTokenizer:
+    """The Qwen tokenizer, but with a BOS id in front when asked for special tokens (as Llama's adds one)."""
+
+    def __init__(self, tok):
+        self.tok = tok
+
+    def encode(self, text, add_special_tokens=True):
+        return ([BOS] if add_special_tokens else []) + self.tok.encode(text, add_special_tokens=False)
+
+    def decode(self, ids, **kw):
+        return self.tok.decode(ids, **kw)
+
+
+def test_igsearch_contexts_and_golds_are_plain_text_ids(tiny, tmp_path):
+    # "<answer>", the gold alias and a corpus block continue the rollout: no special token in front of any (§4.1)
+    _, tok = tiny
+    q2 = {"question": "Where is Nice?", "golden_answers": ["Riviera"]}
+    rs = [make_rollout(tok, Q, 0, [[PARIS]]), make_rollout(tok, q2, 1, [[NICE]])]
+    cue = enc(tok, "<answer>")
+    retriever = Retriever([PARIS, LYON, NICE], cache_dir=tmp_path)
+    for baseline in ("batch", "corpus"):
+        calls = []
+        rewards.igsearch_information_gain(recording_scorer(calls), BosTokenizer(tok), rs, retriever,
+                                          baseline=baseline)
+        for r, (ctxs, golds) in zip([rs[0], rs[0], rs[1], rs[1]], calls):
+            s = r.searches[0]["info_span"][0]
+            for ctx in ctxs:
+                assert ctx[-len(cue):] == cue and BOS not in ctx[s:]
+            assert golds == [enc(tok, " " + r.question["golden_answers"][0])] * len(ctxs)
 
 
 def test_left_truncation_cuts_a_step_at_one_point(tok, retriever):
@@ -515,6 +599,19 @@ def test_left_truncation_cuts_a_step_at_one_point(tok, retriever):
                                       max_context=tiny_limit)
     assert all(p == [] for p in short.prefixes)
     assert short.passes(0)[0][4] == ctx_real[-tiny_limit:]
+
+
+def test_igsearch_cuts_every_context_of_a_step_to_the_limit(tiny):
+    # a limit shorter than the blocks: no prefix at all, and every context, real or counterfactual, is the last
+    # `max_context` tokens of its block + "<answer>" (§4.1: cut from the left)
+    _, tok = tiny
+    q2 = {"question": "Where is Nice?", "golden_answers": ["Riviera"]}
+    rs = [make_rollout(tok, Q, 0, [[PARIS]]), make_rollout(tok, q2, 1, [[NICE]])]
+    calls = []
+    rewards.igsearch_information_gain(recording_scorer(calls), tok, rs, None, max_context=5)
+    blocks = [r.ids[slice(*r.searches[0]["info_span"])] + enc(tok, "<answer>") for r in rs]
+    assert [ctxs for ctxs, _ in calls] == [[blocks[0][-5:]], [blocks[1][-5:]] * 3,
+                                          [blocks[1][-5:]], [blocks[0][-5:]] * 3]
 
 
 def test_left_truncation_on_the_real_model(tiny, retriever):
@@ -635,16 +732,11 @@ def test_all_failed_group_gets_gradient_only_on_query_tokens(tiny, retriever):
     assert torch.allclose(lp.grad, -A * mask / mask.sum(), atol=1e-9)
 
     # through the model: outcome-only gives exactly no gradient, IG-Search a non-zero one
-    def param_grads(A_):
-        model.zero_grad(set_to_none=True)
-        lp_ = grpo.token_logprobs(model, batch.ids, batch.attention_mask, mask)
-        loss_, _ = grpo.grpo_loss(lp_, lp_.detach(), None, A_, mask, beta_kl=0.0)
-        loss_.backward()
-        return loss_.detach(), [p.grad.clone() if p.grad is not None else torch.zeros_like(p)
-                                for p in model.parameters()]
-    loss_out, g_out = param_grads(A0)
+    loss_out, grads = loss_and_grads(model, batch, A0)
+    g_out = list(grads.values())
     assert float(loss_out) == 0.0 and all(torch.count_nonzero(g) == 0 for g in g_out)
-    _, g_ig = param_grads(A)
+    _, grads = loss_and_grads(model, batch, A)
+    g_ig = list(grads.values())
     assert sum(float(g.abs().sum()) for g in g_ig) > 0
     model.zero_grad(set_to_none=True)
 
@@ -655,19 +747,13 @@ def test_alpha_zero_is_outcome_only_bit_for_bit(tiny, retriever):
     R = [1.0, 0.0, 0.0, 0.0]
     adv = grpo.group_advantages(R, [0] * 4)
     batch = grpo.collate(rs, tok.pad_token_id)
-    mask = batch.policy_mask
     A_out = grpo.token_advantages(adv, batch.roles)
     A_ig = grpo.add_query_bonus(A_out, rs, [[0.4], [-0.3, 1.0], [], [-5.0]], alpha=0.0)
     assert torch.equal(A_ig, A_out)
 
-    def run(A_):
-        model.zero_grad(set_to_none=True)
-        lp = grpo.token_logprobs(model, batch.ids, batch.attention_mask, mask)
-        loss, _ = grpo.grpo_loss(lp, lp.detach(), None, A_, mask, beta_kl=0.0)
-        loss.backward()
-        return loss.detach(), [p.grad.clone() for p in model.parameters()]
-    l1, g1 = run(A_out)
-    l2, g2 = run(A_ig)
+    l1, g1 = loss_and_grads(model, batch, A_out)
+    l2, g2 = loss_and_grads(model, batch, A_ig)
+    g1, g2 = list(g1.values()), list(g2.values())
     model.zero_grad(set_to_none=True)
     assert torch.equal(l1, l2)
     assert all(torch.equal(a, b) for a, b in zip(g1, g2))

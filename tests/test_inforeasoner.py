@@ -1,5 +1,7 @@
 """InfoReasoner's semantic information gain (METHOD §5): weights, classes, beliefs, the three estimators,
-the NLI path, what the reward does to GRPO, and end-to-end calls on the tiny random Qwen3."""
+the NLI path, what the reward does to GRPO, and end-to-end calls on the tiny random Qwen3: a sample's weight
+from the mean (not the sum) of its token log-probs, K samples per prompt, C_t = the documents of searches
+1..t, a step's metrics, each against a plain forward pass or a sum written out here."""
 import copy
 import doctest
 import math
@@ -13,7 +15,8 @@ import grpo
 import igsearch
 import rewards
 import retrieve
-from retrieve import DataError
+from conftest import LYON, NICE, PARIS, Q, enc, make_rollout
+from retrieve import DataError, format_docs
 from rewards import (Belief, belief, default_equivalent, entailment_index, inforeasoner_information_gain,
                      information_gain, load_nli, nli_equivalent, semantic_classes, smoothed_p_gold, weigh_samples)
 
@@ -51,6 +54,15 @@ def test_empty_samples_are_dropped():
     assert w == pytest.approx([0.25, 0.75])
     assert weigh_samples(["", "the"], [0.0, 0.0]) == ([], [])
     assert belief([], [], ["Paris"]) == Belief(p_gold=0.0, entropy=0.0, n_classes=1)
+
+
+def test_weights_and_beliefs_of_far_apart_logprobs():
+    # mean log-probs 800 apart: e^800 overflows a float, so the softmax must subtract the largest; the second
+    # sample's weight underflows to exactly 0, and a class of zero mass adds nothing to H_sem (0 log 0 = 0)
+    answers, w = rewards.weigh_samples(["Paris", "Lyon"], [0.0, -800.0])
+    assert w == [1.0, 0.0]
+    b = rewards.belief(answers, w, ["Paris"])
+    assert (b.p_gold, b.entropy, b.n_classes) == (1.0, 0.0, 2)
 
 
 def test_brief_answer_prompt(tiny):
@@ -211,6 +223,17 @@ def test_nli_equivalence_is_bidirectional():
     assert b.p_gold == pytest.approx(0.4) and b.n_classes == 3
 
 
+def test_nli_equivalence_needs_more_than_one_half_both_ways():
+    eq = rewards.nli_equivalent(lambda p, h: 0.5, "Q?")
+    assert not eq("Paris", "Paris")                                   # p > 0.5, strictly
+    eq = rewards.nli_equivalent(lambda p, h: 0.51, "Q?")
+    assert eq("Paris", "Paris")
+    # each direction on its own: 0.5 one way and 0.9 the other is not equivalent, in either order
+    one_half_from_a = lambda p, h: 0.5 if p.endswith("a") else 0.9  # noqa: E731
+    assert not rewards.nli_equivalent(one_half_from_a, "Q?")("a", "b")
+    assert not rewards.nli_equivalent(one_half_from_a, "Q?")("b", "a")
+
+
 def test_entailment_label():
     assert entailment_index({"0": "entailment", "1": "neutral", "2": "contradiction"}) == 0
     with pytest.raises(DataError, match="entailment"):
@@ -247,19 +270,7 @@ def test_nli_model_loads_from_a_local_directory(tmp_path, tiny):
 # ----------------------------------------------------------------------------------------------------
 # METHOD §5.4 and §3: the reward, and the gradient it gives a group where every answer is wrong
 
-def make_rollout(tok, question, group, searches, answer="Lyon", golds=("Paris",)):
-    """A hand-built trajectory: prompt, a search per entry of `searches` (docs), then an answer."""
-    q = {"question": question, "golden_answers": list(golds)}
-    p = grpo.prompt_ids(tok, question)
-    r = grpo.Rollout(question=q, group=group, ids=list(p), roles=[grpo.PROMPT] * len(p))
-    for docs in searches:
-        s = grpo._append(r, tok.encode("<search> capital of France </search>", add_special_tokens=False), grpo.POLICY)
-        info = grpo._append(r, tok.encode(grpo.information_block(docs), add_special_tokens=False), grpo.OBS)
-        r.searches.append({"query": "capital of France", "docs": docs, "query_span": s, "info_span": info})
-    grpo._append(r, tok.encode(f"<answer> {answer} </answer>", add_special_tokens=False), grpo.POLICY)
-    r.answer = answer
-    return r
-
+# make_rollout (tests/conftest.py): a hand-built trajectory, here from the question's text and its golds
 
 DOCS = [{"title": "Paris", "text": "Paris is the capital and largest city of France."},
         {"title": "Lyon", "text": "Lyon is a city in France."}]
@@ -395,6 +406,186 @@ def test_train_step_combines_em_and_ig(tiny, monkeypatch):
     assert [r.reward for r in out] == pytest.approx([1.6, 0.6, 1.0, 0.0])   # EM + 0.6 · IG, IG = [1, 1, 0, 0]
     assert metrics["ir_ig_mean"] == pytest.approx(0.5)
     model.zero_grad(set_to_none=True)
+
+
+# ----------------------------------------------------------------------------------------------------
+# METHOD §5.1 and §5.3 by hand on the tiny model: the samples' mean log-probs against a plain forward pass, K
+# rows per prompt, C_t = the documents of searches 1..t (not of step t alone, nor of all steps), a step's
+# metrics, --nli-model
+
+def mean_logprob_by_hand(model, prompt, sample):
+    """(1/n) Σ_k log π(sample_k | prompt, sample_<k) from one plain forward pass of the whole model, unpadded."""
+    ids = torch.tensor([list(prompt) + list(sample)])
+    with torch.no_grad():
+        lsm = model(input_ids=ids).logits[0].float().log_softmax(-1)      # [n, V]
+    P = len(prompt)
+    return sum(float(lsm[P + k - 1, sample[k]]) for k in range(len(sample))) / len(sample)
+
+
+def script_engine(monkeypatch, tok, answer_of, record=None):
+    """The engine's batches (engine._generate_batch, under generate_turn's token budget) replaced by fixed
+    samples: answer_of(prompt text, row index within its batch) -> ids."""
+    def fake(model, tok_, seqs, max_new, stop_strings, eos_ids, temperature, generator):
+        if record is not None:
+            record.append({"model": model, "rows": len(seqs), "max_new": list(max_new), "stops": stop_strings,
+                           "eos": set(eos_ids), "temperature": temperature, "seqs": [list(s) for s in seqs]})
+        gens = [list(answer_of(tok.decode(s), j)) for j, s in enumerate(seqs)]
+        return gens, ["\n"] * len(seqs)
+    monkeypatch.setattr(engine, "_generate_batch", fake)
+
+
+def ir_config_k2(**kw):
+    """ir_config with K = 2 samples of at most 8 tokens: the counts below are worked out for these."""
+    return ir_config(**{"ir_samples": 2, "ir_max_tokens": 8, **kw})
+
+
+def test_sample_logprobs_is_the_mean_over_the_samples_tokens(tiny):
+    model, tok = tiny
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 5000, (n,), generator=g).tolist() for n in (7, 3, 12, 5)]
+    samples = [torch.randint(0, 5000, (m,), generator=g).tolist() for m in (1, 6, 3, 9)]
+    got = rewards.sample_logprobs(model, prompts, samples, token_budget=30)  # rows 8, 9 | 15, 14
+    expected = [mean_logprob_by_hand(model, p, s) for p, s in zip(prompts, samples)]
+    assert got == pytest.approx(expected, abs=1e-5)
+    # the mean, not the sum: a 6-token sample's sum is ~6 times its mean (-12 per token on a random model)
+    assert got[1] > -13 and got[3] > -13
+
+
+def test_sample_answers_by_hand(tiny, monkeypatch):
+    model, tok = tiny
+    eos = tok.eos_token_id
+    samples = [enc(tok, "Paris\n"), enc(tok, " Lyon") + [eos], enc(tok, " The Seine river\n"),   # prompt 0
+               enc(tok, "Nice\n"), enc(tok, "\n"), enc(tok, "Brest and more\n")]                # prompt 1
+    calls = []
+    row = iter(range(6))
+    script_engine(monkeypatch, tok, lambda text, j: samples[next(row)], calls)
+    cfg = ir_config_k2(ir_samples=3, ir_temperature=0.7, ir_max_tokens=5)
+    prompts = [rewards.brief_answer_prompt(tok, "Capital of France?"),
+               rewards.brief_answer_prompt(tok, "Capital of France?", format_docs([PARIS]))]
+    texts, lps, n = rewards.sample_answers(model, tok, prompts, cfg, torch.Generator().manual_seed(0))
+    # one batched call: each prompt K = 3 times, in order; ir_temperature, ir_max_tokens, a newline stops
+    assert len(calls) == 1
+    c = calls[0]
+    assert c["model"] is model and c["seqs"] == [prompts[0]] * 3 + [prompts[1]] * 3
+    assert c["temperature"] == 0.7 and c["max_new"] == [5] * 6 and c["stops"] == ["\n"]
+    assert c["eos"] == engine.stop_ids(tok, model) and eos in c["eos"]
+    # texts cut at the newline and stripped (the EOS token is not text); the empty sample stays empty here
+    assert texts == [["Paris", "Lyon", "The Seine river"], ["Nice", "", "Brest and more"]]
+    # each mean covers every sampled token, the one that ended the sample (newline or EOS) included
+    by_hand = [mean_logprob_by_hand(model, prompts[j // 3], s) for j, s in enumerate(samples)]
+    assert [x for row_ in lps for x in row_] == pytest.approx(by_hand, abs=1e-5)
+    assert n == sum(len(s) for s in samples)
+
+
+@pytest.mark.parametrize("rows_per_call, rows", [(2, 2), (0, 1), (100, 6)])
+def test_sample_answers_batches_rows_within_the_forward_budget(tiny, monkeypatch, rows_per_call, rows):
+    # cfg.forward_budget bounds a sampling batch: rows × (prompt + ir_max_tokens) tokens of KV cache (at least one
+    # row); the samples come back in prompt order whatever the cut
+    model, tok = tiny
+    prompts = [rewards.brief_answer_prompt(tok, q) for q in ("Capital of France?", "Capital of Peru?")]
+    assert len(prompts[0]) == len(prompts[1])
+    cfg = ir_config_k2(ir_samples=3, forward_budget=rows_per_call * (len(prompts[0]) + 8) + 1)   # ir_max_tokens 8
+    calls, row = [], iter(range(6))
+    script_engine(monkeypatch, tok, lambda text, j: enc(tok, f"answer {next(row)}\n"), calls)
+    texts, _, _ = rewards.sample_answers(model, tok, prompts, cfg, torch.Generator().manual_seed(0))
+    assert [c["rows"] for c in calls] == [rows] * (6 // rows)
+    assert texts == [["answer 0", "answer 1", "answer 2"], ["answer 3", "answer 4", "answer 5"]]
+
+
+def test_belief_weights_are_the_softmax_of_mean_logprobs_end_to_end(tiny, monkeypatch):
+    # K = 2: without evidence the reference answers "Paris" (1 token + newline) and a long wrong answer; with the
+    # evidence, "Paris" twice. prob IG = 1 - ℓ_Paris, ℓ from the *mean* log-probs of a plain forward pass
+    model, tok = tiny
+    short, long = enc(tok, "Paris\n"), enc(tok, "Lyon, a city in the south of France on the Rhone\n")
+
+    def answer(text, j):
+        return short if "Context:" in text or j % 2 == 0 else long
+    script_engine(monkeypatch, tok, answer)
+    r = make_rollout(tok, Q, 0, [[PARIS]])
+    ig, extra = rewards.inforeasoner_information_gain(model, tok, [r], ir_config_k2(), torch.Generator().manual_seed(0))
+    prompt = rewards.brief_answer_prompt(tok, Q["question"])
+    m_short, m_long = mean_logprob_by_hand(model, prompt, short), mean_logprob_by_hand(model, prompt, long)
+    w_short = math.exp(m_short) / (math.exp(m_short) + math.exp(m_long))
+    assert extra["ir_p_gold_without"] == pytest.approx(w_short, abs=1e-5)
+    assert ig == pytest.approx([1.0 - w_short], abs=1e-5)
+    # one rollout: the step's mean is its IG, the spread 0
+    assert extra["ir_ig_mean"] == pytest.approx(1.0 - w_short, abs=1e-5)
+    assert extra["ir_ig_std"] == 0.0 and extra["ir_frac_positive"] == 1.0
+    # the long answer's *sum* is several times its mean: weights from sums would put almost all mass on Paris
+    assert 0.05 < w_short < 0.95
+
+
+def test_trajectory_evidence_is_searches_one_to_t(tiny):
+    _, tok = tiny
+    r = make_rollout(tok, Q, 0, [[PARIS], [LYON, NICE], [NICE]])
+    by_hand = {1: "Doc 1(Title: Paris) " + PARIS["text"],
+               2: f"Doc 1(Title: Paris) {PARIS['text']}\nDoc 2(Title: Lyon) {LYON['text']}\n"
+                  f"Doc 3(Title: Nice) {NICE['text']}",
+               3: f"Doc 1(Title: Paris) {PARIS['text']}\nDoc 2(Title: Lyon) {LYON['text']}\n"
+                  f"Doc 3(Title: Nice) {NICE['text']}\nDoc 4(Title: Nice) {NICE['text']}"}
+    for t, text in by_hand.items():
+        assert rewards.trajectory_evidence(r, t) == text
+
+
+@pytest.mark.parametrize("estimator, expected", [
+    # B: "London" only (p = 0, 2 classes with the empty gold one): p̃(B) = ε / (1 + 2ε) = 1 / 1002
+    # r0 searches [Paris], then [Lyon]: C_1 and C_2 both hold Paris -> p̃ = 1 at both steps
+    # r1 searches [Lyon], then [Paris]: C_1 = Lyon only -> p̃ = 1/1002; C_2 holds both -> 1
+    ("log", [math.log(1002), 0.5 * math.log(1002)]),
+    ("prob", [1.0, 1.0]),                                  # all the evidence: Paris in both
+    ("entropy", [0.0, 0.0]),                               # one class throughout
+])
+def test_beliefs_are_conditioned_on_the_evidence_of_steps_one_to_t(tiny, monkeypatch, estimator, expected):
+    model, tok = tiny
+    paris, london = enc(tok, "Paris\n"), enc(tok, "London\n")
+    script_engine(monkeypatch, tok, lambda text, j: paris if PARIS["text"] in text else london)
+    rs = [make_rollout(tok, Q, 0, [[PARIS], [LYON]]), make_rollout(tok, Q, 0, [[LYON], [PARIS]])]
+    ig, extra = rewards.inforeasoner_information_gain(model, tok, rs, ir_config_k2(ir_estimator=estimator),
+                                                      torch.Generator().manual_seed(0))
+    assert ig == pytest.approx(expected, abs=1e-9)
+    # the step's p(c*) "with" is read with all the evidence (C_T): Paris for both, whatever the estimator
+    assert extra["ir_p_gold_with"] == 1.0 and extra["ir_p_gold_without"] == 0.0
+
+
+def test_inforeasoner_step_metrics_by_hand(tiny, monkeypatch):
+    model, tok = tiny
+    paris, london = enc(tok, "Paris\n"), enc(tok, "London\n")
+    script_engine(monkeypatch, tok, lambda text, j: paris if PARIS["text"] in text else london)
+    rs = [make_rollout(tok, Q, 0, [[PARIS]]), make_rollout(tok, Q, 0, [[LYON]]), make_rollout(tok, Q, 0, []),
+          make_rollout(tok, Q, 0, [[NICE], [PARIS]])]
+    ig, extra = rewards.inforeasoner_information_gain(model, tok, rs, ir_config_k2(), torch.Generator().manual_seed(0))
+    assert ig == [1.0, 0.0, 0.0, 1.0]
+    # mean 0.5; population std sqrt(4 · 0.25 / 4) = 0.5; two of four positive
+    assert extra["ir_ig_mean"] == 0.5 and extra["ir_ig_std"] == 0.5 and extra["ir_frac_positive"] == 0.5
+    # over the 3 searching rollouts: p(c*) with all the evidence 1, 0, 1; without 0, 0, 0
+    assert extra["ir_p_gold_with"] == pytest.approx(2 / 3) and extra["ir_p_gold_without"] == 0.0
+    assert extra["ir_h_before"] == 0.0 and extra["ir_h_after"] == 0.0
+    # K = 2 samples for the bare question and for each of 3 distinct evidence sets ([Paris] twice is one; prob
+    # reads only all the evidence, so [Nice] alone is never sampled)
+    tokens = 2 * len(london) + 2 * (len(paris) + len(london) + len(paris))
+    assert extra["ir_extra_tokens"] == tokens / 4
+
+
+def test_nli_model_setting_loads_the_classifier(tiny, monkeypatch):
+    # --nli-model: classes by the loaded classifier's bidirectional entailment (here one that entails anything)
+    model, tok = tiny
+    loaded = []
+    monkeypatch.setattr(rewards, "load_nli", lambda name, device: loaded.append(name) or (lambda p, h: 0.9))
+    script_engine(monkeypatch, tok, lambda text, j: enc(tok, "London\n"))
+    r = make_rollout(tok, Q, 0, [[PARIS]])
+    _, extra = rewards.inforeasoner_information_gain(model, tok, [r], ir_config_k2(nli_model="some/mnli"),
+                                                     torch.Generator().manual_seed(0))
+    assert loaded == ["some/mnli"] and extra["ir_p_gold_without"] == 1.0   # "London" ~ "Paris" under this NLI
+
+
+def test_a_step_where_no_rollout_searched_samples_nothing(tiny, monkeypatch):
+    model, tok = tiny
+    calls = []
+    script_engine(monkeypatch, tok, lambda text, j: enc(tok, "Paris\n"), calls)
+    rs = [make_rollout(tok, Q, 0, []), make_rollout(tok, Q, 0, [])]
+    ig, extra = rewards.inforeasoner_information_gain(model, tok, rs, ir_config_k2(), torch.Generator().manual_seed(0))
+    assert ig == [0.0, 0.0] and calls == []                                  # §5.4: no search, IG = 0, no cost
+    assert extra == {"ir_ig_mean": 0.0, "ir_ig_std": 0.0, "ir_frac_positive": 0.0, "ir_extra_tokens": 0.0}
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -18,18 +18,12 @@ import runs
 from conftest import ROOT
 from retrieve import DataError
 
-pytestmark = pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
-                                reason="torch.distributed with gloo is not available in this torch build")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """As in the workers (torchrun sets OMP_NUM_THREADS=1): one summation order, and no OpenMP threads
-    waiting on each other on a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# One thread for the whole module, its module fixtures included (one_process computes in this process the
+# numbers the workers' are compared with): as in the workers (torchrun sets OMP_NUM_THREADS=1), one summation
+# order, and no OpenMP threads waiting on each other on a shared CPU.
+pytestmark = [pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
+                                 reason="torch.distributed with gloo is not available in this torch build"),
+              pytest.mark.usefixtures("one_thread_per_module")]
 
 
 def torchrun(out, jobs, env=None):

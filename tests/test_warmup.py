@@ -26,12 +26,8 @@ DOCS = [
 QUESTION = {"id": "q0", "question": "What is the capital of France?", "golden_answers": ["Paris"]}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # bit-level comparisons below: one thread, one summation order
-    yield
-    torch.set_num_threads(n)
+# bit-level comparisons below: one thread, one summation order, for the module fixtures (the tiny model) too
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
 
 @pytest.fixture
