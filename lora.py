@@ -84,7 +84,7 @@ def adapt_run(model, cfg, device):
     """The run's adapters on the loaded model (METHOD §3.5; nothing with --lora-rank 0), the frozen base in
     bf16 where the forwards run in bf16."""
     return adapt(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets,
-                bf16=engine.bf16_forwards(cfg.precision, device), seed=cfg.seed)
+                 bf16=engine.bf16_forwards(cfg.precision, device), seed=cfg.seed)
 
 
 def adapted(model):
