@@ -159,7 +159,12 @@ def strip(step):
 
 
 def varied_reward(rollouts):
-    em = [float(sum(r.ids) % 3 == 0) for r in rollouts]
+    """EM 1 for the first rollout of each group, 0 for the others: every group has a reward spread, whatever was
+    sampled (the sampled ids differ between CPU kinds, and a step without spread would train nothing)."""
+    seen, em = set(), []
+    for r in rollouts:
+        em.append(float(r.group not in seen))
+        seen.add(r.group)
     return em, em
 
 
