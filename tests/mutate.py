@@ -121,7 +121,7 @@ TESTS = {
                       "tests/test_budget.py -k update", "tests/test_ranks.py -k 'one_step or unequal'"],
 }
 TESTS["step_rewards"] = TESTS["train_step"]
-TESTS["accumulate_gradients"] = [*TESTS["update_policy"][:-1], "tests/test_warmup.py -k 'loss or step'",
+TESTS["accumulate_gradients"] = [*TESTS["update_policy"][:-1], "tests/test_warmup.py -k 'loss or step or micro_batches'",
                                  TESTS["update_policy"][-1]]
 
 # (function, the mutated line, stripped) -> why no test can kill it: it computes the same numbers
@@ -202,6 +202,9 @@ EQUIVALENT = {
     ('update_policy', 'old = torch.cat([policy(ids[sl], attn[sl], mask[sl]) for sl in micro])'):
         'with one epoch the stored old log-probs are the current ones, which the loss otherwise takes detached: '
         'the same numbers, one forward more',
+    ('accumulate_gradients', 'if (dp is not None):'):
+        'one process: the gradients set to None and written afresh by the backward instead of into one zeroed '
+        'buffer (engine.flat_grads): the same numbers, another memory layout; with dp, flat buffers before DDP',
     ('accumulate_gradients', 'model.zero_grad(set_to_none=False)'):
         'gradients accumulate into zeros instead of None: the same sums',
     ('update_policy', 'old = torch.cat([policy(ids[sl], attn[sl], mask[sl]) for sl in micro]) if (cfg.ppo_epochs >= 1) else None'):

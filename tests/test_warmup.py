@@ -89,6 +89,33 @@ def test_warmup_gradient_is_minus_one_over_P_at_policy_positions_and_zero_elsewh
             assert float(logp.grad[b, k]) == pytest.approx(expected, abs=1e-9), (b, k, int(batch.roles[b, k]))
 
 
+def test_micro_batches_add_up_to_the_whole_batchs_gradient_from_zero(tiny, retriever):
+    # the warm-up's (and the update's) accumulation loop: two micro-batches of one row each, each loss normalized
+    # by the whole batch's policy tokens, give the gradient of one backward over the whole batch; a gradient left
+    # from before is dropped, not added to
+    import copy
+    from types import SimpleNamespace
+    import ranks
+    model, tok = tiny
+    model = copy.deepcopy(model)
+    rs = scripted(tok, retriever, [["<search> capital of France </search>", "<answer> Paris </answer>"],
+                                   ["<answer> Lyon </answer>"]])
+    batch = grpo.collate(rs, tok.pad_token_id)
+    ids, attn, mask = batch.ids, batch.attention_mask, batch.policy_mask
+    norm = mask.sum()
+    whole = copy.deepcopy(model)
+    grpo.warmup_loss(grpo.token_logprobs(whole, ids, attn, mask), mask).backward()
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 7.0)                              # a stale gradient
+    cfg = SimpleNamespace(precision="fp32", grad_checkpointing=False)
+    parts = ranks.accumulate_gradients(model, [slice(0, 1), slice(1, 2)],
+                                       lambda sl: grpo.token_logprobs(model, ids[sl], attn[sl], mask[sl]),
+                                       lambda logp, sl: (grpo.warmup_loss(logp, mask[sl], norm), None), cfg)
+    assert len(parts) == 2 and all(v > 0 for v, _ in parts)
+    for (name, a), b in zip(whole.named_parameters(), model.parameters()):
+        assert torch.allclose(a.grad, b.grad, atol=1e-6), name
+
+
 def test_oracle_scripts_strong_weak_and_bridge(retriever):
     strong = warmup.oracle_script(QUESTION, retriever, random.Random(0), topk=2, max_turns=2, weak_frac=0.0)
     assert strong == [f"{warmup.THINK_FIRST}<search> What is the capital of France </search>",
