@@ -6,6 +6,7 @@ against plain model.generate. Everything is measured side by side in one run and
     python bench/bench_step.py --rewards outcome,igsearch --repeats 2
     python bench/bench_step.py --model ... --force-search          # the model writes queries in every turn
     python bench/bench_step.py --model ... --scripted-searches 2   # scripted texts: no sampling cost at all
+    python bench/bench_step.py --model ... --lora-rank 0,16        # each reward with and without adapters
 
 The rollouts of a step are sampled once (seeded) and every variant scores and updates from the same weights
 on those same rollouts, so the ratio "step time / outcome step time" isolates what the variant adds.
@@ -25,27 +26,34 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import engine  # noqa: E402
 import grpo  # noqa: E402
 import igsearch  # noqa: E402
+import lora  # noqa: E402
 import retrieve  # noqa: E402
 import rewards  # noqa: E402
 import runs  # noqa: E402
 from roofline import Positions, body_params, matmul_rate, mlp_sizes  # noqa: E402
 
 
-def time_variant(model, ref_model, tok, retriever, rollouts, cfg, reward, seed):
+def time_variant(model, ref_model, tok, retriever, rollouts, cfg, reward, seed, lora_rank=0):
     """Scoring + update time of one variant on fixed rollouts, from the same weights. Returns (times, metrics);
     times["flops"] is the work of the step's forwards and backwards (roofline.Positions on the policy and the
-    reference): for the outcome reward, which scores without a model, the update's."""
-    cfg = dataclasses.replace(cfg, reward=reward)
+    reference): for the outcome reward, which scores without a model, the update's. lora_rank > 0: the copy
+    gets adapters as a run's model does (lora.adapt_run) and its reference is itself with them off."""
+    cfg = dataclasses.replace(cfg, reward=reward, lora_rank=lora_rank)
     m = copy.deepcopy(model)
+    adapters = None
+    if lora_rank:
+        lora.adapt_run(m, cfg, next(m.parameters()).device)
+        ref_model = lora.Reference(m)
+        adapters = sum(p.numel() for p in m.parameters() if p.requires_grad)
     opt = engine.adamw(m.parameters(), cfg.lr)  # as a run makes it (fused, moments in one buffer)
-    counted = [Positions(m), Positions(ref_model)]
+    counted = [Positions(m)] + ([Positions(ref_model)] if not lora_rank else [])  # adapters off: m's forwards
     t = time.perf_counter()
     metrics, _, _ = igsearch.train_step(m, ref_model, opt, tok, retriever, [], cfg, torch.Generator().manual_seed(seed),
                                         random.Random(seed), rollouts=copy.deepcopy(rollouts))
     total = time.perf_counter() - t
     for c in counted:
         c.remove()
-    flops = sum(c.flops(body_params(model)) for c in counted)
+    flops = sum(c.flops(body_params(model), adapters) for c in counted)
     times = {"scoring": metrics["time_scoring"], "update": metrics["time_update"], "total": total, "flops": flops}
     return times, metrics
 
@@ -174,6 +182,8 @@ def main(argv=None):
                    help="sampled rollouts that search in every turn but the last (the engine opens the tag)")
     p.add_argument("--ig-whole", action=argparse.BooleanOptionalAction, default=True,
                    help="also time IG-Search scoring without the shared prefix cache, for the ratio")
+    p.add_argument("--lora-rank", default="0", help="comma-separated adapter ranks: every reward is timed once "
+                   "per rank, on the same rollouts (0 = full fine-tuning)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     args = p.parse_args(argv)
@@ -188,7 +198,10 @@ def main(argv=None):
     model, tok, smoke = runs.load_model(args.model, device, args.seed)
     load_s = time.perf_counter() - t
     ref_model = engine.frozen_copy(model, cfg.precision)
-    variants = [v for v in args.rewards.split(",") if v]
+    ranks_ = [int(r) for r in args.lora_rank.split(",") if r.strip()]
+    # a variant: a reward on full fine-tuning ("igsearch") or with adapters of rank r ("igsearch lora16")
+    plan = {(v if r == 0 else f"{v} lora{r}"): (v, r) for r in ranks_ for v in args.rewards.split(",") if v}
+    variants = list(plan)
     print(f"model {args.model} ({sum(q.numel() for q in model.parameters()) / 1e6:.1f}M params, loaded in "
           f"{load_s:.1f} s) on {device}, torch {torch.__version__}, {torch.get_num_threads()} threads; --tiny preset: "
           f"{cfg.questions_per_step} questions x G={cfg.group_size}, max_turns {cfg.max_turns}")
@@ -224,11 +237,12 @@ def main(argv=None):
         n_roll += len(rollouts)
         past += tokens_past_stop(rollouts, tok)
         for v in variants[rep % len(variants):] + variants[:rep % len(variants)]:  # rotate: no variant always first
-            times, metrics = time_variant(model, ref_model, tok, retriever, rollouts, cfg, v, args.seed)
+            times, metrics = time_variant(model, ref_model, tok, retriever, rollouts, cfg, *plan[v][:1], args.seed,
+                                          lora_rank=plan[v][1])
             rows[v]["scoring"] += times["scoring"]
             rows[v]["update"] += times["update"]
             rows[v]["flops"] += times["flops"]
-            if v == "inforeasoner":
+            if v == "inforeasoner":  # full fine-tuning's
                 extra_tok += metrics.get("ir_extra_tokens", 0.0)
         if "igsearch" in variants and args.ig_whole:
             with fast():
@@ -241,11 +255,11 @@ def main(argv=None):
             else "sampled, searches forced" if args.force_search else "sampled")
     print(f"\nPer step, mean of {args.repeats} (same {kind} rollouts for every variant; {searches / n_roll:.2f} searches "
           f"per rollout; rollout sampling {sample_s / args.repeats:.2f} s, retrieval {retrieval_s / args.repeats:.3f} s)")
-    print(f"{'reward':<14}{'rollout s':>10}{'retrieval s':>12}{'scoring s':>10}{'update s':>10}{'step s':>9}"
+    print(f"{'reward':<22}{'rollout s':>10}{'retrieval s':>12}{'scoring s':>10}{'update s':>10}{'step s':>9}"
           f"{'ratio vs ' + variants[0]:>18}")
     for v in variants:
         step = shared + rows[v]["scoring"] + rows[v]["update"]
-        print(f"{v:<14}{sample_s / args.repeats:>10.2f}{retrieval_s / args.repeats:>12.3f}"
+        print(f"{v:<22}{sample_s / args.repeats:>10.2f}{retrieval_s / args.repeats:>12.3f}"
               f"{rows[v]['scoring'] / args.repeats:>10.2f}{rows[v]['update'] / args.repeats:>10.2f}"
               f"{step / args.repeats:>9.2f}{step / base:>18.3f}")
     if "inforeasoner" in variants:
@@ -271,11 +285,14 @@ def main(argv=None):
           f"P = {P / 1e6:.1f}M matmul parameters and a {model.get_output_embeddings().weight.numel() / 1e6:.1f}M head, "
           f"counted where it projects (roofline.py)")
     print(f"{'phase':<46}{'GFLOP/s':>9}{'of matmul':>11}")
-    # the update's work is the outcome step's (its scoring runs no model); 6·P a position with a backward, 2·P without
+    # the update's work is the outcome step's (its scoring runs no model); 6·P a position with a backward, 2·P
+    # without; with adapters 4·P with a backward (the frozen base needs no weight gradients)
     upd_s, upd_flops = (rows["outcome"]["update"], rows["outcome"]["flops"]) if "outcome" in rows else (0.0, 0.0)
-    phases = [("update (policy fwd+bwd, reference fwd)", upd_flops / upd_s if upd_s else None),
-              ("IG scoring (forwards, shared prefix)", share[3] / share[0] if share[0] else None),
-              ("generation (prefill and decode)", gen_flops)]
+    phases = [("update (policy fwd+bwd, reference fwd)", upd_flops / upd_s if upd_s else None)]
+    phases += [(f"update, adapters of rank {plan[v][1]}", rows[v]["flops"] / rows[v]["update"])
+               for v in variants if plan[v][0] == "outcome" and plan[v][1] and rows[v]["update"]]
+    phases += [("IG scoring (forwards, shared prefix)", share[3] / share[0] if share[0] else None),
+               ("generation (prefill and decode)", gen_flops)]
     for name, rate in phases:
         if rate:
             print(f"{name:<46}{rate / 1e9:>9.1f}{rate / peak:>10.0%}")

@@ -49,11 +49,17 @@ class Positions:
         self.head_n += k
         self.head_grad += k if torch.is_grad_enabled() else 0
 
-    def flops(self, P):
-        """2·P per position, and 4·P more per position that is back-propagated; the same for the head's
-        parameters per state it projects."""
+    def flops(self, P, adapters=None):
+        """2·P per position, and 4·P more per position that is back-propagated (the gradients of the
+        activations and of the weights); the same for the head's parameters per state it projects.
+        `adapters` (the adapters' parameter count, lora.py): the base and the head are frozen, so a
+        back-propagated position costs 2·P (activations only), and the adapters cost 2 per parameter forward
+        and 4 more backward."""
         V_H = self.head_params
-        return 2 * (P * self.n + V_H * self.head_n) + 4 * (P * self.grad + V_H * self.head_grad)
+        if adapters is None:
+            return 2 * (P * self.n + V_H * self.head_n) + 4 * (P * self.grad + V_H * self.head_grad)
+        return (2 * ((P + adapters) * self.n + V_H * self.head_n) + 2 * (P * self.grad + V_H * self.head_grad)
+                + 4 * adapters * self.grad)
 
     def remove(self):
         for h in self.hooks:

@@ -69,6 +69,10 @@ def test_roofline_counts_the_decoders_matmul_parameters_and_the_positions_it_com
     VH = model.get_output_embeddings().weight.numel()
     assert VH == c.vocab_size * H
     assert positions.flops(1000) == 2 * 1000 * 26 + 4 * 1000 * 8 + 2 * VH * 30 + 4 * VH * 10
+    # with 50 adapter parameters the frozen base and head need no weight gradients: 2 backward, not 4; the
+    # adapters cost 2 a position forward and 4 more back-propagated
+    assert positions.flops(1000, adapters=50) == (2 * 1050 * 26 + 2 * 1000 * 8 + 4 * 50 * 8
+                                                  + 2 * VH * 30 + 2 * VH * 10)
     # our log-prob forward projects only the 2 + 3 states whose next token is read; its head chunk runs again in
     # the backward (checkpointed), and that recomputation is not counted
     right = torch.tensor([[11, 12, 13, 0, 0], [11, 12, 13, 14, 15]])
