@@ -178,19 +178,26 @@ REWARDS = ("outcome", "igsearch", "inforeasoner")
 CONTROL = "control"     # the supervised warm-up continued on as many oracle trajectories as a GRPO arm samples
 ARMS = REWARDS + (CONTROL,)
 CLIP_ARM = re.compile(r"igsearch-c(\d+)")  # the ablation of IG-Search's clip c (METHOD §4.3): --ig-clip N
+LORA_ARM = re.compile(r"(outcome|igsearch|inforeasoner)-lora(\d+)")  # a reward with adapters (METHOD §3.5)
 
 
 def arm_settings(arm):
-    """(reward, settings of its own) of an arm of compare: a reward, the control, or igsearch-cN (IG-Search with
-    --ig-clip N, for where the clip binds on most searches); None for any other name.
+    """(reward, settings of its own) of an arm of compare: a reward, the control, igsearch-cN (IG-Search with
+    --ig-clip N, for where the clip binds on most searches), or REWARD-loraR (that reward with adapters of rank R
+    on the shared warm-up; compare gives it --lora-lr); None for any other name.
 
     >>> arm_settings("igsearch-c8"), arm_settings("control"), arm_settings("igsearch-c")
     (('igsearch', {'ig_clip': 8.0}), ('control', {}), None)
+    >>> arm_settings("outcome-lora16"), arm_settings("control-lora16")
+    (('outcome', {'lora_rank': 16}), None)
     """
     if arm in ARMS:
         return arm, {}
-    m = CLIP_ARM.fullmatch(arm)
-    return ("igsearch", {"ig_clip": float(m[1])}) if m else None
+    if m := CLIP_ARM.fullmatch(arm):
+        return "igsearch", {"ig_clip": float(m[1])}
+    if (m := LORA_ARM.fullmatch(arm)) and int(m[2]) > 0:
+        return m[1], {"lora_rank": int(m[2])}
+    return None
 
 
 def arm_rank(run):
@@ -230,7 +237,11 @@ def compare_command(argv):
     pre.add_argument("--arms", default=",".join(REWARDS),
                      help=f"comma-separated, in run order, from {', '.join(ARMS)} and igsearch-cN (control: the "
                           "warm-up continued on as many oracle trajectories as a GRPO arm samples, needs "
-                          "--warmup-steps; igsearch-cN: IG-Search with --ig-clip N)")
+                          "--warmup-steps; igsearch-cN: IG-Search with --ig-clip N; REWARD-loraR, e.g. "
+                          "outcome-lora16: that reward with adapters of rank R, at --lora-lr)")
+    pre.add_argument("--lora-lr", type=float, default=None,
+                     help="learning rate of the REWARD-loraR arms (default: 10 x --lr, the ratio of LoRA's best "
+                          "learning rate to full fine-tuning's reported by Schulman et al. 2025, docs/LORA.md)")
     extra, argv = pre.parse_known_args(argv)
     cfg, args = igsearch.parse_args(argv)
     if args.resume or args.demo or args.overwrite:
@@ -244,8 +255,11 @@ def compare_command(argv):
         raise DataError(f"--seeds {extra.seeds}: a seed is repeated")
     arms = [a.strip() for a in extra.arms.split(",") if a.strip()]
     if not arms or any(arm_settings(a) is None for a in arms) or len(set(arms)) != len(arms):
-        raise DataError(f"--arms {extra.arms!r}: give distinct arms from {', '.join(ARMS)} or igsearch-cN, "
-                        "e.g. --arms outcome,control")
+        raise DataError(f"--arms {extra.arms!r}: give distinct arms from {', '.join(ARMS)}, igsearch-cN or "
+                        "REWARD-loraR, e.g. --arms outcome,control")
+    if cfg.lora_rank and any("lora_rank" in arm_settings(a)[1] for a in arms):
+        raise DataError("--lora-rank puts adapters on every arm and its warm-up; a REWARD-loraR arm adds them to "
+                        "one arm only: give one or the other")
     if CONTROL in arms and cfg.warmup_steps == 0:
         raise DataError("--arms control continues the warm-up: give --warmup-steps N (or a preset that has one)")
     if CONTROL in arms and int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -256,10 +270,10 @@ def compare_command(argv):
     ranks.init(cfg.device, cfg.pg_timeout)  # under torchrun: join the other ranks
     ranks.on_main(claim_compare_root, root)
     with ranks.main_holds(runs.locked(root)):
-        return _compare(cfg, args, seeds, root, arms)
+        return _compare(cfg, args, seeds, root, arms, extra.lora_lr)
 
 
-def _compare(cfg, args, seeds, root, arms=REWARDS):
+def _compare(cfg, args, seeds, root, arms=REWARDS, lora_lr=None):
     start, evals = cfg.model, {}
     if cfg.warmup_steps > 0:  # one warm-up, shared: every run starts from the same weights
         device, retriever, splits, dev = igsearch.setup(cfg)
@@ -275,6 +289,8 @@ def _compare(cfg, args, seeds, root, arms=REWARDS):
                                              evals["warm-up"])
                 continue
             arm, own = arm_settings(reward)
+            if "lora_rank" in own:
+                own["lr"] = lora_lr or 10 * cfg.lr  # --lora-lr
             rcfg = dataclasses.replace(cfg, reward=arm, seed=seed, model=start, warmup_steps=0, out=str(run), **own)
             if ranks.from_main(finished, run, rcfg):  # every rank takes rank 0's view of the run
                 print(f"\n=== {run.name}: done, read back ===")
@@ -409,9 +425,10 @@ def report_command(argv):
         raise DataError(f"{', '.join(args.dirs)}: no finished run (reward-sN with eval_after.json)")
     run_dirs.sort(key=arm_rank)
     cfg = igsearch.run_config(run_dirs[0])
-    same = ("data", "steps", "questions_per_step", "group_size", "lr", "eval_questions")
+    keys = ("data", "steps", "questions_per_step", "group_size", "lr", "eval_questions")
     for run in run_dirs[1:]:
         other = igsearch.run_config(run)
+        same = [k for k in keys if k != "lr" or other.lora_rank == cfg.lora_rank]  # adapters: --lora-lr
         if any(getattr(other, k) != getattr(cfg, k) for k in same):
             raise DataError(f"{run}: trained with other settings than {run_dirs[0]} (" + ", ".join(
                 f"{k} {getattr(other, k)} vs {getattr(cfg, k)}" for k in same if getattr(other, k) != getattr(cfg, k))

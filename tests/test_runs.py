@@ -391,6 +391,45 @@ def test_clip_ablation_arm_is_igsearch_with_its_own_clip(tmp_path, monkeypatch, 
     assert "--arms 'igsearch-cx': give distinct arms" in capsys.readouterr().err
 
 
+def test_lora_arm_is_its_reward_with_adapters_at_the_lora_lr_on_the_full_warm_up(tmp_path, monkeypatch, capsys):
+    seen, warmed = [], []
+
+    def fake_train(cfg, resume=False, before=None, overwrite=False):
+        seen.append((Path(cfg.out).name, cfg.reward, cfg.lora_rank, cfg.lr, cfg.model))
+        out = Path(cfg.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.jsonl").write_text(json.dumps({"step": 0, "reward": 0.5}) + "\n")
+        (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg)))
+        for name in ("eval_before.json", "eval_after.json"):
+            runs.write_json(out / name, _summary(0.5))
+        return {"before": _summary(0.25), "after": _summary(0.5), "out": str(out)}
+    def fake_warm_start(cfg, out, *a, **kw):
+        warmed.append(cfg.lora_rank)
+        info = {"before": {}, "warm-up": _summary(0.25), "smoke": False}
+        (out / "warmup").mkdir(parents=True)
+        runs.write_json(out / "warmup" / "done.json", {**info, "losses": [], "from": cfg.model})
+        return "WARM", info
+    monkeypatch.setattr(warmup, "warm_start", fake_warm_start)
+    monkeypatch.setattr(igsearch, "train", fake_train)
+    argv = ["compare", "--tiny", "--arms", "outcome,outcome-lora16", "--out", str(tmp_path / "cmp")]
+    assert experiments.main(argv) == 0
+    # one warm-up, with full fine-tuning; the adapters' arm at 10 x --lr (1e-5 in --tiny), from that warm-up
+    assert warmed == [0]
+    assert seen == [("outcome-s0", "outcome", 0, 1e-5, "WARM"), ("outcome-lora16-s0", "outcome", 16, 1e-4, "WARM")]
+    assert "| outcome-lora16-s0 | 4 |" in capsys.readouterr().out
+    assert experiments.main(["report", str(tmp_path / "cmp"), "--out", str(tmp_path / "rep")]) == 0
+    assert [r["model"] for r in json.loads((tmp_path / "rep" / "seeds.json").read_text())] == ["outcome", "outcome-lora16"]
+    seen.clear()
+    assert experiments.main(["compare", "--tiny", "--arms", "igsearch-lora8", "--lora-lr", "3e-4",
+                             "--out", str(tmp_path / "b")]) == 0
+    assert seen == [("igsearch-lora8-s0", "igsearch", 8, 3e-4, "WARM")]
+    # adapters on every arm and on one arm at once: refused in one line; rank 0 is no adapter arm
+    assert experiments.main(argv[:-1] + [str(tmp_path / "c"), "--lora-rank", "4"]) == 2
+    assert "give one or the other" in capsys.readouterr().err
+    assert experiments.main(["compare", "--tiny", "--arms", "outcome-lora0", "--out", str(tmp_path / "d")]) == 2
+    assert "--arms 'outcome-lora0': give distinct arms" in capsys.readouterr().err
+
+
 def fake_compare_dir(root, seed, em_of, warm_em=(0.0, 0.0), steps=2, finished=True):
     """A compare directory written by hand: warmup/done.json and one run per reward, with per-question EM over
     the questions q1, q2 (em_of[reward])."""
