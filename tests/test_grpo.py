@@ -11,6 +11,7 @@ import inspect
 import json
 import math
 import socket
+from pathlib import Path
 
 import pytest
 import torch
@@ -902,6 +903,18 @@ def test_cpu_preset():
     assert (cfg.max_turns, cfg.questions_per_step, cfg.group_size, cfg.steps, cfg.topk) == (2, 4, 4, 10, 3)
     assert (cfg.clip_eps, cfg.beta_kl, cfg.ig_alpha, cfg.ig_samples, cfg.ir_samples, cfg.ir_lambda) == \
         (0.2, 0.001, 0.5, 3, 10, 0.6)
+
+
+def test_hotpot_preset_is_the_recorded_experiments_settings():
+    # docs/hotpot-cpu holds the HotpotQA experiment's records: every arm must keep running with them, so the
+    # preset is read back from a recorded arm's config.json, field by field
+    recorded = json.loads((Path(__file__).resolve().parents[1] / "docs/hotpot-cpu/outcome-s0/config.json").read_text())
+    cfg, _ = igsearch.parse_args(["--preset", "hotpot"])
+    preset = igsearch.PRESETS["hotpot"]
+    assert {k: getattr(cfg, k) for k in preset if k != "warmup_steps"} == \
+        {k: recorded[k] for k in preset if k != "warmup_steps"}  # an arm starts from the warm-up: 0 steps of its own
+    assert (cfg.steps, cfg.questions_per_step, cfg.group_size, cfg.max_turns, cfg.topk, cfg.warmup_steps) == \
+        (8, 4, 4, 2, 3, 30)
 
 
 def defaults(fn, *names):
