@@ -237,8 +237,8 @@ def main(argv=None):
         n_roll += len(rollouts)
         past += tokens_past_stop(rollouts, tok)
         for v in variants[rep % len(variants):] + variants[:rep % len(variants)]:  # rotate: no variant always first
-            times, metrics = time_variant(model, ref_model, tok, retriever, rollouts, cfg, *plan[v][:1], args.seed,
-                                          lora_rank=plan[v][1])
+            reward, rank = plan[v]
+            times, metrics = time_variant(model, ref_model, tok, retriever, rollouts, cfg, reward, args.seed, rank)
             rows[v]["scoring"] += times["scoring"]
             rows[v]["update"] += times["update"]
             rows[v]["flops"] += times["flops"]

@@ -361,11 +361,13 @@ def test_control_arm_continues_the_warmup_on_as_many_trajectories_as_a_grpo_arm(
     assert "--arms control continues the warm-up" in capsys.readouterr().err
 
 
-def test_clip_ablation_arm_is_igsearch_with_its_own_clip(tmp_path, monkeypatch, capsys):
-    seen = []
+def fake_compare_training(monkeypatch):
+    """compare's warm-up and training replaced by fakes that write a finished run's files. Returns the lists of
+    the configs they are given: (warm-ups, runs)."""
+    warmed, trained = [], []
 
     def fake_train(cfg, resume=False, before=None, overwrite=False):
-        seen.append((Path(cfg.out).name, cfg.reward, cfg.ig_clip))
+        trained.append(cfg)
         out = Path(cfg.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.jsonl").write_text(json.dumps({"step": 0, "reward": 0.5, "ig_mean": 3.0}) + "\n")
@@ -374,14 +376,21 @@ def test_clip_ablation_arm_is_igsearch_with_its_own_clip(tmp_path, monkeypatch, 
             runs.write_json(out / name, _summary(0.5))
         return {"before": _summary(0.25), "after": _summary(0.5), "out": str(out)}
     def fake_warm_start(cfg, out, *a, **kw):
+        warmed.append(cfg)
         info = {"before": {}, "warm-up": _summary(0.25), "smoke": False}
         (out / "warmup").mkdir(parents=True)
         runs.write_json(out / "warmup" / "done.json", {**info, "losses": [], "from": cfg.model})
         return "WARM", info
     monkeypatch.setattr(warmup, "warm_start", fake_warm_start)
     monkeypatch.setattr(igsearch, "train", fake_train)
+    return warmed, trained
+
+
+def test_clip_ablation_arm_is_igsearch_with_its_own_clip(tmp_path, monkeypatch, capsys):
+    _, trained = fake_compare_training(monkeypatch)
     argv = ["compare", "--tiny", "--arms", "igsearch,igsearch-c8", "--out", str(tmp_path / "cmp")]
     assert experiments.main(argv) == 0
+    seen = [(Path(c.out).name, c.reward, c.ig_clip) for c in trained]
     assert seen == [("igsearch-s0", "igsearch", 2.0), ("igsearch-c8-s0", "igsearch", 8.0)]
     assert "| igsearch-c8-s0 | 4 |" in capsys.readouterr().out
     # report reads it back as its own arm, after igsearch
@@ -392,37 +401,20 @@ def test_clip_ablation_arm_is_igsearch_with_its_own_clip(tmp_path, monkeypatch, 
 
 
 def test_lora_arm_is_its_reward_with_adapters_at_the_lora_lr_on_the_full_warm_up(tmp_path, monkeypatch, capsys):
-    seen, warmed = [], []
-
-    def fake_train(cfg, resume=False, before=None, overwrite=False):
-        seen.append((Path(cfg.out).name, cfg.reward, cfg.lora_rank, cfg.lr, cfg.model))
-        out = Path(cfg.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.jsonl").write_text(json.dumps({"step": 0, "reward": 0.5}) + "\n")
-        (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg)))
-        for name in ("eval_before.json", "eval_after.json"):
-            runs.write_json(out / name, _summary(0.5))
-        return {"before": _summary(0.25), "after": _summary(0.5), "out": str(out)}
-    def fake_warm_start(cfg, out, *a, **kw):
-        warmed.append(cfg.lora_rank)
-        info = {"before": {}, "warm-up": _summary(0.25), "smoke": False}
-        (out / "warmup").mkdir(parents=True)
-        runs.write_json(out / "warmup" / "done.json", {**info, "losses": [], "from": cfg.model})
-        return "WARM", info
-    monkeypatch.setattr(warmup, "warm_start", fake_warm_start)
-    monkeypatch.setattr(igsearch, "train", fake_train)
+    warmed, trained = fake_compare_training(monkeypatch)
+    seen = lambda: [(Path(c.out).name, c.reward, c.lora_rank, c.lr, c.model) for c in trained]  # noqa: E731
     argv = ["compare", "--tiny", "--arms", "outcome,outcome-lora16", "--out", str(tmp_path / "cmp")]
     assert experiments.main(argv) == 0
     # one warm-up, with full fine-tuning; the adapters' arm at 10 x --lr (1e-5 in --tiny), from that warm-up
-    assert warmed == [0]
-    assert seen == [("outcome-s0", "outcome", 0, 1e-5, "WARM"), ("outcome-lora16-s0", "outcome", 16, 1e-4, "WARM")]
+    assert [c.lora_rank for c in warmed] == [0]
+    assert seen() == [("outcome-s0", "outcome", 0, 1e-5, "WARM"), ("outcome-lora16-s0", "outcome", 16, 1e-4, "WARM")]
     assert "| outcome-lora16-s0 | 4 |" in capsys.readouterr().out
     assert experiments.main(["report", str(tmp_path / "cmp"), "--out", str(tmp_path / "rep")]) == 0
     assert [r["model"] for r in json.loads((tmp_path / "rep" / "seeds.json").read_text())] == ["outcome", "outcome-lora16"]
-    seen.clear()
+    trained.clear()
     assert experiments.main(["compare", "--tiny", "--arms", "igsearch-lora8", "--lora-lr", "3e-4",
                              "--out", str(tmp_path / "b")]) == 0
-    assert seen == [("igsearch-lora8-s0", "igsearch", 8, 3e-4, "WARM")]
+    assert seen() == [("igsearch-lora8-s0", "igsearch", 8, 3e-4, "WARM")]
     # adapters on every arm and on one arm at once: refused in one line; rank 0 is no adapter arm
     assert experiments.main(argv[:-1] + [str(tmp_path / "c"), "--lora-rank", "4"]) == 2
     assert "give one or the other" in capsys.readouterr().err
