@@ -473,6 +473,18 @@ def test_report_pools_the_seeds_of_several_compare_directories(tmp_path, capsys)
     assert [r["seeds"] for r in json.loads((out / "seeds.json").read_text())] == ["0", "0", "0"]
 
 
+def test_the_committed_hotpot_tables_are_what_report_rebuilds_from_the_committed_records(tmp_path, capsys):
+    # docs/hotpot-cpu keeps each arm's records; every table there must follow from them alone, so an edited
+    # record or a table written by hand shows up here
+    docs = Path(__file__).resolve().parents[1] / "docs" / "hotpot-cpu"
+    assert experiments.main(["report", str(docs), "--out", str(tmp_path / "again")]) == 0
+    for name in ("compare.md", "compare.json", "seeds.json", "pairwise.json"):
+        assert (tmp_path / "again" / name).read_text() == (docs / name).read_text(), name
+    pooled = {r["model"]: r for r in json.loads((docs / "seeds.json").read_text())}
+    assert [pooled[r]["seeds"] for r in experiments.REWARDS] == ["0,1"] * 3
+    assert "| control | 0,1 | 300 |" in capsys.readouterr().out
+
+
 def test_compare_on_the_tiny_preset_really_trains_all_three(tmp_path, capsys, monkeypatch):
     # the real warm-up and train() for each reward: the --tiny preset (Vital Articles, generated QA set), cut short
     monkeypatch.setenv("IGSEARCH_DATA_DIR", str(tmp_path / "data"))
