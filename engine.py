@@ -44,11 +44,16 @@ def token_chunks(lengths, budget):
 # ----------------------------------------------------------------------------------------------------
 # Precision: bf16 forwards where the hardware computes them natively, an fp32 vocabulary head
 
-def autocast(precision, device):
+def autocast(precision, device, cache=True):
     """The forward passes' precision: "bf16" autocasts matmuls to bfloat16, "fp32" runs them in float32, "auto"
     takes bf16 where the hardware computes it natively (a GPU with bf16, a CPU with AVX-512 or AMX) and fp32
-    elsewhere. Weights, optimizer state, log-softmax and losses stay fp32 in every case (see head_logprobs)."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16_forwards(precision, device))
+    elsewhere. Weights, optimizer state, log-softmax and losses stay fp32 in every case (see head_logprobs).
+
+    cache=False: no bf16 copy of a weight outlives the op that used it. Generation reads every weight once per
+    token and wants the cache; a training forward reads each weight once, so there the cache only keeps a bf16
+    copy of every linear layer alive until the context exits, on top of the gradients (ranks.accumulate_gradients)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16_forwards(precision, device),
+                          cache_enabled=cache)
 
 
 def bf16_forwards(precision, device):

@@ -254,6 +254,7 @@ def update_policy(model, ref_model, opt, batch, A, cfg, dp=None):
     forward: the loss is normalized by the policy tokens (or sequences) of all ranks, so that K ranks take the
     update of one process. The normalization is the whole batch's, so how the rows are cut changes the
     gradient only by the order of float sums."""
+    runs.release_memory()  # sampling's and scoring's freed tensors: the update's, of other sizes, would not reuse them
     device = next(model.parameters()).device
     ids, attn, mask, A = batch.ids.to(device), batch.attention_mask.to(device), batch.policy_mask.to(device), A.to(device)
     policy = dp if dp is not None else ranks.PolicyLogprobs(model)  # log π of one micro-batch [b, T]

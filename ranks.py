@@ -397,8 +397,8 @@ def accumulate_gradients(model, micro, forward, loss_of, cfg, dp=None, scale=1.0
         model.zero_grad(set_to_none=True)
     parts = []
     for j, sl in enumerate(micro):
-        with engine.autocast(cfg.precision, device), engine.recompute(model, cfg.grad_checkpointing), \
-                no_sync(dp, last=j == len(micro) - 1):
+        with engine.autocast(cfg.precision, device, cache=False), \
+                engine.recompute(model, cfg.grad_checkpointing), no_sync(dp, last=j == len(micro) - 1):
             logp = forward(sl)
         loss, stats = loss_of(logp, sl)
         (loss * scale).backward()

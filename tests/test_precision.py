@@ -209,6 +209,38 @@ def test_gradient_checkpointing_recomputes_and_gives_the_same_gradients(tiny):
     assert any(g.abs().sum() > 0 for g in grads[True].values())
 
 
+def test_the_update_runs_bf16_without_autocasts_weight_cache_and_gets_the_same_gradients(tiny, monkeypatch):
+    # autocast's cache would hold a bf16 copy of every linear layer until the forward's context exits; a training
+    # forward reads each weight once, so without the cache the gradients are the same bit for bit
+    import ranks
+    from types import SimpleNamespace
+    model, tok = tiny
+    model = copy.deepcopy(model)
+    ids, attn, mask = batch(tok)
+    cfg = SimpleNamespace(precision="bf16", grad_checkpointing=True)
+    seen = []
+
+    def forward(sl):
+        seen.append((torch.is_autocast_enabled("cpu"), torch.is_autocast_cache_enabled()))
+        return grpo.token_logprobs(model, ids[sl], attn[sl], mask[sl])
+
+    def gradients():
+        ranks.accumulate_gradients(model, [slice(0, 1), slice(1, 2)], forward,
+                                   lambda logp, sl: (grpo.warmup_loss(logp, mask[sl], mask.sum()), None), cfg)
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    without = gradients()
+    assert seen == [(True, False)] * 2  # bf16 forwards, no cache, in each micro-batch
+    seen.clear()
+    real = engine.autocast
+    monkeypatch.setattr(engine, "autocast", lambda precision, device, cache=True: real(precision, device, True))
+    cached = gradients()
+    assert seen == [(True, True)] * 2
+    assert sum(bool(g.abs().sum() > 0) for g in without.values()) > 10
+    for n in without:
+        assert torch.equal(without[n], cached[n]), n
+
+
 def test_adamw_is_fused_and_steps_like_plain_adamw():
     # the fused kernel where torch has one (the CPU has), and the same three updates as the for-each AdamW
     torch.manual_seed(0)
