@@ -281,6 +281,7 @@ def cli(command, interrupted):
     and exit code 2 (bad input, settings or files; a file system error; out of memory); Ctrl-C ends in the
     line `interrupted()` returns and exit code 130, and a training run stays resumable. 0 otherwise."""
     steady_heap()
+    bounded_kernel_cache()
     oom = "out of memory; lower --token-budget (update) or --forward-budget (generation, scoring)"
     try:
         command()
@@ -355,6 +356,17 @@ def terminal_safe(text):
 # Memory between the phases of one process
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
+
+
+def bounded_kernel_cache(capacity=64):
+    """Keep at most `capacity` compiled oneDNN kernels (ONEDNN_PRIMITIVE_CACHE_CAPACITY, unless the user set it).
+    oneDNN runs the CPU's bf16 matmuls and caches one kernel per input shape, up to 1,024, each holding scratch
+    memory about the size of its weight matrix. Every new sequence length is a new shape, so on a bf16 CPU the
+    cache grows by gigabytes over a run; decoding reuses a few shapes, which a small cache keeps. oneDNN reads
+    the variable when it builds its first kernel: call this before any bf16 forward. Returns the capacity in force."""
+    if not os.environ.get("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "").strip():
+        os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = str(capacity)
+    return os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"]
 
 
 def steady_heap(threshold=4 << 20):

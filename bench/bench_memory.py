@@ -56,6 +56,7 @@ def one_case(case, cfg, heap="steady"):
     """Run one phase in this process; returns its memory figures (MiB)."""
     if heap == "steady":  # as every command line does (runs.cli)
         runs.steady_heap()
+        runs.bounded_kernel_cache()
     device = runs.pick_device(cfg.device)
     runs.seed_everything(cfg.seed)
     retriever = retrieve.Retriever(retrieve.load_vital_articles())
@@ -119,8 +120,9 @@ def main(argv=None):
     p.add_argument("--lora-rank", default="0", help="comma-separated adapter ranks, each case run once per rank "
                    "(0 = full fine-tuning)")
     p.add_argument("--heap", default="steady", choices=("steady", "default"),
-                   help="steady: glibc's mmap threshold fixed at 4 MiB, as a run sets it (runs.steady_heap); "
-                        "default: glibc's own, adaptive threshold")
+                   help="steady: glibc's mmap threshold fixed at 4 MiB and oneDNN's kernel cache bounded, as a run "
+                        "sets them (runs.steady_heap, runs.bounded_kernel_cache; ONEDNN_PRIMITIVE_CACHE_CAPACITY=1024 "
+                        "in the environment restores oneDNN's own cache); default: glibc's and oneDNN's own")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: run this one case here
     args = p.parse_args(argv)
     cases = [c for c in args.cases.split(",") if c]

@@ -189,6 +189,8 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     cfg = dataclasses.replace(igsearch.Config(), **igsearch.PRESETS["tiny"], model=args.model, seed=args.seed)
+    runs.steady_heap()  # the heap and oneDNN's kernel cache as a run sets them (runs.cli)
+    runs.bounded_kernel_cache()
     device = runs.pick_device(args.device)
     runs.seed_everything(args.seed)
     retriever = retrieve.Retriever(retrieve.load_vital_articles())

@@ -17,6 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import engine
 import experiments
 import igsearch
 import retrieve
@@ -549,6 +550,52 @@ def test_steady_heap_maps_a_big_tensor_after_a_bigger_one_was_freed():
 
     assert mapped_mib("default") == 0
     assert 8 <= mapped_mib("steady") < 8.1
+
+
+KERNEL_CACHE_CHILD = """
+import gc, os, sys, torch
+import runs
+runs.steady_heap()
+print(runs.bounded_kernel_cache(8))
+def rss_mb():
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+lin = torch.nn.Linear(576, 1536)
+start = rss_mb()
+with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+    for rows in range(1, 801):  # 800 input shapes, as 800 sequence lengths would give
+        lin(torch.ones(rows, 576))
+runs.release_memory()
+print(rss_mb() - start)
+"""
+
+
+def test_bounded_kernel_cache_sets_onednns_capacity_unless_the_user_did(monkeypatch):
+    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
+    assert runs.bounded_kernel_cache() == "64" and os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "64"
+    monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "512")
+    assert runs.bounded_kernel_cache() == "512" and os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "512"
+    monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "")  # set but empty: oneDNN's own default otherwise
+    assert runs.bounded_kernel_cache() == "64"
+
+
+@pytest.mark.skipif(not engine.bf16_native(torch.device("cpu")), reason="oneDNN runs bf16 matmuls natively only "
+                    "on CPUs with AVX-512 BF16 or AMX; this one has neither")
+def test_a_bounded_kernel_cache_holds_less_after_many_bf16_shapes():
+    # oneDNN keeps a kernel with scratch about the weight's size (576 x 1536 bf16: 1.7 MiB) for each input
+    # shape: with its own capacity of 1,024 the 800 shapes' kernels all stay (hundreds of MiB); bounded to 8,
+    # the evicted ones' memory goes back with the heap
+    def growth(capacity):
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        env.pop("ONEDNN_PRIMITIVE_CACHE_CAPACITY", None)
+        if capacity:
+            env["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = str(capacity)
+        out = subprocess.run([sys.executable, "-c", KERNEL_CACHE_CHILD], capture_output=True, text=True, cwd=ROOT,
+                             env=env, check=True).stdout.split()
+        return out[0], float(out[1])
+
+    (own, grown_own), (bounded, grown_bounded) = growth(1024), growth(None)
+    assert own == "1024" and bounded == "8"
+    assert grown_own > 400 and grown_bounded < grown_own / 2, (grown_own, grown_bounded)
 
 
 RELEASE_CHILD = """
