@@ -362,8 +362,9 @@ def bounded_kernel_cache(capacity=64):
     """Keep at most `capacity` compiled oneDNN kernels (ONEDNN_PRIMITIVE_CACHE_CAPACITY, unless the user set it).
     oneDNN runs the CPU's bf16 matmuls and caches one kernel per input shape, up to 1,024, each holding scratch
     memory about the size of its weight matrix. Every new sequence length is a new shape, so on a bf16 CPU the
-    cache grows by gigabytes over a run; decoding reuses a few shapes, which a small cache keeps. oneDNN reads
-    the variable when it builds its first kernel: call this before any bf16 forward. Returns the capacity in force."""
+    cache grows through a whole run (docs/PERFORMANCE.md); decoding reuses a few shapes, which a small cache
+    keeps. oneDNN reads the variable when it builds its first kernel: call this before any bf16 forward.
+    Returns the capacity in force."""
     if not os.environ.get("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "").strip():
         os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = str(capacity)
     return os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"]
