@@ -306,18 +306,23 @@ def test_the_last_evaluation_holds_no_optimizer_and_no_reference(monkeypatch, tm
 
 def test_freed_memory_is_handed_back_between_the_phases(monkeypatch, tmp_path, qa_files):
     # the warm-up's AdamW state before the warmed-up model's evaluation, the warm-up's model before RL loads its
-    # own, the GRPO optimizer and reference before the last evaluation
+    # own, sampling's and scoring's freed tensors as each update starts, the GRPO optimizer and reference before
+    # the last evaluation
     data, corpus = qa_files
     events = []
     real_eval, real_warmup, real_release = igsearch.evaluate, warmup.warmup, runs.release_memory
+    real_update = igsearch.update_policy
     monkeypatch.setattr(igsearch, "evaluate", lambda *a, **kw: (events.append("eval"), real_eval(*a, **kw))[1])
     monkeypatch.setattr(warmup, "warmup", lambda *a, **kw: (events.append("warm-up"), real_warmup(*a, **kw))[1])
+    monkeypatch.setattr(igsearch, "update_policy",
+                        lambda *a, **kw: (events.append("update"), real_update(*a, **kw), events.append("updated"))[1])
     monkeypatch.setattr(runs, "release_memory", lambda: (events.append("release"), real_release())[1])
     cfg = igsearch.Config(model="tiny-random", corpus=f"jsonl:{corpus}", data=str(data), out=str(tmp_path / "run"),
                           device="cpu", steps=1, questions_per_step=1, group_size=2, max_turns=1, max_turn_tokens=16,
                           max_response_tokens=200, eval_questions=1, show_every=0, warmup_steps=1, warmup_batch=2)
     igsearch.train(cfg)
-    assert events == ["eval", "warm-up", "release", "eval", "release", "release", "eval"]
+    assert events == ["eval", "warm-up", "release", "eval", "release", "update", "release", "updated", "release",
+                      "eval"]
 
 
 def test_a_run_cut_while_evaluating_the_warmup_keeps_it(monkeypatch, tmp_path, qa_files):
