@@ -486,6 +486,18 @@ def test_the_committed_hotpot_tables_are_what_report_rebuilds_from_the_committed
     assert "| control | 0,1 | 300 |" in capsys.readouterr().out
 
 
+def test_the_committed_tiny_test_split_tables_are_what_report_rebuilds_from_the_committed_records(tmp_path):
+    # docs/cpu-test: the cpu preset evaluated on the tiny set's test split, full fine-tuning beside adapters
+    docs = Path(__file__).resolve().parents[1] / "docs" / "cpu-test"
+    assert experiments.main(["report", str(docs), "--out", str(tmp_path / "again")]) == 0
+    for name in ("compare.md", "compare.json", "seeds.json", "pairwise.json"):
+        assert (tmp_path / "again" / name).read_text() == (docs / name).read_text(), name
+    rows = {r["model"]: r for r in json.loads((docs / "compare.json").read_text())}
+    assert {"outcome-s0", "outcome-lora16-s0"} <= rows.keys()
+    assert runs.saved_config(docs / "outcome-s0")["eval_split"] == "test"
+    assert runs.saved_config(docs / "outcome-lora16-s0")["lora_rank"] == 16
+
+
 def test_compare_on_the_tiny_preset_really_trains_all_three(tmp_path, capsys, monkeypatch):
     # the real warm-up and train() for each reward: the --tiny preset (Vital Articles, generated QA set), cut short
     monkeypatch.setenv("IGSEARCH_DATA_DIR", str(tmp_path / "data"))
