@@ -474,13 +474,19 @@ def test_report_pools_the_seeds_of_several_compare_directories(tmp_path, capsys)
     assert [r["seeds"] for r in json.loads((out / "seeds.json").read_text())] == ["0", "0", "0"]
 
 
+def rebuilt_by_report(name, tmp_path):
+    """docs/NAME, after checking that report rebuilds each of its tables, byte for byte, from its records alone."""
+    docs = ROOT / "docs" / name
+    assert experiments.main(["report", str(docs), "--out", str(tmp_path / "again")]) == 0
+    for table in ("compare.md", "compare.json", "seeds.json", "pairwise.json"):
+        assert (tmp_path / "again" / table).read_text() == (docs / table).read_text(), table
+    return docs
+
+
 def test_the_committed_hotpot_tables_are_what_report_rebuilds_from_the_committed_records(tmp_path, capsys):
     # docs/hotpot-cpu keeps each arm's records; every table there must follow from them alone, so an edited
     # record or a table written by hand shows up here
-    docs = Path(__file__).resolve().parents[1] / "docs" / "hotpot-cpu"
-    assert experiments.main(["report", str(docs), "--out", str(tmp_path / "again")]) == 0
-    for name in ("compare.md", "compare.json", "seeds.json", "pairwise.json"):
-        assert (tmp_path / "again" / name).read_text() == (docs / name).read_text(), name
+    docs = rebuilt_by_report("hotpot-cpu", tmp_path)
     pooled = {r["model"]: r for r in json.loads((docs / "seeds.json").read_text())}
     assert [pooled[r]["seeds"] for r in experiments.REWARDS] == ["0,1"] * 3
     assert "| control | 0,1 | 300 |" in capsys.readouterr().out
@@ -488,10 +494,7 @@ def test_the_committed_hotpot_tables_are_what_report_rebuilds_from_the_committed
 
 def test_the_committed_tiny_test_split_tables_are_what_report_rebuilds_from_the_committed_records(tmp_path):
     # docs/cpu-test: the cpu preset evaluated on the tiny set's test split, full fine-tuning beside adapters
-    docs = Path(__file__).resolve().parents[1] / "docs" / "cpu-test"
-    assert experiments.main(["report", str(docs), "--out", str(tmp_path / "again")]) == 0
-    for name in ("compare.md", "compare.json", "seeds.json", "pairwise.json"):
-        assert (tmp_path / "again" / name).read_text() == (docs / name).read_text(), name
+    docs = rebuilt_by_report("cpu-test", tmp_path)
     rows = {r["model"]: r for r in json.loads((docs / "compare.json").read_text())}
     assert {"outcome-s0", "outcome-lora16-s0"} <= rows.keys()
     assert runs.saved_config(docs / "outcome-s0")["eval_split"] == "test"
@@ -565,7 +568,7 @@ def test_steady_heap_maps_a_big_tensor_after_a_bigger_one_was_freed():
 
 
 KERNEL_CACHE_CHILD = """
-import gc, os, sys, torch
+import os, torch
 import runs
 runs.steady_heap()
 print(runs.bounded_kernel_cache(8))
