@@ -483,7 +483,7 @@ def beliefs_command(argv):
     if args.limit < 1:
         raise DataError(f"--limit {args.limit}: must be at least 1")
     docs = retrieve.load_corpus(cfg.corpus)
-    questions = retrieve.load_data(cfg.data, docs, cfg.split)[args.split][: args.limit]
+    questions = retrieve.load_data(cfg.data, cfg.split)[args.split][: args.limit]
     retriever = retrieve.Retriever(docs, stopwords=cfg.stopwords)
     runs.seed_everything(cfg.seed)
     model, tok, _ = runs.load_model(cfg.model, runs.pick_device(cfg.device), cfg.seed)

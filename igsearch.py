@@ -378,7 +378,7 @@ def setup(cfg):
     device = ranks.local_device(runs.pick_device(cfg.device))  # under torchrun: this rank's GPU
     docs = retrieve.load_corpus(cfg.corpus)
     retriever = retrieve.Retriever(docs, stopwords=cfg.stopwords)
-    splits = retrieve.load_data(cfg.data, docs, cfg.split)
+    splits = retrieve.load_data(cfg.data, cfg.split)
     if not splits.get("train"):
         raise DataError(f"--data {cfg.data}: the train split is empty")
     print(f"data {cfg.data}: " + ", ".join(f"{k} {len(v)}" for k, v in splits.items()) + " questions; "

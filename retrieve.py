@@ -508,7 +508,7 @@ def load_corpus(spec):
     raise DataError(f"--corpus {spec!r}: use vital, hotpotqa:PATH or jsonl:PATH")
 
 
-def load_data(spec, docs, split="80/10/10"):
+def load_data(spec, split="80/10/10"):
     """Questions as {split: [question, ...]}; a file without splits is cut by `split` (train/dev/test percent)
     after a shuffle of fixed seed: the run's seed drives sampling only, so that every seed of an experiment
     trains on the same questions and is evaluated on the same held-out ones."""

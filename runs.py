@@ -584,12 +584,6 @@ def is_run_dir(path):
         return False
 
 
-def foreign_entries(path):
-    """The entries of a directory that this program did not write (the lock file aside)."""
-    return sorted(p.name for p in Path(path).iterdir() if p.name not in (*RUN_FILES, *RUN_DIRS, LOCK)) \
-        if Path(path).is_dir() else []
-
-
 def open_run(cfg, out, resume, overwrite):
     """Under the lock: claim the run again; read its checkpoint (before any model: a bad run fails fast) and
     metrics, or clear an old run's files (--overwrite: never mixed with this one's); write config.json."""

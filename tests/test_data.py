@@ -286,14 +286,14 @@ def test_a_file_is_cut_by_split_percents_the_same_for_every_seed():
     # shuffle, so that seed 1 of an experiment never trains on seed 0's test questions
     from conftest import shared_file
     spec = f"hotpotqa:{shared_file('hotpotqa_dev_distractor_886.jsonl')}"
-    splits = retrieve.load_data(spec, None, "55/10/35")
+    splits = retrieve.load_data(spec, "55/10/35")
     assert {k: len(v) for k, v in splits.items()} == {"train": 487, "dev": 88, "test": 311}
     ids = {k: {q["id"] for q in v} for k, v in splits.items()}
     assert not (ids["train"] & ids["dev"] or ids["train"] & ids["test"] or ids["dev"] & ids["test"])
     assert len(ids["train"] | ids["dev"] | ids["test"]) == 886
-    again = retrieve.load_data(spec, None, "55/10/35")
+    again = retrieve.load_data(spec, "55/10/35")
     assert [q["id"] for q in again["test"]] == [q["id"] for q in splits["test"]]
-    default = retrieve.load_data(spec, None)
+    default = retrieve.load_data(spec)
     assert {k: len(v) for k, v in default.items()} == {"train": 708, "dev": 89, "test": 89}
 
 

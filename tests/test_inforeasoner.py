@@ -676,7 +676,7 @@ def test_beliefs_command_asks_both_ways_with_the_questions_top_documents(monkeyp
         return [0.0] * len(rollouts), b, 0
     monkeypatch.setattr(rewards, "inforeasoner_beliefs", fake)
     rows = experiments.beliefs_command(["--model", "tiny-random", "--limit", "2", "--ir-samples", "2"])
-    qs = retrieve.load_data("tiny", None)["dev"][:2]
+    qs = retrieve.load_data("tiny")["dev"][:2]
     top = [[d["title"] for d in hits] for hits in
            retrieve.Retriever(retrieve.load_corpus("vital")).search([q["question"] for q in qs], 3)]
     assert seen == [(kind, [(q["question"], t) for q, t in zip(qs, top)]) for kind in ("agent", "plain")]

@@ -348,7 +348,7 @@ def test_control_arm_continues_the_warmup_on_as_many_trajectories_as_a_grpo_arm(
     argv = ["compare", "--tiny", "--arms", "control", "--steps", "3", "--questions-per-step", "2", "--group-size", "5",
             "--warmup-lr", "0.0002", "--out", str(tmp_path / "cmp")]
     assert experiments.main(argv) == 0
-    assert loaded == [str(warm)] and supervised == [("M", 3, 10, 0.0002, len(retrieve.load_data("tiny", None)["train"]))]
+    assert loaded == [str(warm)] and supervised == [("M", 3, 10, 0.0002, len(retrieve.load_data("tiny")["train"]))]
     run = tmp_path / "cmp" / "control-s0"
     assert [json.loads(ln)["loss"] for ln in (run / "metrics.jsonl").read_text().splitlines()] == [2.0, 1.5, 1.0]
     saved = json.loads((run / "config.json").read_text())

@@ -170,7 +170,7 @@ def test_hotpotqa_oracle_on_the_real_file(tmp_path):
     spec = f"hotpotqa:{shared_file('hotpotqa_dev_distractor_886.jsonl')}"
     docs = retrieve.load_corpus(spec)
     r = retrieve.Retriever(docs, cache_dir=tmp_path)
-    train = retrieve.load_data(spec, docs)["train"][:40]
+    train = retrieve.load_data(spec)["train"][:40]
     rng, seconds, found = random.Random(0), 0, 0
     for q in train:
         turns = warmup.oracle_script(q, r, rng, topk=3, max_turns=2)
@@ -234,7 +234,7 @@ def test_no_dev_or_test_question_reaches_the_warmup(monkeypatch, tmp_path, qa_fi
                           device="cpu", steps=1, questions_per_step=1, group_size=2, max_turns=1, max_turn_tokens=48,
                           max_response_tokens=200, eval_questions=2, show_every=0, warmup_steps=3, warmup_batch=8)
     result = igsearch.train(cfg)
-    splits = retrieve.load_data(cfg.data, None, cfg.split)
+    splits = retrieve.load_data(cfg.data, cfg.split)
     train_ids = {q["id"] for q in splits["train"]}
     held_out = {q["id"] for s in ("dev", "test") for q in splits[s]}
     assert len(seen) == 3 * 8 and set(seen) <= train_ids and not set(seen) & held_out and held_out
