@@ -14,6 +14,7 @@ it, never the other way. What each choice costs and saves is measured in docs/PE
 """
 import contextlib
 import copy
+import ctypes
 
 import torch
 import torch.utils.checkpoint
@@ -105,6 +106,16 @@ def _chunk_logprobs(head, h, tokens):
 
 # ----------------------------------------------------------------------------------------------------
 # Memory: recomputed activations, a bf16 reference, and the buffers that keep the heap flat
+
+def trim_heap():
+    """Hand the heap's free pages back to the operating system (glibc's malloc_trim). Tensors under the mmap
+    threshold (runs.steady_heap) come from the heap, and the pages they freed stay in the process until a trim;
+    a no-op where libc has no malloc_trim."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
 
 @contextlib.contextmanager
 def recompute(model, on=True):

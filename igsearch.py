@@ -203,10 +203,10 @@ def train_step(model, ref_model, opt, tok, retriever, questions, cfg, generator,
     Under torchrun (ranks.py) every rank samples and scores its share of the step and the shares are gathered,
     so that every rank holds the whole step (A, metrics, the IG batch pool); it updates on its own rows."""
     clock = ranks.Clock("retrieval", "rollout", "scoring", "update")  # seconds, the slowest rank's
-    with ranks.whole_weights(dp), precision(cfg, model):  # FSDP: sampling and scoring use the whole weights
+    with ranks.whole_weights(dp):  # FSDP: sampling and scoring use the whole weights
         if rollouts is None:
             rollouts = sample_rollouts(model, tok, retriever, questions, cfg, generator, clock)  # METHOD §1
-        with clock("scoring"):
+        with clock("scoring"), precision(cfg, model):
             em, f1 = score_outcome(rollouts)                                                  # METHOD §2
             R, ig, extra = step_rewards(model, ref_model, tok, retriever, rollouts, em, cfg, generator, rng)
 
@@ -227,6 +227,7 @@ def step_rewards(model, ref_model, tok, retriever, rollouts, em, cfg, generator,
     rewards), and the reward's own metrics. Each rank scores its share of the rollouts; the shares are gathered."""
     lo, hi = ranks.span(len(rollouts))
     R, ig, extra = list(em), None, {}                                              # METHOD §2
+    runs.release_memory()  # sampling's freed tensors handed back (its autocast context, and cache, have ended)
     if cfg.reward == "igsearch":                                                   # METHOD §4.1-§4.2
         scorer = lambda prefix: rewards.gold_scorer(model, prefix, cfg.ig_head_tokens, cfg.ig_head_weight,
                                                     cfg.forward_budget)
@@ -299,7 +300,8 @@ def sample_rollouts(model, tok, retriever, questions, cfg, generator, clock):
     batch_q = [q for q in questions[lo:hi] for _ in range(cfg.group_size)]
     groups = [i for i in range(lo, hi) for _ in range(cfg.group_size)]  # a group = one question of this batch
     retriever.seconds = 0.0
-    with clock("rollout"):
+    runs.release_memory()  # the last step's freed tensors handed back: each phase starts from a trimmed heap
+    with clock("rollout"), precision(cfg, model):
         rollouts = grpo.generate_rollouts(model, tok, batch_q, groups, retriever,
                                           **rollout_kwargs(cfg, cfg.temperature, generator))
     clock.seconds["retrieval"] = retriever.seconds  # the search engine's share, apart from the model's

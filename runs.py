@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import engine
 import lora
 import ranks
 import retrieve
@@ -390,10 +391,7 @@ def release_memory():
     glibc keeps freed memory for reuse, and the next phase's tensors, of other sizes, need not fit in it, so a
     process's resident size can grow past what any one phase holds. A no-op where libc has no malloc_trim."""
     gc.collect()
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    engine.trim_heap()
 
 
 # ----------------------------------------------------------------------------------------------------

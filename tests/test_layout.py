@@ -18,7 +18,7 @@ ALLOWED = {
     "rewards": {"retrieve", "grpo", "engine"},
     "warmup": {"grpo", "rewards", "retrieve", "engine", "ranks", "lora", "runs"},
     "lora": {"ranks", "retrieve", "engine"},
-    "runs": {"retrieve", "lora", "ranks"},
+    "runs": {"retrieve", "lora", "ranks", "engine"},
     "checks": {"runs", "retrieve"},
     "views": {"runs", "retrieve", "grpo", "rewards"},
     "demo": {"runs", "views", "retrieve", "grpo", "rewards"},

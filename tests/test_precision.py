@@ -241,6 +241,32 @@ def test_the_update_runs_bf16_without_autocasts_weight_cache_and_gets_the_same_g
         assert torch.equal(without[n], cached[n]), n
 
 
+def test_the_heap_is_trimmed_before_each_micro_batch(tiny, monkeypatch):
+    # what the last forward or backward freed is handed back before each micro-batch's forward: one trim a
+    # micro-batch, the first before any gradient, the second with the first micro-batch's gradient added
+    import ranks
+    from types import SimpleNamespace
+    model, tok = tiny
+    model = copy.deepcopy(model)
+    ids, attn, mask = batch(tok)
+    cfg = SimpleNamespace(precision="fp32", grad_checkpointing=False)
+    forward = lambda sl: grpo.token_logprobs(model, ids[sl], attn[sl], mask[sl])
+    loss_of = lambda logp, sl: (grpo.warmup_loss(logp, mask[sl], mask.sum()), None)
+    grads = lambda: {n: p.grad.clone() for n, p in model.named_parameters()}
+    ranks.accumulate_gradients(model, [slice(0, 1)], forward, loss_of, cfg)
+    first = grads()
+    seen = []
+    monkeypatch.setattr(engine, "trim_heap", lambda: seen.append(grads()))
+    ranks.accumulate_gradients(model, [slice(0, 1), slice(1, 2)], forward, loss_of, cfg)
+    assert len(seen) == 2
+    assert sum(bool(g.abs().sum() > 0) for g in first.values()) > 10
+    both = grads()
+    for n in first:
+        assert not seen[0][n].any(), n
+        assert torch.equal(seen[1][n], first[n]), n
+    assert any(not torch.equal(first[n], both[n]) for n in first)
+
+
 def test_adamw_is_fused_and_steps_like_plain_adamw():
     # the fused kernel where torch has one (the CPU has), and the same three updates as the for-each AdamW
     torch.manual_seed(0)

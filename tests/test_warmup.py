@@ -306,23 +306,40 @@ def test_the_last_evaluation_holds_no_optimizer_and_no_reference(monkeypatch, tm
 
 def test_freed_memory_is_handed_back_between_the_phases(monkeypatch, tmp_path, qa_files):
     # the warm-up's AdamW state before the warmed-up model's evaluation, the warm-up's model before RL loads its
-    # own, sampling's and scoring's freed tensors as each update starts, the GRPO optimizer and reference before
-    # the last evaluation
+    # own, the last phase's freed tensors as sampling, scoring and the update each start, the GRPO optimizer and
+    # reference before the last evaluation
     data, corpus = qa_files
-    events = []
+    events, autocast = [], []
     real_eval, real_warmup, real_release = igsearch.evaluate, warmup.warmup, runs.release_memory
-    real_update = igsearch.update_policy
+
+    def log(name, f):  # and whether a bf16 context is open around the call, once it has returned
+        return lambda *a, **kw: (events.append(name), f(*a, **kw), events.append(f"{name} done"),
+                                 autocast.append(torch.is_autocast_enabled("cpu")))[1]
+
     monkeypatch.setattr(igsearch, "evaluate", lambda *a, **kw: (events.append("eval"), real_eval(*a, **kw))[1])
     monkeypatch.setattr(warmup, "warmup", lambda *a, **kw: (events.append("warm-up"), real_warmup(*a, **kw))[1])
-    monkeypatch.setattr(igsearch, "update_policy",
-                        lambda *a, **kw: (events.append("update"), real_update(*a, **kw), events.append("updated"))[1])
-    monkeypatch.setattr(runs, "release_memory", lambda: (events.append("release"), real_release())[1])
+    real_generate, sampling = grpo.generate_rollouts, []
+
+    def generate(*a, **kw):  # bf16 while the GRPO step samples
+        if "sample_rollouts" in events and "sample_rollouts done" not in events:
+            sampling.append(torch.is_autocast_enabled("cpu"))
+        return real_generate(*a, **kw)
+
+    monkeypatch.setattr(grpo, "generate_rollouts", generate)
+    for name in ("sample_rollouts", "step_rewards", "update_policy"):
+        monkeypatch.setattr(igsearch, name, log(name, getattr(igsearch, name)))
+    monkeypatch.setattr(runs, "release_memory", lambda: (events.append("release"), real_release()))
     cfg = igsearch.Config(model="tiny-random", corpus=f"jsonl:{corpus}", data=str(data), out=str(tmp_path / "run"),
                           device="cpu", steps=1, questions_per_step=1, group_size=2, max_turns=1, max_turn_tokens=16,
-                          max_response_tokens=200, eval_questions=1, show_every=0, warmup_steps=1, warmup_batch=2)
+                          max_response_tokens=200, eval_questions=1, show_every=0, warmup_steps=1, warmup_batch=2,
+                          precision="bf16")
     igsearch.train(cfg)
-    assert events == ["eval", "warm-up", "release", "eval", "release", "update", "release", "updated", "release",
-                      "eval"]
+    assert events == ["eval", "warm-up", "release", "eval", "release",
+                      "sample_rollouts", "release", "sample_rollouts done", "step_rewards", "release",
+                      "step_rewards done", "update_policy", "release", "update_policy done", "release", "eval"]
+    # sampling ran in bf16 and its context, which caches a bf16 copy of every weight, ended when it returned;
+    # scoring has a context of its own (open when step_rewards returns), the update too (closed)
+    assert sampling == [True] and autocast == [False, True, False]
 
 
 def test_a_run_cut_while_evaluating_the_warmup_keeps_it(monkeypatch, tmp_path, qa_files):
