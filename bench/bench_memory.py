@@ -4,14 +4,17 @@
     python bench/bench_memory.py --model WARMED_UP_DIR --cases outcome,igsearch-forced --preset cpu
     python bench/bench_memory.py --model PATH.gguf --token-budget 1024 --forward-budget 8192
     python bench/bench_memory.py --model PATH.gguf --cases warmup,outcome-scripted --lora-rank 0,16   # side by side
+    python bench/bench_memory.py --model PATH.gguf --cases run-outcome,run-igsearch,run-inforeasoner  # whole runs
 
 A case runs in a fresh child process, which loads the model, the corpus and the questions as igsearch.py does,
 builds what that phase holds (the frozen reference, AdamW), then resets the kernel's peak-RSS mark
 (/proc/self/clear_refs) and runs the phase: two warm-up steps, a GRPO step of a reward after one unmeasured step
 (its rollouts sampled, searching in every turn: `-forced`, or bench_step's scripted texts, two searches each:
-`-scripted`), or the greedy evaluation; so AdamW holds its moments, as in every step of a run but the first. It
-reports the RSS before the phase, the phase's peak, and the peak of loading (a .gguf is de-quantized in memory). On
-a GPU it reports peak CUDA memory as well. The run's peak is the largest of them all. Each child fixes glibc's mmap
+`-scripted`), or the greedy evaluation; so AdamW holds its moments, as in every step of a run but the first. A
+`run-` case is a whole `igsearch.py --tiny` run of that reward instead (warm-up, steps, checkpoints, evaluations),
+whose peak includes what the phases leave behind for the next ones. A case reports the RSS before the phase, the
+phase's peak, and the peak of loading (a .gguf is de-quantized in memory; 0 for a whole run, whose peak holds it).
+On a GPU it reports peak CUDA memory as well. The run's peak is the largest of them all. Each child fixes glibc's mmap
 threshold as a run does (runs.steady_heap); --heap default leaves glibc's own. --lora-rank 0,16 runs every case
 once per rank (0 = full fine-tuning; with adapters the reference is the policy itself, lora.py) and prints them
 side by side, each with the phase's wall time."""
@@ -21,6 +24,7 @@ import json
 import random
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -37,7 +41,8 @@ import warmup  # noqa: E402
 from bench_step import forced_search_turns, scripted_rollouts  # noqa: E402
 
 CASES = ("warmup", "outcome", "igsearch", "inforeasoner", "outcome-forced", "igsearch-forced",
-         "inforeasoner-forced", "outcome-scripted", "igsearch-scripted", "inforeasoner-scripted", "eval")
+         "inforeasoner-forced", "outcome-scripted", "igsearch-scripted", "inforeasoner-scripted", "eval",
+         "run-outcome", "run-igsearch", "run-inforeasoner")
 
 
 def rss_mb(field):
@@ -52,8 +57,25 @@ def reset_peak():
     Path("/proc/self/clear_refs").write_text("5")  # Linux >= 4.0: VmHWM := VmRSS
 
 
+def whole_run(case, cfg):
+    """A whole `igsearch.py --tiny --reward R` run (warm-up, GRPO steps, checkpoints, evaluations) in this
+    process, in a temporary run directory: the peak a user meets, where the phases are each measured apart."""
+    before, t = rss_mb("VmRSS"), time.perf_counter()
+    with tempfile.TemporaryDirectory() as d:
+        code = igsearch.main(["--tiny", "--reward", case.removeprefix("run-"), "--out", f"{d}/run",
+                              "--model", cfg.model, "--device", cfg.device, "--seed", str(cfg.seed),
+                              "--lora-rank", str(cfg.lora_rank), "--precision", cfg.precision,
+                              "--token-budget", str(cfg.token_budget), "--forward-budget", str(cfg.forward_budget)])
+    if code:
+        raise SystemExit(f"the run failed (exit code {code})")
+    return {"case": case, "load_peak": 0.0, "before": before, "peak": rss_mb("VmHWM"),
+            "seconds": time.perf_counter() - t}
+
+
 def one_case(case, cfg, heap="steady"):
     """Run one phase in this process; returns its memory figures (MiB)."""
+    if case.startswith("run-"):
+        return whole_run(case, cfg)
     if heap == "steady":  # as every command line does (runs.cli)
         runs.steady_heap()
         runs.bounded_kernel_cache()
