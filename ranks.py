@@ -397,7 +397,8 @@ def accumulate_gradients(model, micro, forward, loss_of, cfg, dp=None, scale=1.0
         model.zero_grad(set_to_none=True)
     parts = []
     for j, sl in enumerate(micro):
-        engine.trim_heap()  # the heap that the last forward or backward freed: this slice's tensors differ in size
+        if device.type == "cpu":  # the heap that the last forward or backward freed: this slice's tensors differ
+            engine.trim_heap()    # in size (a GPU's activations live in its own allocator, and a trim takes ms)
         with engine.autocast(cfg.precision, device, cache=False), \
                 engine.recompute(model, cfg.grad_checkpointing), no_sync(dp, last=j == len(micro) - 1):
             logp = forward(sl)
