@@ -87,21 +87,60 @@ def head_logprobs(head, h, tokens):
     """log π(tokens[n] | state h[n]): the vocabulary projection of only the states whose next token is read.
     h [n, H], tokens [n] -> [n]
 
-    HEAD_CHUNK states at a time, and under autograd each chunk's logits are recomputed in the backward rather
-    than kept: the fp32 logits of a micro-batch's policy tokens, and their log-softmax, would take gigabytes
+    HEAD_CHUNK states at a time, and under autograd through HeadLogprobs, which keeps no logits for the
+    backward: the fp32 logits of a micro-batch's policy tokens, and their log-softmax, would take gigabytes
     (3,072 tokens × a 152k vocabulary × 4 bytes = 1.9 GB, twice), more than the rest of the update together."""
     out = []
     for s in range(0, max(h.shape[0], 1), HEAD_CHUNK):  # no state: one empty chunk, still in the graph
         hs, ts = h[s:s + HEAD_CHUNK], tokens[s:s + HEAD_CHUNK]
         if torch.is_grad_enabled() and (hs.requires_grad or head.weight.requires_grad):
-            out.append(torch.utils.checkpoint.checkpoint(_chunk_logprobs, head, hs, ts, use_reentrant=False))
+            out.append(HeadLogprobs.apply(hs, ts, head, head.weight, head.bias))
         else:
             out.append(_chunk_logprobs(head, hs, ts))
     return torch.cat(out)
 
 
 def _chunk_logprobs(head, h, tokens):
-    return head_logits(head, h).log_softmax(-1).gather(-1, tokens[:, None]).squeeze(-1)
+    """log_softmax(h W^T + b) at the tokens, x_t − m − log Σ_v exp(x_v − m) with m = max x, computed in the
+    logits' own buffer: log_softmax would return a second [n, V] tensor only for one entry a row to be read."""
+    x = head_logits(head, h)                                    # [n, V] fp32
+    m = x.amax(-1, keepdim=True)                                # [n, 1]
+    x_t = x.gather(-1, tokens[:, None])                         # [n, 1]
+    return (x_t - m - x.sub_(m).exp_().sum(-1, keepdim=True).log()).squeeze(-1)
+
+
+class HeadLogprobs(torch.autograd.Function):
+    """One chunk's log-probs with a backward written out, in one [n, V] buffer. With x = h W^T + b the logits of
+    a state and t its token, d(x_t − logsumexp x)/dx = onehot(t) − softmax(x): the backward recomputes x, turns
+    it into softmax(x) in place, then into the logits' gradient g·(onehot(t) − softmax(x)) in place. Autograd's
+    own backward (log_softmax, gather, the matmul) would hold three or four [n, V] tensors at once, and return
+    the head's weight gradient as a transposed view, which the tied input embedding's gradient cannot be added
+    into in place. Checked against autograd on the written-out formula (tests/test_precision.py).
+
+    >>> head = torch.nn.Linear(2, 3, bias=False); _ = head.weight.data.zero_()  # logits 0: uniform over 3
+    >>> lp = HeadLogprobs.apply(torch.tensor([[1.0, 0.0]]), torch.tensor([0]), head, head.weight, None)
+    >>> lp.backward(); lp.detach(), head.weight.grad[:, 0]  # log 1/3; (onehot − 1/3) times h's first entry
+    (tensor([-1.0986]), tensor([ 0.6667, -0.3333, -0.3333]))"""
+
+    @staticmethod
+    def forward(ctx, h, tokens, head, weight, bias):  # weight, bias: head's own, for autograd to route their gradients
+        ctx.head = head
+        ctx.save_for_backward(h, tokens, weight)  # the states, not the logits: those are [n, V]
+        return _chunk_logprobs(head, h, tokens)
+
+    @staticmethod
+    def backward(ctx, g):                                       # g [n]: d loss / d log-prob
+        h, tokens, weight = ctx.saved_tensors
+        x = head_logits(ctx.head, h)                            # [n, V] fp32, the one buffer
+        x.sub_(x.amax(-1, keepdim=True)).exp_()
+        x.div_(x.sum(-1, keepdim=True))                         # softmax(x)
+        x.mul_(-g[:, None].float())
+        x[torch.arange(len(tokens), device=x.device), tokens] += g.float()  # g·(onehot(t) − softmax(x))
+        x = x.to(weight.dtype)
+        grad_h = (x @ weight).to(h.dtype) if ctx.needs_input_grad[0] else None      # [n, H]
+        grad_w = x.t().mm(h.to(weight.dtype)) if ctx.needs_input_grad[3] else None  # [V, H], contiguous
+        grad_b = x.sum(0) if ctx.needs_input_grad[4] else None                       # [V]
+        return grad_h, None, None, grad_w, grad_b
 
 
 # ----------------------------------------------------------------------------------------------------

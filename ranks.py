@@ -403,6 +403,8 @@ def accumulate_gradients(model, micro, forward, loss_of, cfg, dp=None, scale=1.0
                 engine.recompute(model, cfg.grad_checkpointing), no_sync(dp, last=j == len(micro) - 1):
             logp = forward(sl)
         loss, stats = loss_of(logp, sl)
+        if device.type == "cpu":  # and the heap the forward's layers freed, before the backward's own tensors
+            engine.trim_heap()
         (loss * scale).backward()
         parts.append((loss.item(), stats))
     return parts

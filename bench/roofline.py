@@ -23,7 +23,8 @@ class Positions:
     `n` in all, `grad` of them in forwards that record a graph (a backward follows); and the states its
     vocabulary head projects, by a pre-hook on the head: `head_n`, `head_grad`. The recomputed forwards of
     gradient checkpointing are not counted: they are not work a step needs (the layers' run without the base
-    model; the head's chunks run inside the backward, which the head's hook tells by autograd's graph task id).
+    model; the head's chunks run again inside the backward, which the head's hook tells by autograd's graph task
+    id).
 
     `head_n` counts rows of whatever the head is given, padding included: the engine projects one state a row
     (logits_to_keep=1), and our log-prob forwards only the real tokens they read."""
@@ -43,11 +44,12 @@ class Positions:
         self.grad += k if torch.is_grad_enabled() else 0
 
     def count_head(self, module, args):
-        if torch._C._current_graph_task_id() != -1:  # inside a backward: a checkpointed chunk's recomputation
+        if torch._C._current_graph_task_id() != -1:  # inside a backward: a chunk's recomputation
             return
         k = args[0].shape[:-1].numel()
         self.head_n += k
-        self.head_grad += k if torch.is_grad_enabled() else 0
+        self.head_grad += k if args[0].requires_grad else 0  # states in a graph: a backward follows (in
+        # engine.HeadLogprobs's forward grad mode is off, so torch.is_grad_enabled() cannot tell)
 
     def flops(self, P, adapters=None):
         """2·P per position, and 4·P more per position that is back-propagated (the gradients of the

@@ -53,7 +53,8 @@ TARGETS = {
                    "ir_metrics", "IR_EPS"],
     "grpo.py": ["extract_answer", "Batch.policy_mask", "group_advantages", "token_advantages", "token_logprobs",
                 "grpo_loss", "ig_gate", "add_query_bonus"],
-    "engine.py": ["stop_ids", "token_chunks", "generate_turn", "sample_tokens", "_generate_batch", "head_logprobs"],
+    "engine.py": ["stop_ids", "token_chunks", "generate_turn", "sample_tokens", "_generate_batch", "head_logprobs",
+                  "_chunk_logprobs", "HeadLogprobs.backward"],
     "igsearch.py": ["Config", "PRESETS", "train_step", "step_rewards", "update_policy"],
     "ranks.py": ["accumulate_gradients"],
 }
@@ -104,7 +105,8 @@ TESTS = {
                  "tests/test_budget.py -k 'update or logprobs'"]
        for f in ("Batch.policy_mask", "group_advantages", "token_advantages", "head_logprobs", "token_logprobs",
                  "grpo_loss")},
-    "head_logprobs": ["tests/test_precision.py -k head_logprobs", "tests/test_grpo.py -k 'logprobs or gradient'"],
+    **{f: ["tests/test_precision.py -k head", "tests/test_grpo.py -k 'logprobs or gradient'"]
+       for f in ("head_logprobs", "_chunk_logprobs", "HeadLogprobs.backward")},
     **{f: ["grpo.py", "tests/test_igsearch.py -k 'gate or bonus or failed or alpha'",
            DEFAULTS] for f in
        ("ig_gate", "add_query_bonus")},
@@ -122,7 +124,7 @@ TESTS = {
 }
 TESTS["step_rewards"] = TESTS["train_step"]
 TESTS["accumulate_gradients"] = [*TESTS["update_policy"][:-1], "tests/test_warmup.py -k 'loss or step or micro_batches'",
-                                 TESTS["update_policy"][-1]]
+                                 "tests/test_precision.py -k heap", TESTS["update_policy"][-1]]
 
 # (function, the mutated line, stripped) -> why no test can kill it: it computes the same numbers
 EQUIVALENT = {
@@ -173,8 +175,24 @@ EQUIVALENT = {
     ('head_logprobs', 'for s in range(0, max(h.shape[0], 2), HEAD_CHUNK):  # no state: one empty chunk, still in the graph'):
         'HEAD_CHUNK >= 2: with 0 or 1 states, range(0, 2, HEAD_CHUNK) is the same one chunk as range(0, 1, HEAD_CHUNK)',
     ('head_logprobs', 'if (torch.is_grad_enabled() or (hs.requires_grad or head.weight.requires_grad)):'):
-        'checkpoint and the plain call compute the same numbers; they differ only in what autograd keeps for a '
-        'backward, and with autograd off there is none',
+        'HeadLogprobs and the plain call compute the same numbers; they differ only in the backward, and with '
+        'autograd off there is none',
+    ('_chunk_logprobs', 'm = x.amax(1, keepdim=True)                                # [n, 1]'):
+        'the logits are 2-D, [n, V]: dim 1 is dim -1',
+    ('_chunk_logprobs', 'x_t = x.gather(1, tokens[:, None])                         # [n, 1]'):
+        'the logits are 2-D, [n, V]: dim 1 is dim -1',
+    ('_chunk_logprobs', 'return (x_t - m - x.sub_(m).exp_().sum(1, keepdim=True).log()).squeeze(-1)'):
+        'the logits are 2-D, [n, V]: dim 1 is dim -1',
+    ('_chunk_logprobs', 'return (x_t - m - x.sub_(m).exp_().sum(-1, keepdim=True).log()).squeeze(1)'):
+        'the log-probs are 2-D, [n, 1]: dim 1 is dim -1',
+    ('HeadLogprobs.backward', 'x.sub_(x.amax(1, keepdim=True)).exp_()'):
+        'the logits are 2-D, [n, V]: dim 1 is dim -1',
+    ('HeadLogprobs.backward', 'x.div_(x.sum(1, keepdim=True))                         # softmax(x)'):
+        'the logits are 2-D, [n, V]: dim 1 is dim -1',
+    ('HeadLogprobs.backward', 'grad_h = (x @ weight).to(h.dtype)      # [n, H]'):
+        'autograd drops a gradient returned for an input that needs none: only the work differs',
+    ('HeadLogprobs.backward', 'grad_w = x.t().mm(h.to(weight.dtype))  # [V, H], contiguous'):
+        'autograd drops a gradient returned for an input that needs none: only the work differs',
     ('sample_logprobs', 'out = [0.0] * len(prompts)'.replace('0.0', '1.0')):
         'a placeholder: every prompt belongs to one of the rows, and each of its samples is written',
     ('sample_logprobs', 'score = gold_scorer(model, list(p), head_tokens=0, head_weight=2.0, token_budget=token_budget)  # w_k = 1'):

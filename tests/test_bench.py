@@ -74,7 +74,7 @@ def test_roofline_counts_the_decoders_matmul_parameters_and_the_positions_it_com
     assert positions.flops(1000, adapters=50) == (2 * 1050 * 26 + 2 * 1000 * 8 + 4 * 50 * 8
                                                   + 2 * VH * 30 + 2 * VH * 10)
     # our log-prob forward projects only the 2 + 3 states whose next token is read; its head chunk runs again in
-    # the backward (checkpointed), and that recomputation is not counted
+    # the backward (engine.HeadLogprobs), and that recomputation is not counted
     right = torch.tensor([[11, 12, 13, 0, 0], [11, 12, 13, 14, 15]])
     mask = torch.tensor([[0, 1, 1, 0, 0], [0, 1, 1, 1, 0]]).bool()
     head_calls = []

@@ -49,9 +49,20 @@ def test_head_runs_in_fp32_inside_bf16_autocast(tiny):
     assert plain.dtype == torch.bfloat16 and not torch.equal(plain.float(), exact)
 
 
+def sizes_saved(sizes, but):
+    """Records the size of each tensor that autograd saves for a backward, but `but`'s (the head's weight: a
+    parameter that lives anyway, not memory the backward adds)."""
+    def pack(t):
+        if t.untyped_storage().data_ptr() != but.untyped_storage().data_ptr():
+            sizes.append(t.numel())
+        return t
+    return torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+
+
 def test_head_logprobs_by_chunks_keep_no_logits_for_the_backward(tiny, monkeypatch):
     # 10 states in chunks of 4: the same log-probs and gradients as one log-softmax over all of them, written
-    # out; and the backward keeps no logits (nothing saved as large as one chunk's [4, V]): it recomputes them
+    # out; and the backward keeps no logits (nothing saved as large as one chunk's [4, V] but the head's own
+    # weight): it recomputes them
     model, _ = tiny
     head = model.get_output_embeddings()
     V = head.weight.shape[0]
@@ -64,7 +75,7 @@ def test_head_logprobs_by_chunks_keep_no_logits_for_the_backward(tiny, monkeypat
     monkeypatch.setattr(engine, "HEAD_CHUNK", 4)
     saved, rows = [], []
     hook = head.register_forward_hook(lambda m, args, out: rows.append(out.shape[0]))
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+    with sizes_saved(saved, but=head.weight):
         got = engine.head_logprobs(head, h, tokens)
     torch.testing.assert_close(got, exact, rtol=1e-5, atol=1e-5)
     (w_got, h_got) = torch.autograd.grad(got.sum(), (head.weight, h))
@@ -75,6 +86,47 @@ def test_head_logprobs_by_chunks_keep_no_logits_for_the_backward(tiny, monkeypat
     assert saved and max(saved) < 4 * V
     with torch.no_grad():  # no autograd: plain chunks, the same numbers
         torch.testing.assert_close(engine.head_logprobs(head, h, tokens), exact.detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_head_logprobs_backward_by_hand_on_a_toy_head_with_a_bias():
+    # V = 3, H = 2, one state h = (1, 2) whose token is 2, weighted by g = 0.5 in the loss. Logits x = W h + b =
+    # (0, 1, 0) + (0, 0, ln 2) = (0, 1, ln 2); softmax = (1, e, 2) / (3 + e) = (0.17488, 0.47537, 0.34975).
+    # d(0.5·log p_2)/dx = 0.5·(onehot(2) − softmax) = (−0.08744, −0.23769, 0.32512) =: d; so
+    # dW = d hᵀ (rows d_v·(1, 2)), db = d, dh = Wᵀ d = (d_1, d_2) here (W's rows: (0,0), (1,0), (0,1))
+    head = torch.nn.Linear(2, 3)
+    with torch.no_grad():
+        head.weight.copy_(torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]]))
+        head.bias.copy_(torch.tensor([0.0, 0.0, -2.0 + torch.log(torch.tensor(2.0)).item()]))
+    h = torch.tensor([[1.0, 2.0]], requires_grad=True)
+    lp = engine.head_logprobs(head, h, torch.tensor([2]))
+    torch.testing.assert_close(lp, torch.log(torch.tensor([2.0])) - torch.log(torch.tensor([3.0 + torch.e])))
+    (0.5 * lp.sum()).backward()
+    d = 0.5 * (torch.tensor([0.0, 0.0, 1.0]) - torch.tensor([1.0, torch.e, 2.0]) / (3.0 + torch.e))
+    torch.testing.assert_close(d, torch.tensor([-0.08744, -0.23769, 0.32512]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(head.bias.grad, d)
+    torch.testing.assert_close(head.weight.grad, torch.stack([d, 2 * d], dim=1))
+    torch.testing.assert_close(h.grad, d[None, 1:])
+
+
+def test_head_weight_gradient_is_a_plain_tensor_the_tied_embedding_adds_into(tiny):
+    # the head's weight gradient comes back contiguous and not a view (autograd adds the tied input embedding's
+    # gradient into such a tensor in place, rather than holding a third [V, H] for their sum), and the tied
+    # model's gradient of that one weight is the sum of the head's and the embedding's paths
+    model, _ = tiny
+    head = model.get_output_embeddings()
+    emb = model.get_input_embeddings()
+    assert head.weight is emb.weight                            # the tiny model ties them, as SmolLM2 and Qwen do
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, head.weight.shape[0], (7,), generator=g)
+    tokens = torch.randint(0, head.weight.shape[0], (7,), generator=g)
+    h = torch.randn(7, model.config.hidden_size, generator=g)
+    (w_head,) = torch.autograd.grad(engine.head_logprobs(head, h, tokens).sum(), (head.weight,))
+    assert w_head.is_contiguous() and w_head._base is None
+    x = emb(ids)                                                 # the embedding path, [7, H]
+    (w_both,) = torch.autograd.grad(engine.head_logprobs(head, h + x, tokens).sum(), (head.weight,))
+    logits = (h + emb.weight[ids]) @ head.weight.T
+    (w_exact,) = torch.autograd.grad((logits[torch.arange(7), tokens] - logits.logsumexp(-1)).sum(), (head.weight,))
+    torch.testing.assert_close(w_both, w_exact, rtol=1e-4, atol=1e-6)
 
 
 def test_head_logprobs_when_only_the_states_or_only_the_head_need_a_gradient(tiny, monkeypatch):
@@ -91,7 +143,7 @@ def test_head_logprobs_when_only_the_states_or_only_the_head_need_a_gradient(tin
     logits = h @ head.weight.T
     (h_exact,) = torch.autograd.grad((logits[torch.arange(6), tokens] - logits.logsumexp(-1)).sum(), (h,))
     saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+    with sizes_saved(saved, but=head.weight):
         got = engine.head_logprobs(head, h, tokens)
     (h_got,) = torch.autograd.grad(got.sum(), (h,))
     torch.testing.assert_close(h_got, h_exact, rtol=1e-4, atol=1e-6)
@@ -241,29 +293,33 @@ def test_the_update_runs_bf16_without_autocasts_weight_cache_and_gets_the_same_g
         assert torch.equal(without[n], cached[n]), n
 
 
-def test_the_heap_is_trimmed_before_each_micro_batch(tiny, monkeypatch):
-    # what the last forward or backward freed is handed back before each micro-batch's forward: one trim a
-    # micro-batch, the first before any gradient, the second with the first micro-batch's gradient added
+def test_the_heap_is_trimmed_before_each_micro_batch_and_before_its_backward(tiny, monkeypatch):
+    # what the last forward or backward freed is handed back before each micro-batch's forward, and what its
+    # forward's layers freed before its backward: two trims a micro-batch, the first two before any gradient
+    # (before and after the first forward), the last two with the first micro-batch's gradient added
     import ranks
     from types import SimpleNamespace
     model, tok = tiny
     model = copy.deepcopy(model)
     ids, attn, mask = batch(tok)
     cfg = SimpleNamespace(precision="fp32", grad_checkpointing=False)
-    forward = lambda sl: grpo.token_logprobs(model, ids[sl], attn[sl], mask[sl])
+    forwards = []
+    def forward(sl):
+        forwards.append(sl)
+        return grpo.token_logprobs(model, ids[sl], attn[sl], mask[sl])
     loss_of = lambda logp, sl: (grpo.warmup_loss(logp, mask[sl], mask.sum()), None)
     grads = lambda: {n: p.grad.clone() for n, p in model.named_parameters()}
     ranks.accumulate_gradients(model, [slice(0, 1)], forward, loss_of, cfg)
     first = grads()
-    seen = []
-    monkeypatch.setattr(engine, "trim_heap", lambda: seen.append(grads()))
+    seen, forwards[:] = [], []
+    monkeypatch.setattr(engine, "trim_heap", lambda: seen.append((len(forwards), grads())))
     ranks.accumulate_gradients(model, [slice(0, 1), slice(1, 2)], forward, loss_of, cfg)
-    assert len(seen) == 2
+    assert [k for k, _ in seen] == [0, 1, 1, 2]  # forwards run before each trim
     assert sum(bool(g.abs().sum() > 0) for g in first.values()) > 10
     both = grads()
     for n in first:
-        assert not seen[0][n].any(), n
-        assert torch.equal(seen[1][n], first[n]), n
+        assert not seen[0][1][n].any() and not seen[1][1][n].any(), n
+        assert torch.equal(seen[2][1][n], first[n]) and torch.equal(seen[3][1][n], first[n]), n
     assert any(not torch.equal(first[n], both[n]) for n in first)
 
 
