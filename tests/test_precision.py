@@ -1,6 +1,7 @@
 """bf16 autocast (engine.autocast): the forward matmuls in bfloat16, the vocabulary projection, log-softmax, loss
 and weights in fp32. Losses, log-probs and IG scores agree with fp32 to a stated tolerance on the tiny model."""
 import copy
+import math
 
 import pytest
 import torch
@@ -89,23 +90,27 @@ def test_head_logprobs_by_chunks_keep_no_logits_for_the_backward(tiny, monkeypat
 
 
 def test_head_logprobs_backward_by_hand_on_a_toy_head_with_a_bias():
-    # V = 3, H = 2, one state h = (1, 2) whose token is 2, weighted by g = 0.5 in the loss. Logits x = W h + b =
-    # (0, 1, 0) + (0, 0, ln 2) = (0, 1, ln 2); softmax = (1, e, 2) / (3 + e) = (0.17488, 0.47537, 0.34975).
-    # d(0.5·log p_2)/dx = 0.5·(onehot(2) − softmax) = (−0.08744, −0.23769, 0.32512) =: d; so
-    # dW = d hᵀ (rows d_v·(1, 2)), db = d, dh = Wᵀ d = (d_1, d_2) here (W's rows: (0,0), (1,0), (0,1))
+    # V = 3, H = 2, two states h = (1, 2) and (0, 0) whose token is 2, each weighted by 0.5 in the loss.
+    # W's rows (0, 0), (1, 0), (0, 1); b = (0, 0, ln 2 - 2). Logits x = W h + b:
+    #   state 1: (0, 1, ln 2); softmax (1, e, 2) / (3 + e) = (0.17488, 0.47537, 0.34975)
+    #   state 2: (0, 0, ln 2 - 2); softmax (1, 1, 2/e²) / (2 + 2/e²) = (0.44040, 0.44040, 0.11920)
+    # d_i = 0.5·(onehot(2) − softmax_i): (−0.08744, −0.23768, 0.32512) and (−0.22020, −0.22020, 0.44040);
+    # db = d_1 + d_2 (a sum over states, not a mean), dW = Σ_i d_i h_iᵀ = d_1 (1, 2)ᵀ, dh_i = Wᵀ d_i = (d_i1, d_i2)
     head = torch.nn.Linear(2, 3)
     with torch.no_grad():
         head.weight.copy_(torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]]))
-        head.bias.copy_(torch.tensor([0.0, 0.0, -2.0 + torch.log(torch.tensor(2.0)).item()]))
-    h = torch.tensor([[1.0, 2.0]], requires_grad=True)
-    lp = engine.head_logprobs(head, h, torch.tensor([2]))
-    torch.testing.assert_close(lp, torch.log(torch.tensor([2.0])) - torch.log(torch.tensor([3.0 + torch.e])))
+        head.bias.copy_(torch.tensor([0.0, 0.0, math.log(2.0) - 2.0]))
+    h = torch.tensor([[1.0, 2.0], [0.0, 0.0]], requires_grad=True)
+    lp = engine.head_logprobs(head, h, torch.tensor([2, 2]))
+    e = math.e
+    torch.testing.assert_close(lp, torch.tensor([math.log(2 / (3 + e)), math.log((2 / e ** 2) / (2 + 2 / e ** 2))]))
     (0.5 * lp.sum()).backward()
-    d = 0.5 * (torch.tensor([0.0, 0.0, 1.0]) - torch.tensor([1.0, torch.e, 2.0]) / (3.0 + torch.e))
-    torch.testing.assert_close(d, torch.tensor([-0.08744, -0.23769, 0.32512]), atol=1e-5, rtol=0)
-    torch.testing.assert_close(head.bias.grad, d)
-    torch.testing.assert_close(head.weight.grad, torch.stack([d, 2 * d], dim=1))
-    torch.testing.assert_close(h.grad, d[None, 1:])
+    d1 = torch.tensor([-0.08744, -0.23768, 0.32512])
+    d2 = torch.tensor([-0.22020, -0.22020, 0.44040])
+    close = lambda got, want: torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    close(head.bias.grad, d1 + d2)
+    close(head.weight.grad, torch.stack([d1, 2 * d1], dim=1))
+    close(h.grad, torch.stack([d1[1:], d2[1:]]))
 
 
 def test_head_weight_gradient_is_a_plain_tensor_the_tied_embedding_adds_into(tiny):
