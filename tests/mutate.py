@@ -124,7 +124,7 @@ TESTS = {
 }
 TESTS["step_rewards"] = TESTS["train_step"]
 TESTS["accumulate_gradients"] = [*TESTS["update_policy"][:-1], "tests/test_warmup.py -k 'loss or step or micro_batches'",
-                                 "tests/test_precision.py -k heap", TESTS["update_policy"][-1]]
+                                 "tests/test_precision.py -k 'heap or weight_cache'", TESTS["update_policy"][-1]]
 
 # (function, the mutated line, stripped) -> why no test can kill it: it computes the same numbers
 EQUIVALENT = {
