@@ -266,32 +266,43 @@ def test_gradient_checkpointing_recomputes_and_gives_the_same_gradients(tiny):
     assert any(g.abs().sum() > 0 for g in grads[True].values())
 
 
-def test_the_update_runs_bf16_without_autocasts_weight_cache_and_gets_the_same_gradients(tiny, monkeypatch):
-    # autocast's cache would hold a bf16 copy of every linear layer until the forward's context exits; a training
-    # forward reads each weight once, so without the cache the gradients are the same bit for bit
+def update_of_two_rows(tiny, precision, grad_checkpointing, on_forward):
+    """A copy of the tiny model, and update(micro): ranks.accumulate_gradients over row slices of batch()'s two
+    rows with the warm-up loss, calling on_forward(slice) in each forward; it returns the gradients."""
     import ranks
     from types import SimpleNamespace
     model, tok = tiny
     model = copy.deepcopy(model)
     ids, attn, mask = batch(tok)
-    cfg = SimpleNamespace(precision="bf16", grad_checkpointing=True)
-    seen = []
+    cfg = SimpleNamespace(precision=precision, grad_checkpointing=grad_checkpointing)
 
     def forward(sl):
-        seen.append((torch.is_autocast_enabled("cpu"), torch.is_autocast_cache_enabled()))
+        on_forward(sl)
         return grpo.token_logprobs(model, ids[sl], attn[sl], mask[sl])
 
-    def gradients():
-        ranks.accumulate_gradients(model, [slice(0, 1), slice(1, 2)], forward,
+    def update(micro):
+        ranks.accumulate_gradients(model, micro, forward,
                                    lambda logp, sl: (grpo.warmup_loss(logp, mask[sl], mask.sum()), None), cfg)
-        return {n: p.grad.clone() for n, p in model.named_parameters()}
+        return gradients(model)
+    return update, model
 
-    without = gradients()
+
+def gradients(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_the_update_runs_bf16_without_autocasts_weight_cache_and_gets_the_same_gradients(tiny, monkeypatch):
+    # autocast's cache would hold a bf16 copy of every linear layer until the forward's context exits; a training
+    # forward reads each weight once, so without the cache the gradients are the same bit for bit
+    seen = []
+    update, _ = update_of_two_rows(tiny, "bf16", True, lambda sl: seen.append(
+        (torch.is_autocast_enabled("cpu"), torch.is_autocast_cache_enabled())))
+    without = update([slice(0, 1), slice(1, 2)])
     assert seen == [(True, False)] * 2  # bf16 forwards, no cache, in each micro-batch
     seen.clear()
     real = engine.autocast
     monkeypatch.setattr(engine, "autocast", lambda precision, device, cache=True: real(precision, device, True))
-    cached = gradients()
+    cached = update([slice(0, 1), slice(1, 2)])
     assert seen == [(True, True)] * 2
     assert sum(bool(g.abs().sum() > 0) for g in without.values()) > 10
     for n in without:
@@ -302,26 +313,14 @@ def test_the_heap_is_trimmed_before_each_micro_batch_and_before_its_backward(tin
     # what the last forward or backward freed is handed back before each micro-batch's forward, and what its
     # forward's layers freed before its backward: two trims a micro-batch, the first two before any gradient
     # (before and after the first forward), the last two with the first micro-batch's gradient added
-    import ranks
-    from types import SimpleNamespace
-    model, tok = tiny
-    model = copy.deepcopy(model)
-    ids, attn, mask = batch(tok)
-    cfg = SimpleNamespace(precision="fp32", grad_checkpointing=False)
     forwards = []
-    def forward(sl):
-        forwards.append(sl)
-        return grpo.token_logprobs(model, ids[sl], attn[sl], mask[sl])
-    loss_of = lambda logp, sl: (grpo.warmup_loss(logp, mask[sl], mask.sum()), None)
-    grads = lambda: {n: p.grad.clone() for n, p in model.named_parameters()}
-    ranks.accumulate_gradients(model, [slice(0, 1)], forward, loss_of, cfg)
-    first = grads()
+    update, model = update_of_two_rows(tiny, "fp32", False, forwards.append)
+    first = update([slice(0, 1)])
     seen, forwards[:] = [], []
-    monkeypatch.setattr(engine, "trim_heap", lambda: seen.append((len(forwards), grads())))
-    ranks.accumulate_gradients(model, [slice(0, 1), slice(1, 2)], forward, loss_of, cfg)
+    monkeypatch.setattr(engine, "trim_heap", lambda: seen.append((len(forwards), gradients(model))))
+    both = update([slice(0, 1), slice(1, 2)])
     assert [k for k, _ in seen] == [0, 1, 1, 2]  # forwards run before each trim
     assert sum(bool(g.abs().sum() > 0) for g in first.values()) > 10
-    both = grads()
     for n in first:
         assert not seen[0][1][n].any() and not seen[1][1][n].any(), n
         assert torch.equal(seen[2][1][n], first[n]) and torch.equal(seen[3][1][n], first[n]), n
